@@ -463,8 +463,8 @@ pub struct TraceRec {
 }
 
 user_pod!(
-    PortInfo, AddrKey, AddrVal, ClassKey, ClassVal, ServiceKey, ServiceVal, CtKey, CtVal,
-    FragKey, FragVal, StatKey, Counter, TraceRec,
+    PortInfo, AddrKey, AddrVal, ClassKey, ClassVal, ServiceKey, ServiceVal, CtKey, CtVal, FragKey, FragVal,
+    StatKey, Counter, TraceRec,
 );
 
 #[cfg(test)]
@@ -488,11 +488,26 @@ mod tests {
 
     #[test]
     fn prefix_constants_match_field_offsets() {
-        assert_eq!(ADDR_KEY_FIXED_BITS as usize, 8 * core::mem::offset_of!(AddrKey, addr));
-        assert_eq!(CLASS_KEY_FIXED_BITS as usize, 8 * core::mem::offset_of!(ClassKey, addr));
-        assert_eq!(SERVICE_KEY_ANY_PROTO_BITS as usize, 8 * core::mem::offset_of!(ServiceKey, proto));
-        assert_eq!(SERVICE_KEY_PROTO_BITS as usize, 8 * core::mem::offset_of!(ServiceKey, port_be));
-        assert_eq!(SERVICE_KEY_FULL_BITS as usize, 8 * core::mem::offset_of!(ServiceKey, _pad));
+        assert_eq!(
+            ADDR_KEY_FIXED_BITS as usize,
+            8 * core::mem::offset_of!(AddrKey, addr)
+        );
+        assert_eq!(
+            CLASS_KEY_FIXED_BITS as usize,
+            8 * core::mem::offset_of!(ClassKey, addr)
+        );
+        assert_eq!(
+            SERVICE_KEY_ANY_PROTO_BITS as usize,
+            8 * core::mem::offset_of!(ServiceKey, proto)
+        );
+        assert_eq!(
+            SERVICE_KEY_PROTO_BITS as usize,
+            8 * core::mem::offset_of!(ServiceKey, port_be)
+        );
+        assert_eq!(
+            SERVICE_KEY_FULL_BITS as usize,
+            8 * core::mem::offset_of!(ServiceKey, _pad)
+        );
     }
 
     #[test]
@@ -501,7 +516,7 @@ mod tests {
         assert!(!reason_allows(REASON_DROP_NO_RULE));
         assert!(!reason_allows(0));
         for r in 1..=REASON_LAST {
-            if r < 16 || r >= REASON_FIRST_DROP {
+            if !(16..REASON_FIRST_DROP).contains(&r) {
                 assert_ne!(reason_name(r), "unknown", "reason {r} has no name");
             }
         }
