@@ -1,0 +1,425 @@
+//! The eBPF back end: load the embedded object, reach its maps, attach to taps, pin.
+//!
+//! Pin layout (design §5), under a versioned root such as `/sys/fs/bpf/sg/v1`:
+//! - `maps/<MAP>`: every map in `sg_common::PINNED_MAPS`, reused across agent restarts after
+//!   its type, key size, value size and capacity have been checked;
+//! - `links/<netns>/<ifname>@<ifindex>_<program>`: one tcx link per tap and direction, so that
+//!   enforcement outlives the agent and a new agent can swap its program in atomically.
+
+use std::{
+    fs, io,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context as _, Result, anyhow, bail};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{HashMap, LpmTrie, MapData, MapInfo, MapType, PerCpuHashMap},
+    programs::{
+        LinkOrder, SchedClassifier, TcAttachType,
+        links::{FdLink, LinkError, PinnedLink},
+        tc::{SchedClassifierLink, TcAttachOptions},
+    },
+    sys::SyscallError,
+};
+use sg_common::*;
+
+use crate::netns;
+
+pub mod allowlist;
+
+/// The eBPF object built by build.rs (sg-ebpf, bpfel-unknown-none).
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sg"));
+
+/// Default pin root. The version component changes whenever a pinned layout changes.
+pub const DEFAULT_PIN_ROOT: &str = "/sys/fs/bpf/sg/v1";
+
+/// What a pinned map must look like to be reused.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MapSpec {
+    pub name: &'static str,
+    pub map_type: MapType,
+    pub key_size: u32,
+    pub value_size: u32,
+    pub max_entries: u32,
+}
+
+const fn size<T>() -> u32 {
+    core::mem::size_of::<T>() as u32
+}
+
+/// LPM trie keys carry a u32 prefix length in front of the data.
+const fn lpm<T>() -> u32 {
+    4 + size::<T>()
+}
+
+/// The expected shape of every pinned map; `max_entries` of the LRU maps follows the options.
+pub fn map_specs(opts: &LoadOptions) -> [MapSpec; 8] {
+    [
+        MapSpec {
+            name: MAP_PORTS,
+            map_type: MapType::Hash,
+            key_size: 4,
+            value_size: size::<PortInfo>(),
+            max_entries: MAX_PORTS,
+        },
+        MapSpec {
+            name: MAP_ADDRS,
+            map_type: MapType::LpmTrie,
+            key_size: lpm::<AddrKey>(),
+            value_size: size::<AddrVal>(),
+            max_entries: MAX_ADDRS,
+        },
+        MapSpec {
+            name: MAP_CLASSES,
+            map_type: MapType::LpmTrie,
+            key_size: lpm::<ClassKey>(),
+            value_size: size::<ClassVal>(),
+            max_entries: MAX_CLASSES,
+        },
+        MapSpec {
+            name: MAP_SERVICES,
+            map_type: MapType::LpmTrie,
+            key_size: lpm::<ServiceKey>(),
+            value_size: size::<ServiceVal>(),
+            max_entries: MAX_SERVICES,
+        },
+        MapSpec {
+            name: MAP_CONNTRACK,
+            map_type: MapType::LruHash,
+            key_size: size::<CtKey>(),
+            value_size: size::<CtVal>(),
+            max_entries: opts.ct_entries,
+        },
+        MapSpec {
+            name: MAP_FRAGS,
+            map_type: MapType::LruHash,
+            key_size: size::<FragKey>(),
+            value_size: size::<FragVal>(),
+            max_entries: opts.frag_entries,
+        },
+        MapSpec {
+            name: MAP_STATS,
+            map_type: MapType::PerCpuHash,
+            key_size: size::<StatKey>(),
+            value_size: size::<Counter>(),
+            max_entries: MAX_STATS,
+        },
+        MapSpec {
+            name: MAP_RULE_HITS,
+            map_type: MapType::PerCpuArray,
+            key_size: 4,
+            value_size: size::<Counter>(),
+            max_entries: MAX_RULES,
+        },
+    ]
+}
+
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// Pin root; `None` keeps everything private to this process (tests, `sg trace` scratch).
+    pub pin_root: Option<PathBuf>,
+    pub ct_entries: u32,
+    pub frag_entries: u32,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            pin_root: None,
+            ct_entries: DEFAULT_CT_ENTRIES,
+            frag_entries: DEFAULT_FRAG_ENTRIES,
+        }
+    }
+}
+
+/// A tap (or any interface) as sg addresses it: its name inside an optional named netns.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Iface {
+    pub name: String,
+    pub netns: Option<String>,
+}
+
+impl Iface {
+    pub fn new(name: impl Into<String>, netns: Option<&str>) -> Self {
+        Self {
+            name: name.into(),
+            netns: netns.map(str::to_owned),
+        }
+    }
+
+    pub fn ifindex(&self) -> Result<u32> {
+        let name = self.name.clone();
+        netns::run_in(self.netns.as_deref(), move || {
+            netns::ifindex(&name).with_context(|| format!("interface {name}"))
+        })?
+    }
+}
+
+/// Which program runs where: from-VM at tcx ingress of the tap, to-VM at tcx egress.
+pub const PROGRAMS: [(&str, TcAttachType); 2] = [
+    (PROG_FROM_VM, TcAttachType::Ingress),
+    (PROG_TO_VM, TcAttachType::Egress),
+];
+
+/// How an attach went: a fresh link, or an atomic program swap on an existing pinned link.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Attached {
+    New,
+    TookOver,
+}
+
+pub struct Datapath {
+    ebpf: Ebpf,
+    pin_root: Option<PathBuf>,
+}
+
+impl Datapath {
+    /// Loads the object and both programs. With a pin root, every map in PINNED_MAPS is reused
+    /// from `<root>/maps` when it is there and has the expected shape, and created and pinned
+    /// otherwise. A pinned map with another shape is refused: reusing it would corrupt state.
+    pub fn load(opts: &LoadOptions) -> Result<Self> {
+        let mut loader = EbpfLoader::new();
+        loader
+            .map_max_entries(MAP_CONNTRACK, opts.ct_entries)
+            .map_max_entries(MAP_FRAGS, opts.frag_entries);
+        let map_dir = opts.pin_root.as_ref().map(|r| r.join("maps"));
+        if let Some(dir) = &map_dir {
+            fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+            for spec in map_specs(opts) {
+                let path = dir.join(spec.name);
+                check_pinned_map(&path, &spec)?;
+                loader.map_pin_path(spec.name, path);
+            }
+        }
+        let mut ebpf = loader.load(EBPF_OBJECT).context("loading the sg eBPF object")?;
+        for (name, _) in PROGRAMS {
+            let prog: &mut SchedClassifier = ebpf
+                .program_mut(name)
+                .ok_or_else(|| anyhow!("program {name} missing from the object"))?
+                .try_into()?;
+            prog.load().with_context(|| format!("verifier rejected {name}"))?;
+        }
+        Ok(Self {
+            ebpf,
+            pin_root: opts.pin_root.clone(),
+        })
+    }
+
+    pub fn pin_root(&self) -> Option<&Path> {
+        self.pin_root.as_deref()
+    }
+
+    pub fn program(&mut self, name: &str) -> Result<&mut SchedClassifier> {
+        Ok(self
+            .ebpf
+            .program_mut(name)
+            .ok_or_else(|| anyhow!("program {name} missing"))?
+            .try_into()?)
+    }
+
+    /// Attaches both programs to `iface` (tcx, first in the chain). With a pin root the links
+    /// are pinned; a link already pinned for this interface and ifindex gets the new program
+    /// swapped in atomically, so the tap is never unfiltered.
+    pub fn attach(&mut self, iface: &Iface) -> Result<(u32, Attached)> {
+        let ifindex = iface.ifindex()?;
+        let mut how = Attached::New;
+        for (name, attach_type) in PROGRAMS {
+            let pin = self
+                .pin_root
+                .as_ref()
+                .map(|root| link_pin_path(root, iface, ifindex, name));
+            let prog = self.program(name)?;
+            let existing = match &pin {
+                Some(p) => match PinnedLink::from_pin(p) {
+                    Ok(link) => Some(link),
+                    Err(LinkError::SyscallError(SyscallError { io_error, .. }))
+                        if io_error.kind() == io::ErrorKind::NotFound =>
+                    {
+                        None
+                    }
+                    Err(e) => return Err(e).context(format!("opening pin {}", p.display())),
+                },
+                None => None,
+            };
+            let id = if let Some(pinned) = existing {
+                let link: SchedClassifierLink = FdLink::from(pinned).try_into()?;
+                how = Attached::TookOver;
+                prog.attach_to_link(link)
+                    .with_context(|| format!("swapping {name} into the pinned link of {}", iface.name))?
+            } else {
+                let ifname = iface.name.clone();
+                netns::run_in(iface.netns.as_deref(), || {
+                    prog.attach_with_options(
+                        &ifname,
+                        attach_type,
+                        TcAttachOptions::TcxOrder(LinkOrder::first()),
+                    )
+                })?
+                .with_context(|| format!("attaching {name} to {}", iface.name))?
+            };
+            let link = prog.take_link(id)?;
+            match &pin {
+                Some(p) => {
+                    if how == Attached::New {
+                        if let Some(parent) = p.parent() {
+                            fs::create_dir_all(parent)?;
+                        }
+                        let fd: FdLink = link.try_into()?;
+                        fd.pin(p).with_context(|| format!("pinning {}", p.display()))?;
+                    }
+                    // A taken-over link is already pinned; dropping our handle keeps it.
+                }
+                // Unpinned: keep the link alive as long as this process.
+                None => std::mem::forget(link),
+            }
+        }
+        Ok((ifindex, how))
+    }
+
+    pub fn ports(&mut self) -> Result<HashMap<&mut MapData, u32, PortInfo>> {
+        Ok(HashMap::try_from(self.map_mut(MAP_PORTS)?)?)
+    }
+
+    pub fn classes(&mut self) -> Result<LpmTrie<&mut MapData, ClassKey, ClassVal>> {
+        Ok(LpmTrie::try_from(self.map_mut(MAP_CLASSES)?)?)
+    }
+
+    pub fn services(&mut self) -> Result<LpmTrie<&mut MapData, ServiceKey, ServiceVal>> {
+        Ok(LpmTrie::try_from(self.map_mut(MAP_SERVICES)?)?)
+    }
+
+    pub fn stats(&mut self) -> Result<PerCpuHashMap<&mut MapData, StatKey, Counter>> {
+        Ok(PerCpuHashMap::try_from(self.map_mut(MAP_STATS)?)?)
+    }
+
+    pub fn map_mut(&mut self, name: &str) -> Result<&mut aya::maps::Map> {
+        self.ebpf
+            .map_mut(name)
+            .ok_or_else(|| anyhow!("map {name} missing from the object"))
+    }
+
+    /// Runs one program on one frame with BPF_PROG_TEST_RUN, as if it arrived on `ifindex`.
+    /// Returns the tcx verdict (`TC_ACT_UNSPEC` allows, `TC_ACT_SHOT` drops).
+    pub fn test_run(&mut self, program: &str, frame: &[u8], ifindex: u32, mark: u32) -> Result<i32> {
+        Ok(self.test_run_repeat(program, frame, ifindex, mark, 1)?.0)
+    }
+
+    /// Like `test_run`, `repeat` times in the kernel; also returns the kernel's average time
+    /// per run.
+    pub fn test_run_repeat(
+        &mut self,
+        program: &str,
+        frame: &[u8],
+        ifindex: u32,
+        mark: u32,
+        repeat: u32,
+    ) -> Result<(i32, std::time::Duration)> {
+        use aya::{TestRun as _, TestRunOptions};
+        let mut ctx = [0u8; SKB_CTX_LEN];
+        ctx[SKB_MARK_OFF..SKB_MARK_OFF + 4].copy_from_slice(&mark.to_ne_bytes());
+        ctx[SKB_IFINDEX_OFF..SKB_IFINDEX_OFF + 4].copy_from_slice(&ifindex.to_ne_bytes());
+        let mut out = vec![0u8; frame.len() + 256];
+        let prog = self.program(program)?;
+        let r = prog
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                ctx_in: Some(&ctx),
+                repeat,
+                ..Default::default()
+            })
+            .with_context(|| format!("BPF_PROG_TEST_RUN of {program} (ifindex {ifindex})"))?;
+        Ok((r.return_value as i32, r.duration))
+    }
+}
+
+/// `struct __sk_buff` image for BPF_PROG_TEST_RUN: only mark and ifindex are set.
+const SKB_CTX_LEN: usize = 192;
+const SKB_MARK_OFF: usize = 8;
+const SKB_IFINDEX_OFF: usize = 40;
+
+fn check_pinned_map(path: &Path, spec: &MapSpec) -> Result<()> {
+    let info = match MapInfo::from_pin(path) {
+        Ok(info) => info,
+        Err(aya::maps::MapError::SyscallError(SyscallError { io_error, .. }))
+            if io_error.kind() == io::ErrorKind::NotFound =>
+        {
+            return Ok(());
+        }
+        Err(e) => return Err(e).with_context(|| format!("reading pinned map {}", path.display())),
+    };
+    let found = MapSpec {
+        name: spec.name,
+        map_type: info.map_type()?,
+        key_size: info.key_size(),
+        value_size: info.value_size(),
+        max_entries: info.max_entries(),
+    };
+    if found != *spec {
+        bail!(
+            "pinned map {} does not match this sg build: found {:?} key {} value {} entries {}, \
+             expected {:?} key {} value {} entries {}. Refusing to reuse it. Remove it with \
+             `sg detach --all` (drops enforcement and conntrack state) or start the agent with \
+             the capacity it was created with",
+            path.display(),
+            found.map_type,
+            found.key_size,
+            found.value_size,
+            found.max_entries,
+            spec.map_type,
+            spec.key_size,
+            spec.value_size,
+            spec.max_entries
+        );
+    }
+    Ok(())
+}
+
+pub fn link_pin_path(root: &Path, iface: &Iface, ifindex: u32, program: &str) -> PathBuf {
+    root.join("links")
+        .join(iface.netns.as_deref().unwrap_or("-"))
+        // bpffs refuses names with a dot; interface names may contain one (VLAN devices).
+        .join(format!(
+            "{}@{}_{}",
+            iface.name.replace('.', "%"),
+            ifindex,
+            program
+        ))
+}
+
+/// Removes every link and map sg pinned under `root`, which detaches the programs. Returns
+/// the number of pins removed.
+pub fn detach_all(root: &Path) -> Result<usize> {
+    let mut removed = 0;
+    let links = root.join("links");
+    if links.exists() {
+        for ns in fs::read_dir(&links)? {
+            let ns = ns?.path();
+            for link in fs::read_dir(&ns)? {
+                let path = link?.path();
+                match PinnedLink::from_pin(&path) {
+                    // Unpin, then drop the fd: the kernel detaches the tcx link.
+                    Ok(l) => drop(l.unpin()?),
+                    // A link whose interface is gone may fail to open; its file still goes.
+                    Err(_) => fs::remove_file(&path)?,
+                }
+                removed += 1;
+            }
+            fs::remove_dir(&ns)?;
+        }
+        fs::remove_dir(&links)?;
+    }
+    let maps = root.join("maps");
+    if maps.exists() {
+        for m in fs::read_dir(&maps)? {
+            fs::remove_file(m?.path())?;
+            removed += 1;
+        }
+        fs::remove_dir(&maps)?;
+    }
+    if root.exists() {
+        fs::remove_dir(root)?;
+    }
+    Ok(removed)
+}
