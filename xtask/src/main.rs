@@ -1,1 +1,156 @@
-fn main(){}
+//! `cargo xtask`: one entry point for setup, build, test and the demo.
+//!
+//! xtask itself must build on a fresh machine before anything is installed, so it depends on
+//! nothing that needs bpf-linker (only anyhow and clap).
+
+mod demo;
+mod setup;
+
+use std::process::Command;
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "sg developer tasks")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what is missing: nightly rust-src, bpf-linker, Debian packages, bpffs (default).
+    Setup,
+    /// Build the eBPF object and the `sg` binary.
+    Build {
+        #[arg(long)]
+        release: bool,
+    },
+    /// Setup, builds, both clippy runs, rustfmt check, and every test (needs root).
+    Test,
+    /// The demo compute node in network namespaces (needs root).
+    Demo,
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.cmd.unwrap_or(Cmd::Setup) {
+        Cmd::Setup => setup::run(),
+        Cmd::Build { release } => {
+            setup::run()?;
+            build(release)
+        }
+        Cmd::Test => test(),
+        Cmd::Demo => {
+            setup::run()?;
+            build(false)?;
+            demo::run()
+        }
+    }
+}
+
+pub fn workspace_root() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+/// Runs a command in the workspace root, echoing it, failing with a note on what to do.
+pub fn step(what: &str, cmd: &mut Command) -> Result<()> {
+    let shown = format!(
+        "{} {}",
+        cmd.get_program().to_string_lossy(),
+        cmd.get_args()
+            .map(|a| a.to_string_lossy())
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    eprintln!("\n==> {what}: {shown}");
+    let status = cmd
+        .current_dir(workspace_root())
+        .status()
+        .with_context(|| format!("{what}: could not start `{shown}`"))?;
+    if !status.success() {
+        bail!("{what} failed ({status}): `{shown}`");
+    }
+    Ok(())
+}
+
+fn cargo() -> Command {
+    Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+}
+
+fn build(release: bool) -> Result<()> {
+    let mut c = cargo();
+    c.args(["build", "-p", "sg-user", "-p", "sg-tests", "--bins"]);
+    if release {
+        c.arg("--release");
+    }
+    step("build (eBPF object via sg-user/build.rs, then sg)", &mut c)
+}
+
+fn test() -> Result<()> {
+    let started = std::time::Instant::now();
+    setup::run()?;
+    build(false)?;
+    step("rustfmt", cargo().args(["fmt", "--all", "--check"]))?;
+    step(
+        "clippy (userspace)",
+        cargo().args([
+            "clippy",
+            "--workspace",
+            "--exclude",
+            "sg-ebpf",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ]),
+    )?;
+    step(
+        "clippy (eBPF)",
+        Command::new("cargo").args([
+            "+nightly",
+            "clippy",
+            "-p",
+            "sg-ebpf",
+            "--all-targets",
+            "--",
+            "-C",
+            "panic=abort",
+            "-Zpanic_abort_tests",
+            "-D",
+            "warnings",
+        ]),
+    )?;
+    if !is_root() {
+        bail!(
+            "the test suite loads eBPF programs and creates network namespaces: run it as root \
+             (tests that need root are real tests and are never skipped)"
+        );
+    }
+    step(
+        "tests (unit, BPF_PROG_TEST_RUN, network namespaces)",
+        cargo().args([
+            "test",
+            "--workspace",
+            "--exclude",
+            "sg-ebpf",
+            "--",
+            "--test-threads",
+            "2",
+        ]),
+    )?;
+    eprintln!("\nall checks passed in {:.0?}", started.elapsed());
+    Ok(())
+}
+
+pub fn is_root() -> bool {
+    // SAFETY: getuid has no preconditions.
+    unsafe extern "C" {
+        fn geteuid() -> u32;
+    }
+    unsafe { geteuid() == 0 }
+}
