@@ -105,8 +105,9 @@ pub const PORT_F_SPOOF_V4: u32 = 1 << 2;
 pub const PORT_F_SPOOF_V6: u32 = 1 << 3;
 /// The port has an IPv6 fixed IP: router advertisements are allowed in (provider rule).
 pub const PORT_F_V6_FIXED: u32 = 1 << 4;
-/// Enforce the source-MAC and ARP checks (Neutron's ebtables ARP/MAC protection). Cleared when
-/// an allowed address pair is a /0, as Neutron's arp_protect skips protection then.
+/// Enforce the ARP sender check (Neutron's ebtables `neutronARP-<tap>` chain). Cleared when an
+/// IPv4 allowed address pair is a /0, as Neutron's arp_protect skips ARP protection then. The
+/// source-MAC check (ebtables `neutronMAC-<tap>`) applies to every filtered port regardless.
 pub const PORT_F_ARP_PROTECT: u32 = 1 << 5;
 
 #[repr(C)]
