@@ -1,0 +1,2 @@
+//! The agent: follow taps, watch the input, reconcile the datapath.
+pub mod links;
