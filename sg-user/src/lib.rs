@@ -1,1 +1,3 @@
+//! sg userspace: the Neutron model, the policy compiler and (elsewhere) the datapath agent.
 
+pub mod model;
