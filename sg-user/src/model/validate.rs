@@ -203,15 +203,15 @@ fn rule(
 ) -> (Rule, bool) {
     let mut f = Fields::new(map, "security_group_rule", origin, errs);
 
-    if let Some(owner) = f.opt_str("security_group_id") {
-        if owner != sg_id {
-            let v = Value::String(owner);
-            f.err(
-                "security_group_id",
-                &v,
-                format!("the rule is listed under security group {sg_id}"),
-            );
-        }
+    if let Some(owner) = f.opt_str("security_group_id")
+        && owner != sg_id
+    {
+        let v = Value::String(owner);
+        f.err(
+            "security_group_id",
+            &v,
+            format!("the rule is listed under security group {sg_id}"),
+        );
     }
 
     let direction = match f.get("direction") {
@@ -253,14 +253,21 @@ fn rule(
     let mut port_min = port_value(&mut f, "port_range_min");
     let mut port_max = port_value(&mut f, "port_range_max");
 
+    // An unparsable prefix is reported here and then treated as absent.
     let remote_ip_prefix = match map.get("remote_ip_prefix") {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::String(s)) if s.is_empty() => Ok(None),
-        Some(v @ Value::String(s)) => match addr::parse_network(s) {
-            Some(net) => Ok(Some(net)),
-            None => Err(f.err("remote_ip_prefix", v, format!("'{s}' is not a valid CIDR"))),
-        },
-        Some(v) => Err(f.err("remote_ip_prefix", v, "expected a CIDR string")),
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) if s.is_empty() => None,
+        Some(v @ Value::String(s)) => {
+            let net = addr::parse_network(s);
+            if net.is_none() {
+                f.err("remote_ip_prefix", v, format!("'{s}' is not a valid CIDR"));
+            }
+            net
+        }
+        Some(v) => {
+            f.err("remote_ip_prefix", v, "expected a CIDR string");
+            None
+        }
     };
     // The API tests these ids for truth, so an empty string is "not set".
     let remote_group_id = f.opt_str("remote_group_id").filter(|s| !s.is_empty());
@@ -281,24 +288,24 @@ fn rule(
     if let Some(protocol) = &protocol {
         validate_port_range(&mut f, protocol.as_deref(), port_min, port_max);
     }
-    if let (Ok(Some(net)), Some(e)) = (&remote_ip_prefix, ethertype) {
-        if Ethertype::of_net(*net) != e {
-            let v = map["remote_ip_prefix"].clone();
-            f.err(
-                "remote_ip_prefix",
-                &v,
-                format!("conflicting value ethertype {} for CIDR", e.as_str()),
-            );
-        }
+    if let (Some(net), Some(e)) = (&remote_ip_prefix, ethertype)
+        && Ethertype::of_net(*net) != e
+    {
+        let v = map["remote_ip_prefix"].clone();
+        f.err(
+            "remote_ip_prefix",
+            &v,
+            format!("conflicting value ethertype {} for CIDR", e.as_str()),
+        );
     }
-    if let (Some(Some(p)), Some(Ethertype::IPv4)) = (&protocol, ethertype) {
-        if protocol::is_ipv6_only(p) {
-            let v = Value::String(p.clone());
-            f.err("protocol", &v, "invalid ethertype IPv4 for this protocol");
-        }
+    if let (Some(Some(p)), Some(Ethertype::IPv4)) = (&protocol, ethertype)
+        && protocol::is_ipv6_only(p)
+    {
+        let v = Value::String(p.clone());
+        f.err("protocol", &v, "invalid ethertype IPv4 for this protocol");
     }
     let set: Vec<&str> = [
-        ("remote_ip_prefix", matches!(remote_ip_prefix, Ok(Some(_)))),
+        ("remote_ip_prefix", remote_ip_prefix.is_some()),
         ("remote_group_id", remote_group_id.is_some()),
         ("remote_address_group_id", remote_address_group_id.is_some()),
     ]
@@ -316,7 +323,7 @@ fn rule(
         );
     }
 
-    let net = remote_ip_prefix.ok().flatten();
+    let net = remote_ip_prefix;
     let remote = match (&net, &remote_group_id, &remote_address_group_id) {
         (Some(n), _, _) => Remote::Prefix(*n),
         (None, Some(g), _) => Remote::Group(g.clone()),
@@ -797,27 +804,27 @@ fn cross_check(p: &Parsed, errs: &mut ValidationErrors) {
     for (_, sg, oks) in &p.sgs {
         let mut keys: HashMap<String, &str> = HashMap::new();
         for (rule, ok) in sg.rules.iter().zip(oks) {
-            if let Some(g) = &rule.remote_group_id {
-                if !sgs.contains_key(g.as_str()) {
-                    errs.push(
-                        "security_group_rule",
-                        &rule.id,
-                        "remote_group_id",
-                        show(&Value::from(g.as_str())),
-                        "security group not defined in the input",
-                    );
-                }
+            if let Some(g) = &rule.remote_group_id
+                && !sgs.contains_key(g.as_str())
+            {
+                errs.push(
+                    "security_group_rule",
+                    &rule.id,
+                    "remote_group_id",
+                    show(&Value::from(g.as_str())),
+                    "security group not defined in the input",
+                );
             }
-            if let Some(a) = &rule.remote_address_group_id {
-                if !ags.contains(a.as_str()) {
-                    errs.push(
-                        "security_group_rule",
-                        &rule.id,
-                        "remote_address_group_id",
-                        show(&Value::from(a.as_str())),
-                        "address group not defined in the input",
-                    );
-                }
+            if let Some(a) = &rule.remote_address_group_id
+                && !ags.contains(a.as_str())
+            {
+                errs.push(
+                    "security_group_rule",
+                    &rule.id,
+                    "remote_address_group_id",
+                    show(&Value::from(a.as_str())),
+                    "address group not defined in the input",
+                );
             }
             if !ok {
                 continue;
