@@ -1,3 +1,4 @@
 //! sg userspace: the Neutron model, the policy compiler and (elsewhere) the datapath agent.
 
+pub mod compile;
 pub mod model;
