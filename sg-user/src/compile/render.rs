@@ -333,6 +333,13 @@ pub fn render_table(c: &Compiled) -> String {
         "  {:<15} {:>6} {:>5}  {:<17}  {:<36}  flags",
         "device", "policy", "addrs", "mac", "port"
     );
+    if c.ports.is_empty() {
+        let _ = writeln!(
+            s,
+            "  (no port is bound to host {} or unbound; see --host)",
+            c.host
+        );
+    }
     for p in &c.ports {
         let flags = flag_names(p.info.flags);
         let flags = if flags.is_empty() {

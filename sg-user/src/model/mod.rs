@@ -397,6 +397,18 @@ impl Model {
         self.port_index.get(id).map(|&i| &self.ports[i])
     }
 
+    /// One line for `sg validate`: what the input holds.
+    pub fn summary(&self) -> String {
+        let rules: usize = self.security_groups.iter().map(|s| s.rules.len()).sum();
+        format!(
+            "{} security groups ({} rules), {} address groups, {} ports",
+            self.security_groups.len(),
+            rules,
+            self.address_groups.len(),
+            self.ports.len()
+        )
+    }
+
     /// Members of a remote group or address group for one ethertype, for every pair that a
     /// rule references (an empty list means an empty ipset: the rule matches nothing). None
     /// for other remotes and for pairs no rule references.
