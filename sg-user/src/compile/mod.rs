@@ -83,7 +83,11 @@ pub struct CompiledPort {
     /// assigns it, since it must stay stable for the port's life across compilations. An
     /// unfiltered port (port security off, or `network:*`) has policy 0, addr_id 0, no flags.
     pub info: PortInfo,
-    /// This port's `SG_ADDRS` entries (under `info.addr_id`).
+    /// This port's `SG_ADDRS` entries (under `info.addr_id`). `ADDR_KIND_MAC` entries cover
+    /// only the fixed key bits, so the address field of a lookup is not matched; pair entries
+    /// cover the pair's network (none of it for the MAC-only pair of a port without fixed IPs),
+    /// and their `AddrVal.index` is the 1-based position in Neutron's pair list of that family
+    /// (0 for the other kinds). A pair repeated in Neutron's list is one entry, the first.
     pub addrs: Vec<LpmEntry<AddrKey, AddrVal>>,
 }
 
@@ -576,6 +580,7 @@ fn compile_port(model: &Model, port: &Port, policy: u32, addr_id: u32) -> Compil
     let v6_pairs = port.spoof_pairs(Ethertype::IPv6);
 
     let mut flags = PORT_F_FILTERED;
+    // As Neutron's iptables driver decides it, so that both back ends track the same ports.
     if model.port_stateful(port) {
         flags |= PORT_F_STATEFUL;
     }
