@@ -1,4 +1,9 @@
-//! sg userspace: model, then compile, then apply (eBPF datapath or iptables parity).
+//! sg userspace, top-down: the Neutron model, then the compiler, then the back ends that apply
+//! it (the eBPF datapath, the iptables parity renderer), and the agent that drives them.
+pub mod model;
+
+pub mod compile;
+
 pub mod agent;
 pub mod datapath;
 pub mod netns;

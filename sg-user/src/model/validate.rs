@@ -1,0 +1,974 @@
+//! From JSON objects to a validated [`Model`], with the API's conversions and checks
+//! (`neutron/extensions/securitygroup.py`, `neutron/db/securitygroups_db.py`,
+//! `neutron_lib/api/validators`). Every check records its error and goes on, so that one run
+//! reports everything; an object with a broken field is kept only for the cross-checks that
+//! do not depend on that field.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use ipnet::IpNet;
+use serde_json::{Map, Value};
+
+use super::addr::{self, MacAddr};
+use super::error::{ValidationErrors, show};
+use super::input::{self, Kind, RawObject};
+use super::protocol;
+use super::{
+    AddressGroup, AddressPair, Direction, Ethertype, FixedIp, Member, Model, Port, Remote, Rule,
+    SecurityGroup,
+};
+
+/// Reads one object's fields, recording errors against the object.
+struct Fields<'a> {
+    map: &'a Map<String, Value>,
+    object: &'static str,
+    id: String,
+    errs: &'a mut ValidationErrors,
+    ok: bool,
+}
+
+impl<'a> Fields<'a> {
+    fn new(
+        map: &'a Map<String, Value>,
+        object: &'static str,
+        origin: &str,
+        errs: &'a mut ValidationErrors,
+    ) -> Fields<'a> {
+        // Without a usable id the object is named by where it was found.
+        let placeholder = format!("<{origin}>");
+        let mut f = Fields {
+            map,
+            object,
+            id: placeholder,
+            errs,
+            ok: true,
+        };
+        if let Some(id) = f.req_str("id") {
+            f.id = id;
+        }
+        f
+    }
+
+    fn err(&mut self, field: &str, value: &Value, reason: impl Into<String>) {
+        self.errs
+            .push(self.object, &self.id, field, show(value), reason);
+        self.ok = false;
+    }
+
+    fn get(&self, key: &str) -> Option<&'a Value> {
+        self.map.get(key).filter(|v| !v.is_null())
+    }
+
+    /// A string field; missing and null give None.
+    fn opt_str(&mut self, key: &str) -> Option<String> {
+        match self.get(key) {
+            None => None,
+            Some(Value::String(s)) => Some(s.clone()),
+            Some(v) => {
+                self.err(key, v, "expected a string");
+                None
+            }
+        }
+    }
+
+    fn req_str(&mut self, key: &str) -> Option<String> {
+        match self.opt_str(key) {
+            Some(s) if !s.is_empty() => Some(s),
+            Some(_) => {
+                self.err(key, &Value::String(String::new()), "must not be empty");
+                None
+            }
+            None if self.map.get(key).is_some_and(|v| !v.is_null()) => None,
+            None => {
+                let v = self.map.get(key).cloned().unwrap_or(Value::Null);
+                self.err(key, &v, "missing required field");
+                None
+            }
+        }
+    }
+
+    fn opt_bool(&mut self, key: &str, default: bool) -> bool {
+        match self.get(key) {
+            None => default,
+            Some(Value::Bool(b)) => *b,
+            Some(v) => {
+                self.err(key, v, "expected true or false");
+                default
+            }
+        }
+    }
+
+    fn opt_list(&mut self, key: &str) -> Vec<&'a Value> {
+        match self.get(key) {
+            None => Vec::new(),
+            Some(Value::Array(items)) => items.iter().collect(),
+            Some(v) => {
+                self.err(key, v, "expected a list");
+                Vec::new()
+            }
+        }
+    }
+}
+
+/// Objects as parsed, with whether they parsed cleanly.
+struct Parsed {
+    /// With whether each rule parsed cleanly (in rule order).
+    sgs: Vec<(String, SecurityGroup, Vec<bool>)>,
+    ags: Vec<(String, AddressGroup)>,
+    ports: Vec<(String, Port)>,
+}
+
+pub(crate) fn build(
+    docs: Vec<(String, Value)>,
+    mut errs: ValidationErrors,
+) -> Result<Model, ValidationErrors> {
+    let mut raws: Vec<RawObject> = Vec::new();
+    for (origin, doc) in docs {
+        input::objects(&origin, doc, &mut raws, &mut errs);
+    }
+    let mut parsed = Parsed {
+        sgs: Vec::new(),
+        ags: Vec::new(),
+        ports: Vec::new(),
+    };
+    for raw in &raws {
+        match raw.kind {
+            Kind::SecurityGroup => {
+                let (sg, oks) = security_group(raw, &mut errs);
+                parsed.sgs.push((raw.origin.clone(), sg, oks));
+            }
+            Kind::AddressGroup => {
+                parsed
+                    .ags
+                    .push((raw.origin.clone(), address_group(raw, &mut errs)));
+            }
+            Kind::Port => {
+                parsed
+                    .ports
+                    .push((raw.origin.clone(), port(raw, &mut errs)));
+            }
+        }
+    }
+    cross_check(&parsed, &mut errs);
+    if !errs.is_empty() {
+        return Err(errs);
+    }
+    Ok(assemble(parsed))
+}
+
+// -------------------------------------------------------------------------------------------
+// Security groups and rules
+// -------------------------------------------------------------------------------------------
+
+fn security_group(raw: &RawObject, errs: &mut ValidationErrors) -> (SecurityGroup, Vec<bool>) {
+    let mut f = Fields::new(&raw.fields, "security_group", &raw.origin, errs);
+    let name = f.opt_str("name").unwrap_or_default();
+    let stateful = f.opt_bool("stateful", true);
+    let key = if f.map.contains_key("security_group_rules") {
+        "security_group_rules"
+    } else {
+        "rules"
+    };
+    let items = f.opt_list(key);
+    let sg_id = f.id.clone();
+    let mut rules = Vec::new();
+    let mut oks = Vec::new();
+    for (i, item) in items.into_iter().enumerate() {
+        let origin = format!("{} {key}[{i}]", raw.origin);
+        let Value::Object(map) = item else {
+            f.err(&format!("{key}[{i}]"), item, "expected an object");
+            continue;
+        };
+        let (rule, ok) = rule(map, &origin, &sg_id, stateful, f.errs);
+        rules.push(rule);
+        oks.push(ok);
+    }
+    (
+        SecurityGroup {
+            id: sg_id,
+            name,
+            stateful,
+            rules,
+        },
+        oks,
+    )
+}
+
+fn rule(
+    map: &Map<String, Value>,
+    origin: &str,
+    sg_id: &str,
+    stateful: bool,
+    errs: &mut ValidationErrors,
+) -> (Rule, bool) {
+    let mut f = Fields::new(map, "security_group_rule", origin, errs);
+
+    if let Some(owner) = f.opt_str("security_group_id")
+        && owner != sg_id
+    {
+        let v = Value::String(owner);
+        f.err(
+            "security_group_id",
+            &v,
+            format!("the rule is listed under security group {sg_id}"),
+        );
+    }
+
+    let direction = match f.get("direction") {
+        Some(Value::String(s)) if s == "ingress" => Some(Direction::Ingress),
+        Some(Value::String(s)) if s == "egress" => Some(Direction::Egress),
+        Some(v) => {
+            f.err("direction", v, "must be 'ingress' or 'egress'");
+            None
+        }
+        None => {
+            f.err("direction", &Value::Null, "missing required field");
+            None
+        }
+    };
+
+    // `convert_ethertype_to_case_insensitive`; the API defaults a missing ethertype to IPv4.
+    let ethertype = match map.get("ethertype") {
+        None => Some(Ethertype::IPv4),
+        Some(Value::String(s)) if s.eq_ignore_ascii_case("ipv4") => Some(Ethertype::IPv4),
+        Some(Value::String(s)) if s.eq_ignore_ascii_case("ipv6") => Some(Ethertype::IPv6),
+        Some(v) => {
+            f.err(
+                "ethertype",
+                v,
+                "security group rule ethertype not supported: allowed values are IPv4 and IPv6",
+            );
+            None
+        }
+    };
+
+    let protocol = match protocol::convert_protocol(map.get("protocol").unwrap_or(&Value::Null)) {
+        Ok(p) => Some(p),
+        Err(reason) => {
+            f.err("protocol", &map["protocol"], reason);
+            None
+        }
+    };
+
+    let mut port_min = port_value(&mut f, "port_range_min");
+    let mut port_max = port_value(&mut f, "port_range_max");
+
+    // An unparsable prefix is reported here and then treated as absent.
+    let remote_ip_prefix = match map.get("remote_ip_prefix") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) if s.is_empty() => None,
+        Some(v @ Value::String(s)) => {
+            let net = addr::parse_network(s);
+            if net.is_none() {
+                f.err("remote_ip_prefix", v, format!("'{s}' is not a valid CIDR"));
+            }
+            net
+        }
+        Some(v) => {
+            f.err("remote_ip_prefix", v, "expected a CIDR string");
+            None
+        }
+    };
+    // The API tests these ids for truth, so an empty string is "not set".
+    let remote_group_id = f.opt_str("remote_group_id").filter(|s| !s.is_empty());
+    let remote_address_group_id = f
+        .opt_str("remote_address_group_id")
+        .filter(|s| !s.is_empty());
+
+    // `_validate_base_security_group_rule_attributes`, in Neutron's order.
+    let protocol = match (protocol, ethertype) {
+        (Some(p), Some(e)) => {
+            Some(p.map(|p| protocol::canonical_ipv6_icmp(p, e == Ethertype::IPv6)))
+        }
+        (p, _) => p,
+    };
+    if port_min == Some(1) && port_max == Some(65535) {
+        (port_min, port_max) = (None, None);
+    }
+    if let Some(protocol) = &protocol {
+        validate_port_range(&mut f, protocol.as_deref(), port_min, port_max);
+    }
+    if let (Some(net), Some(e)) = (&remote_ip_prefix, ethertype)
+        && Ethertype::of_net(*net) != e
+    {
+        let v = map["remote_ip_prefix"].clone();
+        f.err(
+            "remote_ip_prefix",
+            &v,
+            format!("conflicting value ethertype {} for CIDR", e.as_str()),
+        );
+    }
+    if let (Some(Some(p)), Some(Ethertype::IPv4)) = (&protocol, ethertype)
+        && protocol::is_ipv6_only(p)
+    {
+        let v = Value::String(p.clone());
+        f.err("protocol", &v, "invalid ethertype IPv4 for this protocol");
+    }
+    let set: Vec<&str> = [
+        ("remote_ip_prefix", remote_ip_prefix.is_some()),
+        ("remote_group_id", remote_group_id.is_some()),
+        ("remote_address_group_id", remote_address_group_id.is_some()),
+    ]
+    .iter()
+    .filter(|(_, on)| *on)
+    .map(|(k, _)| *k)
+    .collect();
+    if set.len() > 1 {
+        let key = set[1];
+        let v = map[key].clone();
+        f.err(
+            key,
+            &v,
+            format!("only one of remote_ip_prefix, remote_group_id or remote_address_group_id may be provided ({} is also set)", set[0]),
+        );
+    }
+
+    let net = remote_ip_prefix;
+    let remote = match (&net, &remote_group_id, &remote_address_group_id) {
+        (Some(n), _, _) => Remote::Prefix(*n),
+        (None, Some(g), _) => Remote::Group(g.clone()),
+        (None, None, Some(a)) => Remote::AddressGroup(a.clone()),
+        _ => Remote::Any,
+    };
+    let protocol = protocol.flatten();
+    let proto_num = protocol
+        .as_deref()
+        .map(protocol::stored_to_number)
+        .filter(|&n| n != 0);
+    let ok = f.ok;
+    let rule = Rule {
+        id: f.id,
+        security_group_id: sg_id.to_string(),
+        direction: direction.unwrap_or(Direction::Ingress),
+        ethertype: ethertype.unwrap_or(Ethertype::IPv4),
+        protocol,
+        proto_num,
+        port_range_min: port_min,
+        port_range_max: port_max,
+        remote_ip_prefix: net.map(addr::net_to_string),
+        normalized_cidr: net.map(|n| addr::net_to_string(n.trunc())),
+        remote_group_id,
+        remote_address_group_id,
+        remote,
+        stateful,
+    };
+    (rule, ok)
+}
+
+/// `convert_validate_port_value`: an integer 0-65535 (or its decimal string).
+fn port_value(f: &mut Fields, key: &str) -> Option<u16> {
+    let v = f.get(key)?;
+    let n = match v {
+        Value::Number(n) => n.as_u64(),
+        Value::String(s)
+            if !s.is_empty() && s.len() <= 5 && s.bytes().all(|b| b.is_ascii_digit()) =>
+        {
+            s.parse().ok()
+        }
+        _ => None,
+    };
+    match n {
+        Some(n) if n <= 65535 => Some(n as u16),
+        _ => {
+            f.err(
+                key,
+                v,
+                "invalid value for port: must be an integer 0 to 65535",
+            );
+            None
+        }
+    }
+}
+
+/// `_validate_port_range`.
+fn validate_port_range(f: &mut Fields, protocol: Option<&str>, min: Option<u16>, max: Option<u16>) {
+    if min.is_none() && max.is_none() {
+        return;
+    }
+    let (first_key, first) = match min {
+        Some(v) => ("port_range_min", v),
+        None => ("port_range_max", max.unwrap_or_default()),
+    };
+    let Some(protocol) = protocol else {
+        f.err(
+            first_key,
+            &Value::from(first),
+            "must also specify protocol if port range is given",
+        );
+        return;
+    };
+    let num = protocol::stored_to_number(protocol);
+    if protocol::is_port_protocol(num) {
+        for (key, v) in [("port_range_min", min), ("port_range_max", max)] {
+            if v == Some(0) {
+                f.err(
+                    key,
+                    &Value::from(0),
+                    format!("port 0 is not allowed for protocol {protocol}"),
+                );
+                return;
+            }
+        }
+        match (min, max) {
+            (Some(lo), Some(hi)) if lo <= hi => {}
+            (Some(lo), Some(hi)) => f.err(
+                "port_range_max",
+                &Value::from(hi),
+                format!("port_range_min ({lo}) must be <= port_range_max for protocol {protocol}"),
+            ),
+            (None, Some(hi)) => f.err(
+                "port_range_min",
+                &Value::Null,
+                format!("protocol {protocol} needs port_range_min with port_range_max ({hi})"),
+            ),
+            (Some(lo), None) => f.err(
+                "port_range_max",
+                &Value::Null,
+                format!("protocol {protocol} needs port_range_max with port_range_min ({lo})"),
+            ),
+            (None, None) => {}
+        }
+    } else if protocol::is_icmp_protocol(num) {
+        for (key, field, v) in [
+            ("port_range_min", "type", min),
+            ("port_range_max", "code", max),
+        ] {
+            if let Some(v) = v.filter(|&v| v > 255) {
+                f.err(
+                    key,
+                    &Value::from(v),
+                    format!("invalid value for ICMP {field}: it must be 0 to 255"),
+                );
+            }
+        }
+        if let (None, Some(code)) = (min, max) {
+            f.err(
+                "port_range_max",
+                &Value::from(code),
+                "ICMP code (port_range_max) is provided but ICMP type (port_range_min) is missing",
+            );
+        }
+    } else {
+        f.err(
+            first_key,
+            &Value::from(first),
+            format!("ports cannot be specified for protocol {protocol}: only for DCCP, SCTP, TCP, UDP, UDPLITE (and ICMP type/code)"),
+        );
+    }
+}
+
+// -------------------------------------------------------------------------------------------
+// Address groups
+// -------------------------------------------------------------------------------------------
+
+fn address_group(raw: &RawObject, errs: &mut ValidationErrors) -> AddressGroup {
+    let mut f = Fields::new(&raw.fields, "address_group", &raw.origin, errs);
+    let name = f.opt_str("name").unwrap_or_default();
+    let mut addresses = Vec::new();
+    let mut nets = Vec::new();
+    for (i, item) in f.opt_list("addresses").into_iter().enumerate() {
+        let key = format!("addresses[{i}]");
+        let Some(net) = item.as_str().and_then(addr::parse_network) else {
+            f.err(&key, item, "not a valid IP address or CIDR");
+            continue;
+        };
+        // Neutron stores f"{network}/{prefixlen}" and ignores repeats.
+        let net = net.trunc();
+        if !nets.contains(&net) {
+            addresses.push(addr::net_to_string(net));
+            nets.push(net);
+        }
+    }
+    AddressGroup {
+        id: f.id,
+        name,
+        addresses,
+        nets,
+    }
+}
+
+// -------------------------------------------------------------------------------------------
+// Ports
+// -------------------------------------------------------------------------------------------
+
+/// `validate_mac_address`: a MAC netaddr accepts, not all-zero and not broadcast.
+fn mac(f: &mut Fields, key: &str, v: &Value) -> Option<MacAddr> {
+    let parsed = v.as_str().and_then(MacAddr::parse);
+    match parsed {
+        Some(m) if m.0 != [0; 6] && m.0 != [0xff; 6] => Some(m),
+        _ => {
+            f.err(key, v, "not a valid MAC address");
+            None
+        }
+    }
+}
+
+fn port(raw: &RawObject, errs: &mut ValidationErrors) -> Port {
+    let mut f = Fields::new(&raw.fields, "port", &raw.origin, errs);
+    let name = f.opt_str("name").unwrap_or_default();
+    let mac_address = f.req_str("mac_address");
+    let port_mac = mac_address
+        .as_ref()
+        .and_then(|m| mac(&mut f, "mac_address", &Value::String(m.clone())));
+
+    let mut fixed_ips = Vec::new();
+    for (i, item) in f.opt_list("fixed_ips").into_iter().enumerate() {
+        let key = format!("fixed_ips[{i}].ip_address");
+        let ip_v = item.get("ip_address").unwrap_or(&Value::Null);
+        let Some(text) = ip_v.as_str() else {
+            f.err(
+                &key,
+                ip_v,
+                "missing or not a string: expected {\"ip_address\": ..., \"subnet_id\": ...}",
+            );
+            continue;
+        };
+        let Some(ip) = addr::parse_ip(text) else {
+            f.err(&key, ip_v, "not a valid IP address");
+            continue;
+        };
+        let subnet_id = item
+            .get("subnet_id")
+            .and_then(Value::as_str)
+            .map(str::to_string);
+        fixed_ips.push(FixedIp {
+            ip_address: text.to_string(),
+            ip,
+            subnet_id,
+        });
+    }
+
+    let mut pairs = Vec::new();
+    for (i, item) in f.opt_list("allowed_address_pairs").into_iter().enumerate() {
+        let key = format!("allowed_address_pairs[{i}]");
+        let ip_v = item.get("ip_address").unwrap_or(&Value::Null);
+        let Some(text) = ip_v.as_str() else {
+            f.err(
+                &format!("{key}.ip_address"),
+                ip_v,
+                "missing or not a string",
+            );
+            continue;
+        };
+        // `_validate_allowed_address_pairs`: a CIDR must parse, and an IPv4 one must be in
+        // netaddr's own form; otherwise a plain address.
+        let net = if text.contains('/') {
+            addr::parse_network(text)
+                .filter(|n| !n.addr().is_ipv4() || addr::net_to_string(*n) == text)
+        } else {
+            addr::parse_ip(text).map(IpNet::from)
+        };
+        let Some(net) = net else {
+            f.err(
+                &format!("{key}.ip_address"),
+                ip_v,
+                "not a valid IP address or subnet",
+            );
+            continue;
+        };
+        let (mac_address, pair_mac) = match item.get("mac_address").filter(|v| !v.is_null()) {
+            Some(v) => (
+                v.as_str().unwrap_or_default().to_string(),
+                mac(&mut f, &format!("{key}.mac_address"), v),
+            ),
+            None => (mac_address.clone().unwrap_or_default(), port_mac),
+        };
+        let Some(pair_mac) = pair_mac else { continue };
+        if pairs
+            .iter()
+            .any(|p: &AddressPair| p.mac == pair_mac && p.ip_address == text)
+        {
+            f.err(
+                &format!("{key}.ip_address"),
+                ip_v,
+                format!("duplicate allowed address pair ({pair_mac}, {text})"),
+            );
+            continue;
+        }
+        pairs.push(AddressPair {
+            ip_address: text.to_string(),
+            net,
+            mac_address,
+            mac: pair_mac,
+        });
+    }
+
+    let sg_key = if f.map.contains_key("security_groups") {
+        "security_groups"
+    } else {
+        "security_group_ids"
+    };
+    let mut security_groups: Vec<String> = Vec::new();
+    for (i, item) in f.opt_list(sg_key).into_iter().enumerate() {
+        match item.as_str() {
+            Some(s) if !s.is_empty() && !security_groups.iter().any(|g| g == s) => {
+                security_groups.push(s.to_string())
+            }
+            Some(s) if !s.is_empty() => f.err(
+                &format!("{sg_key}[{i}]"),
+                item,
+                "duplicate security group in the list",
+            ),
+            _ => f.err(
+                &format!("{sg_key}[{i}]"),
+                item,
+                "expected a security group id",
+            ),
+        }
+    }
+
+    // The API reads a missing or null port_security_enabled as true.
+    let port_security_enabled = f.opt_bool("port_security_enabled", true);
+    if !port_security_enabled && !security_groups.is_empty() {
+        let v = Value::from(security_groups.clone());
+        f.err(
+            sg_key,
+            &v,
+            "port security must be enabled in order to use security groups",
+        );
+    }
+    if !port_security_enabled && !pairs.is_empty() {
+        let v = Value::from(
+            pairs
+                .iter()
+                .map(|p| p.ip_address.clone())
+                .collect::<Vec<_>>(),
+        );
+        f.err(
+            "allowed_address_pairs",
+            &v,
+            "port security must be enabled in order to use allowed address pairs",
+        );
+    }
+    let network_id = f.req_str("network_id").unwrap_or_default();
+    let device_owner = f.opt_str("device_owner").unwrap_or_default();
+    let host_key = if f.map.contains_key("binding:host_id") {
+        "binding:host_id"
+    } else {
+        "binding_host_id"
+    };
+    let binding_host_id = f.opt_str(host_key).filter(|h| !h.is_empty());
+
+    let device = match f.opt_str("device") {
+        Some(d) => d,
+        None => format!("tap{}", f.id.chars().take(11).collect::<String>()),
+    };
+    // Linux `dev_valid_name`.
+    if device.is_empty()
+        || device.len() > 15
+        || device == "."
+        || device == ".."
+        || device
+            .chars()
+            .any(|c| c == '/' || c == ':' || c.is_whitespace())
+    {
+        let v = Value::String(device.clone());
+        f.err(
+            "device",
+            &v,
+            "not a valid Linux interface name (1-15 bytes, no '/', ':' or whitespace)",
+        );
+    }
+
+    Port {
+        id: f.id,
+        name,
+        mac_address: mac_address.unwrap_or_default(),
+        mac: port_mac.unwrap_or_default(),
+        fixed_ips,
+        allowed_address_pairs: pairs,
+        security_groups,
+        port_security_enabled,
+        network_id,
+        device_owner,
+        binding_host_id,
+        device,
+    }
+}
+
+// -------------------------------------------------------------------------------------------
+// Checks across objects
+// -------------------------------------------------------------------------------------------
+
+/// Reports ids defined twice (`kind` objects named by `ids`, with their origins).
+fn duplicates<'a>(
+    object: &'static str,
+    field: &str,
+    ids: impl Iterator<Item = (&'a str, &'a str)>,
+    what: &str,
+    errs: &mut ValidationErrors,
+) {
+    let mut seen: HashMap<&str, &str> = HashMap::new();
+    for (id, origin) in ids {
+        if let Some(first) = seen.get(id) {
+            errs.push(
+                object,
+                id,
+                field,
+                show(&Value::from(id)),
+                format!("duplicate {what} (first at {first})"),
+            );
+        } else {
+            seen.insert(id, origin);
+        }
+    }
+}
+
+/// The key of `_rule_to_key`: 0.0.0.0/0, ::/0 and no prefix compare equal; protocols compare
+/// by (name, number).
+fn rule_key(r: &Rule) -> String {
+    let none = "+".to_string();
+    let opt = |v: Option<String>| v.unwrap_or_else(|| none.clone());
+    let prefix = match r.remote_ip_prefix.as_deref() {
+        None | Some("0.0.0.0/0") | Some("::/0") => none.clone(),
+        Some(p) => p.to_string(),
+    };
+    let proto = r.protocol.as_deref().map(|p| {
+        let (name, num) = protocol::name_and_num(p, r.ethertype == Ethertype::IPv6);
+        format!("['{name}', '{num}']")
+    });
+    [
+        r.direction.as_str().to_string(),
+        r.ethertype.as_str().to_string(),
+        opt(r.port_range_max.map(|v| v.to_string())),
+        opt(r.port_range_min.map(|v| v.to_string())),
+        opt(proto),
+        opt(r.remote_group_id.clone()),
+        opt(r.remote_address_group_id.clone()),
+        prefix,
+        r.security_group_id.clone(),
+    ]
+    .join("_")
+}
+
+fn cross_check(p: &Parsed, errs: &mut ValidationErrors) {
+    duplicates(
+        "security_group",
+        "id",
+        p.sgs.iter().map(|(o, s, _)| (s.id.as_str(), o.as_str())),
+        "security group id",
+        errs,
+    );
+    let rule_origins: Vec<(&str, String)> = p
+        .sgs
+        .iter()
+        .flat_map(|(_, s, _)| {
+            s.rules
+                .iter()
+                .map(move |r| (r.id.as_str(), format!("security group {}", s.id)))
+        })
+        .collect();
+    duplicates(
+        "security_group_rule",
+        "id",
+        rule_origins.iter().map(|(id, o)| (*id, o.as_str())),
+        "security group rule id",
+        errs,
+    );
+    duplicates(
+        "address_group",
+        "id",
+        p.ags.iter().map(|(o, a)| (a.id.as_str(), o.as_str())),
+        "address group id",
+        errs,
+    );
+    duplicates(
+        "port",
+        "id",
+        p.ports.iter().map(|(o, x)| (x.id.as_str(), o.as_str())),
+        "port id",
+        errs,
+    );
+
+    let mut taps: HashMap<&str, &str> = HashMap::new();
+    for (_, port) in &p.ports {
+        match taps.get(port.device.as_str()) {
+            Some(other) if *other != port.id => errs.push(
+                "port",
+                &port.id,
+                "device",
+                show(&Value::from(port.device.as_str())),
+                format!("tap name also used by port {other}"),
+            ),
+            Some(_) => {}
+            None => {
+                taps.insert(&port.device, &port.id);
+            }
+        }
+    }
+
+    let sgs: HashMap<&str, &SecurityGroup> =
+        p.sgs.iter().map(|(_, s, _)| (s.id.as_str(), s)).collect();
+    let ags: HashSet<&str> = p.ags.iter().map(|(_, a)| a.id.as_str()).collect();
+
+    for (_, sg, oks) in &p.sgs {
+        let mut keys: HashMap<String, &str> = HashMap::new();
+        for (rule, ok) in sg.rules.iter().zip(oks) {
+            if let Some(g) = &rule.remote_group_id
+                && !sgs.contains_key(g.as_str())
+            {
+                errs.push(
+                    "security_group_rule",
+                    &rule.id,
+                    "remote_group_id",
+                    show(&Value::from(g.as_str())),
+                    "security group not defined in the input",
+                );
+            }
+            if let Some(a) = &rule.remote_address_group_id
+                && !ags.contains(a.as_str())
+            {
+                errs.push(
+                    "security_group_rule",
+                    &rule.id,
+                    "remote_address_group_id",
+                    show(&Value::from(a.as_str())),
+                    "address group not defined in the input",
+                );
+            }
+            if !ok {
+                continue;
+            }
+            let key = rule_key(rule);
+            if let Some(first) = keys.get(&key) {
+                errs.push(
+                    "security_group_rule",
+                    &rule.id,
+                    "rule",
+                    show(&Value::from(rule.describe())),
+                    format!("duplicate of rule {first} in security group {} (Neutron: security group rule already exists)", sg.id),
+                );
+            } else {
+                keys.insert(key, &rule.id);
+            }
+        }
+    }
+
+    for (_, port) in &p.ports {
+        let mut stateful = Vec::new();
+        let mut stateless = Vec::new();
+        for id in &port.security_groups {
+            match sgs.get(id.as_str()) {
+                None => errs.push(
+                    "port",
+                    &port.id,
+                    "security_groups",
+                    show(&Value::from(id.as_str())),
+                    "security group not defined in the input",
+                ),
+                Some(sg) if sg.stateful => stateful.push(id.as_str()),
+                Some(_) => stateless.push(id.as_str()),
+            }
+        }
+        if !stateful.is_empty() && !stateless.is_empty() {
+            errs.push(
+                "port",
+                &port.id,
+                "security_groups",
+                show(&Value::from(port.security_groups.clone())),
+                format!(
+                    "cannot apply both stateful and stateless security groups on the same port (stateful: {}; stateless: {})",
+                    stateful.join(", "),
+                    stateless.join(", ")
+                ),
+            );
+        }
+    }
+}
+
+// -------------------------------------------------------------------------------------------
+// The model and its member lists
+// -------------------------------------------------------------------------------------------
+
+fn assemble(p: Parsed) -> Model {
+    let security_groups: Vec<SecurityGroup> = p.sgs.into_iter().map(|(_, s, _)| s).collect();
+    let address_groups: Vec<AddressGroup> = p.ags.into_iter().map(|(_, a)| a).collect();
+    let ports: Vec<Port> = p.ports.into_iter().map(|(_, x)| x).collect();
+    let sg_index = security_groups
+        .iter()
+        .enumerate()
+        .map(|(i, s)| (s.id.clone(), i))
+        .collect();
+    let ag_index: HashMap<String, usize> = address_groups
+        .iter()
+        .enumerate()
+        .map(|(i, a)| (a.id.clone(), i))
+        .collect();
+    let port_index = ports
+        .iter()
+        .enumerate()
+        .map(|(i, x)| (x.id.clone(), i))
+        .collect();
+
+    // Member ports of each group, by port id (see `Model::members` for the order).
+    let mut by_group: HashMap<&str, Vec<&Port>> = HashMap::new();
+    let mut sorted: Vec<&Port> = ports.iter().collect();
+    sorted.sort_by(|a, b| a.id.cmp(&b.id));
+    for port in sorted {
+        for g in &port.security_groups {
+            by_group.entry(g.as_str()).or_default().push(port);
+        }
+    }
+
+    let mut members: BTreeMap<(Remote, Ethertype), Vec<Member>> = BTreeMap::new();
+    for rule in security_groups.iter().flat_map(|s| &s.rules) {
+        let key = (rule.remote.clone(), rule.ethertype);
+        if members.contains_key(&key) {
+            continue;
+        }
+        let list = match &rule.remote {
+            Remote::Group(g) => group_members(
+                by_group.get(g.as_str()).map(Vec::as_slice).unwrap_or(&[]),
+                rule.ethertype,
+            ),
+            Remote::AddressGroup(a) => {
+                let ag = &address_groups[ag_index[a]];
+                ag.addresses
+                    .iter()
+                    .zip(&ag.nets)
+                    .filter(|(_, n)| Ethertype::of_net(**n) == rule.ethertype)
+                    .map(|(s, n)| Member {
+                        ip: s.clone(),
+                        net: *n,
+                        mac: None,
+                    })
+                    .collect()
+            }
+            Remote::Any | Remote::Prefix(_) => continue,
+        };
+        members.insert(key, list);
+    }
+
+    Model {
+        security_groups,
+        address_groups,
+        ports,
+        sg_index,
+        ag_index,
+        port_index,
+        members,
+    }
+}
+
+/// `_select_ips_for_remote_group`: every fixed IP of the member ports (mac None), plus their
+/// allowed-address-pair addresses with the pair MAC; ports without fixed IPs add nothing.
+fn group_members(ports: &[&Port], ethertype: Ethertype) -> Vec<Member> {
+    let mut out: Vec<Member> = Vec::new();
+    let mut seen: HashSet<(String, Option<MacAddr>)> = HashSet::new();
+    for port in ports.iter().filter(|p| !p.fixed_ips.is_empty()) {
+        let fixed = port
+            .fixed_ips
+            .iter()
+            .map(|f| (f.ip_address.clone(), IpNet::from(f.ip), None));
+        let pairs = port
+            .allowed_address_pairs
+            .iter()
+            .map(|a| (a.ip_address.clone(), a.net, Some(a.mac)));
+        for (ip, net, mac) in fixed.chain(pairs) {
+            if Ethertype::of_net(net) == ethertype && seen.insert((ip.clone(), mac)) {
+                out.push(Member { ip, net, mac });
+            }
+        }
+    }
+    out
+}
