@@ -17,8 +17,7 @@ fn rules(group: &str, n: usize, seed: usize) -> Vec<Value> {
     (0..n)
         .map(|i| {
             let k = i + seed + 1;
-            let mut r =
-                json!({"id": format!("{group}-r{i}"), "direction": "ingress", "ethertype": "IPv4"});
+            let mut r = json!({"id": format!("{group}-r{i}"), "direction": "ingress", "ethertype": "IPv4"});
             match k % 10 {
                 0 => {
                     r["protocol"] = json!("tcp");
@@ -129,20 +128,13 @@ fn main() {
     }
     times.sort();
     let c = compiled.unwrap();
-    assert_eq!(
-        render_json(&c),
-        render_json(&compile(&m, HOST)),
-        "deterministic"
-    );
+    assert_eq!(render_json(&c), render_json(&compile(&m, HOST)), "deterministic");
 
     println!(
         "input: {} ports ({LOCAL} local), {} groups, {} rules per local port, remote group of {MEMBERS} members",
         m.ports.len(),
         m.security_groups.len(),
-        m.security_groups
-            .iter()
-            .map(|s| s.rules.len())
-            .sum::<usize>()
+        m.security_groups.iter().map(|s| s.rules.len()).sum::<usize>()
     );
     println!("validate+normalise: {:.1} ms", load.as_secs_f64() * 1e3);
     println!(
@@ -159,10 +151,7 @@ fn main() {
         ("SG_CLASSES", s.classes),
         ("SG_SERVICES", s.services),
     ] {
-        println!(
-            "  {name:<12} {:>8} entries {:>10} bytes",
-            m.entries, m.bytes
-        );
+        println!("  {name:<12} {:>8} entries {:>10} bytes", m.entries, m.bytes);
     }
     let total: usize = [s.ports, s.addrs, s.classes, s.services]
         .iter()

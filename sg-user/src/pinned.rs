@@ -49,7 +49,10 @@ pub fn rule_hits(root: &Path) -> Result<Vec<(u32, Counter)>> {
 }
 
 fn sum<'a>(it: impl Iterator<Item = &'a Counter>) -> Counter {
-    it.fold(Counter::default(), |a, c| Counter { packets: a.packets + c.packets, bytes: a.bytes + c.bytes })
+    it.fold(Counter::default(), |a, c| Counter {
+        packets: a.packets + c.packets,
+        bytes: a.bytes + c.bytes,
+    })
 }
 
 pub fn conntrack(root: &Path) -> Result<Vec<(CtKey, CtVal)>> {
@@ -61,7 +64,10 @@ pub fn conntrack(root: &Path) -> Result<Vec<(CtKey, CtVal)>> {
 
 /// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns`.
 pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: valid pointer to a timespec.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
@@ -88,8 +94,12 @@ pub fn collect_expired(root: &Path) -> Result<(usize, usize)> {
         }
     }
     let mut frags: HashMap<MapData, FragKey, FragVal> = open(root, MAP_FRAGS)?.try_into()?;
-    let old: Vec<FragKey> =
-        frags.iter().filter_map(|r| r.ok()).filter(|(_, v)| v.expires_ns < now).map(|(k, _)| k).collect();
+    let old: Vec<FragKey> = frags
+        .iter()
+        .filter_map(|r| r.ok())
+        .filter(|(_, v)| v.expires_ns < now)
+        .map(|(k, _)| k)
+        .collect();
     for k in &old {
         if frags.remove(k).is_ok() {
             deleted += 1;

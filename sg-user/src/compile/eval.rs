@@ -142,10 +142,7 @@ impl CompiledLookup {
             addr: addr::ip_key(pkt.remote),
         };
         let Some((_, &class)) = self.classes.lookup_pod(&ck) else {
-            return Verdict {
-                class: 0,
-                rule: None,
-            };
+            return Verdict { class: 0, rule: None };
         };
         let sk = ServiceKey {
             policy,

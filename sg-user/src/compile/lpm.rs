@@ -87,10 +87,7 @@ impl<V> Lpm<V> {
         }
         let key_bits = 8 * self.key_len as u32;
         if prefix_len > key_bits {
-            return Err(LpmError::PrefixTooLong {
-                prefix_len,
-                key_bits,
-            });
+            return Err(LpmError::PrefixTooLong { prefix_len, key_bits });
         }
         let masked = mask(key, prefix_len);
         if masked != key {
@@ -151,10 +148,7 @@ mod tests {
     #[test]
     fn refuses_what_would_hide_bugs() {
         let mut t = Lpm::new(1);
-        assert_eq!(
-            t.insert(4, &[0xff], 0),
-            Err(LpmError::DirtyKey { prefix_len: 4 })
-        );
+        assert_eq!(t.insert(4, &[0xff], 0), Err(LpmError::DirtyKey { prefix_len: 4 }));
         t.insert(4, &[0xf0], 0).unwrap();
         assert_eq!(
             t.insert(4, &[0xf0], 1),
@@ -169,10 +163,7 @@ mod tests {
         );
         assert_eq!(
             t.insert(1, &[0, 0], 1),
-            Err(LpmError::WrongKeySize {
-                expected: 1,
-                got: 2
-            })
+            Err(LpmError::WrongKeySize { expected: 1, got: 2 })
         );
     }
 }

@@ -40,9 +40,9 @@ use std::fmt;
 use ipnet::IpNet;
 use sg_common::{
     ADDR_KEY_FIXED_BITS, ADDR_KIND_FIXED_V4, ADDR_KIND_FIXED_V6, ADDR_KIND_MAC, ADDR_KIND_PAIR_V4,
-    ADDR_KIND_PAIR_V6, AddrKey, AddrVal, CLASS_KEY_FIXED_BITS, ClassKey, ClassVal,
-    PORT_F_ARP_PROTECT, PORT_F_FILTERED, PORT_F_SPOOF_V4, PORT_F_SPOOF_V6, PORT_F_STATEFUL,
-    PORT_F_V6_FIXED, PortInfo, SERVICE_KEY_ANY_PROTO_BITS, ServiceKey, ServiceVal,
+    ADDR_KIND_PAIR_V6, AddrKey, AddrVal, CLASS_KEY_FIXED_BITS, ClassKey, ClassVal, PORT_F_ARP_PROTECT,
+    PORT_F_FILTERED, PORT_F_SPOOF_V4, PORT_F_SPOOF_V6, PORT_F_STATEFUL, PORT_F_V6_FIXED, PortInfo,
+    SERVICE_KEY_ANY_PROTO_BITS, ServiceKey, ServiceVal,
 };
 
 use crate::model::protocol::{PROTO_ICMP, is_icmp_protocol, is_port_protocol};
@@ -222,14 +222,8 @@ pub fn compile(model: &Model, host: &str) -> Compiled {
     let stats = Stats {
         ports: map_stats::<u32, PortInfo>(ports.len(), false),
         addrs: map_stats::<AddrKey, AddrVal>(ports.iter().map(|p| p.addrs.len()).sum(), true),
-        classes: map_stats::<ClassKey, ClassVal>(
-            policies.iter().map(|p| p.classes.len()).sum(),
-            true,
-        ),
-        services: map_stats::<ServiceKey, ServiceVal>(
-            policies.iter().map(|p| p.services.len()).sum(),
-            true,
-        ),
+        classes: map_stats::<ClassKey, ClassVal>(policies.iter().map(|p| p.classes.len()).sum(), true),
+        services: map_stats::<ServiceKey, ServiceVal>(policies.iter().map(|p| p.services.len()).sum(), true),
         policies: policies.len(),
         class_ids: c.classes.len(),
         rules: c.rules.len(),
@@ -348,12 +342,10 @@ impl<'m> Compiler<'m> {
             }
         }
         classes.sort_by(|a: &LpmEntry<ClassKey, ClassVal>, b| {
-            (bytemuck::bytes_of(&a.key), a.prefix_len)
-                .cmp(&(bytemuck::bytes_of(&b.key), b.prefix_len))
+            (bytemuck::bytes_of(&a.key), a.prefix_len).cmp(&(bytemuck::bytes_of(&b.key), b.prefix_len))
         });
         services.sort_by(|a: &LpmEntry<ServiceKey, ServiceVal>, b| {
-            (bytemuck::bytes_of(&a.key), a.prefix_len)
-                .cmp(&(bytemuck::bytes_of(&b.key), b.prefix_len))
+            (bytemuck::bytes_of(&a.key), a.prefix_len).cmp(&(bytemuck::bytes_of(&b.key), b.prefix_len))
         });
         CompiledPolicy {
             id,
@@ -375,10 +367,7 @@ impl<'m> Compiler<'m> {
         service_out: &mut Vec<LpmEntry<ServiceKey, ServiceVal>>,
     ) {
         // Each rule's selector, and the prefixes each selector is made of.
-        let rule_sel: Vec<u32> = chain
-            .iter()
-            .map(|(_, r)| self.selector_id(selector(r)))
-            .collect();
+        let rule_sel: Vec<u32> = chain.iter().map(|(_, r)| self.selector_id(selector(r))).collect();
         let mut owners: HashMap<([u8; 16], u8), Vec<u32>> = HashMap::new();
         for &sel in BTreeSet::from_iter(rule_sel.iter().copied()).iter() {
             for net in self.selector_nets(sel, eth) {
@@ -411,9 +400,7 @@ impl<'m> Compiler<'m> {
                     .collect();
                 class_rules.push((class, positions));
             }
-            let nearest = (0..len)
-                .rev()
-                .find_map(|l| kept.get(&(truncate(key, l), l)));
+            let nearest = (0..len).rev().find_map(|l| kept.get(&(truncate(key, l), l)));
             if nearest == Some(&class) {
                 continue;
             }
@@ -436,10 +423,7 @@ impl<'m> Compiler<'m> {
             let mut first: HashMap<ServicePrefix, usize> = HashMap::new();
             for &pos in &positions {
                 for p in service_prefixes(chain[pos].1) {
-                    first
-                        .entry(p)
-                        .and_modify(|f| *f = (*f).min(pos))
-                        .or_insert(pos);
+                    first.entry(p).and_modify(|f| *f = (*f).min(pos)).or_insert(pos);
                 }
             }
             let mut own: Vec<ServicePrefix> = first.keys().copied().collect();
@@ -451,9 +435,7 @@ impl<'m> Compiler<'m> {
                     .min()
                     .copied()
                     .expect("the prefix itself is present");
-                let nearest = (0..len)
-                    .rev()
-                    .find_map(|l| kept.get(&(value & mask24(l), l)));
+                let nearest = (0..len).rev().find_map(|l| kept.get(&(value & mask24(l), l)));
                 if nearest == Some(&best) {
                     continue;
                 }
@@ -469,9 +451,7 @@ impl<'m> Compiler<'m> {
                         port_be: (value as u16).to_be_bytes(),
                         _pad: [0; 3],
                     },
-                    value: ServiceVal {
-                        rule: chain[best].0,
-                    },
+                    value: ServiceVal { rule: chain[best].0 },
                 });
             }
         }
@@ -482,9 +462,7 @@ impl<'m> Compiler<'m> {
         match &self.selector_list[sel as usize] {
             Selector::Prefix(n) => vec![*n],
             Selector::Group(g) => member_nets(self.model, &Remote::Group(g.clone()), eth),
-            Selector::AddressGroup(a) => {
-                member_nets(self.model, &Remote::AddressGroup(a.clone()), eth)
-            }
+            Selector::AddressGroup(a) => member_nets(self.model, &Remote::AddressGroup(a.clone()), eth),
         }
     }
 }
@@ -629,10 +607,7 @@ fn compile_port(model: &Model, port: &Port, policy: u32, addr_id: u32) -> Compil
     for pair in &port.allowed_address_pairs {
         push(ADDR_KIND_MAC, pair.mac, None, 0);
     }
-    for (kind, pairs) in [
-        (ADDR_KIND_PAIR_V4, &v4_pairs),
-        (ADDR_KIND_PAIR_V6, &v6_pairs),
-    ] {
+    for (kind, pairs) in [(ADDR_KIND_PAIR_V4, &v4_pairs), (ADDR_KIND_PAIR_V6, &v6_pairs)] {
         for (i, pair) in pairs.iter().enumerate() {
             push(kind, pair.mac, pair.net, i as u32 + 1);
         }

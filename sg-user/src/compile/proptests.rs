@@ -26,13 +26,7 @@ const V4_BASES: [&str; 8] = [
     "10.0.0.200",
 ];
 const V4_LENS: [u8; 8] = [0, 8, 16, 23, 24, 25, 30, 32];
-const V6_BASES: [&str; 5] = [
-    "2001:db8::",
-    "2001:db8::5",
-    "2001:db8:0:1::",
-    "fe80::1",
-    "::",
-];
+const V6_BASES: [&str; 5] = ["2001:db8::", "2001:db8::5", "2001:db8:0:1::", "fe80::1", "::"];
 const V6_LENS: [u8; 6] = [0, 32, 64, 120, 126, 128];
 const PORTS: [u16; 11] = [1, 22, 79, 80, 81, 443, 1023, 1024, 8080, 32768, 65535];
 const ICMP_TYPES: [u16; 6] = [0, 3, 8, 128, 129, 255];
@@ -136,15 +130,13 @@ fn ports(kind: u8) -> BoxedStrategy<(Value, Value)> {
     match kind {
         1 => prop_oneof![
             Just((Value::Null, Value::Null)),
-            (select(&PORTS[..]), select(&PORTS[..]))
-                .prop_map(|(a, b)| (json!(a.min(b)), json!(a.max(b)))),
+            (select(&PORTS[..]), select(&PORTS[..])).prop_map(|(a, b)| (json!(a.min(b)), json!(a.max(b)))),
         ]
         .boxed(),
         2 => prop_oneof![
             Just((Value::Null, Value::Null)),
             select(&ICMP_TYPES[..]).prop_map(|t| (json!(t), Value::Null)),
-            (select(&ICMP_TYPES[..]), select(&ICMP_CODES[..]))
-                .prop_map(|(t, c)| (json!(t), json!(c))),
+            (select(&ICMP_TYPES[..]), select(&ICMP_CODES[..])).prop_map(|(t, c)| (json!(t), json!(c))),
         ]
         .boxed(),
         _ => Just((Value::Null, Value::Null)).boxed(),
@@ -160,8 +152,8 @@ fn rule() -> impl Strategy<Value = Value> {
                 (0..3usize).prop_map(|g| json!({"remote_group_id": format!("g{g}")})),
                 (0..2usize).prop_map(|a| json!({"remote_address_group_id": format!("a{a}")})),
             ];
-            let proto_ports = protocol(v6)
-                .prop_flat_map(|(p, kind)| ports(kind).prop_map(move |pr| (p.clone(), pr)));
+            let proto_ports =
+                protocol(v6).prop_flat_map(|(p, kind)| ports(kind).prop_map(move |pr| (p.clone(), pr)));
             (Just(egress), Just(v6), proto_ports, remote)
         })
         .prop_map(|(egress, v6, (protocol, (min, max)), remote)| {
@@ -190,7 +182,13 @@ fn port(i: usize) -> impl Strategy<Value = Value> {
             let aaps: Vec<Value> = pairs
                 .iter()
                 .zip(pair_mac)
-                .map(|(ip, own)| if own { json!({"ip_address": ip}) } else { json!({"ip_address": ip, "mac_address": "fa:16:3e:aa:bb:cc"}) })
+                .map(|(ip, own)| {
+                    if own {
+                        json!({"ip_address": ip})
+                    } else {
+                        json!({"ip_address": ip, "mac_address": "fa:16:3e:aa:bb:cc"})
+                    }
+                })
                 .collect();
             json!({
                 "id": format!("p{i}"), "mac_address": format!("fa:16:3e:00:00:{i:02x}"), "network_id": "n",

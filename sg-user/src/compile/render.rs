@@ -17,12 +17,10 @@ use crate::model::protocol::{display_name, is_icmp_protocol};
 use crate::model::{MacAddr, addr};
 
 fn hex<T: bytemuck::Pod>(v: &T) -> String {
-    bytemuck::bytes_of(v)
-        .iter()
-        .fold(String::new(), |mut s, b| {
-            let _ = write!(s, "{b:02x}");
-            s
-        })
+    bytemuck::bytes_of(v).iter().fold(String::new(), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
 }
 
 pub fn flag_names(flags: u32) -> Vec<&'static str> {
@@ -424,11 +422,7 @@ pub fn render_table(c: &Compiled) -> String {
         (sg_common::MAP_CLASSES, c.stats.classes),
         (sg_common::MAP_SERVICES, c.stats.services),
     ] {
-        let _ = writeln!(
-            s,
-            "  {name:<12} {:>8} entries {:>10} bytes",
-            m.entries, m.bytes
-        );
+        let _ = writeln!(s, "  {name:<12} {:>8} entries {:>10} bytes", m.entries, m.bytes);
     }
     let _ = writeln!(
         s,

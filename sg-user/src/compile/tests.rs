@@ -107,21 +107,9 @@ fn web1_verdicts() {
         p.info.flags,
         PORT_F_FILTERED | PORT_F_STATEFUL | PORT_F_SPOOF_V4 | PORT_F_ARP_PROTECT
     );
-    let text = |r: Option<String>| {
-        r.map(|id| {
-            c.rules
-                .iter()
-                .find(|x| x.rule_id == id)
-                .unwrap()
-                .text
-                .clone()
-        })
-    };
+    let text = |r: Option<String>| r.map(|id| c.rules.iter().find(|x| x.rule_id == id).unwrap().text.clone());
     let http = compiled_rule(&m, &c, &pkt(Direction::Ingress, "203.0.113.9", 6, 80));
-    assert_eq!(
-        text(http).as_deref(),
-        Some("ingress IPv4 tcp 80 from 0.0.0.0/0")
-    );
+    assert_eq!(text(http).as_deref(), Some("ingress IPv4 tcp 80 from 0.0.0.0/0"));
     assert_eq!(
         compiled_rule(&m, &c, &pkt(Direction::Ingress, "203.0.113.9", 6, 22)),
         None
@@ -145,10 +133,7 @@ fn web1_verdicts() {
 #[test]
 fn output_is_deterministic() {
     let m = example("web1.json");
-    assert_eq!(
-        render_json(&compile(&m, HOST)),
-        render_json(&compile(&m, HOST))
-    );
+    assert_eq!(render_json(&compile(&m, HOST)), render_json(&compile(&m, HOST)));
     // Independent of map iteration order: a model with many selectors and services.
     let rules: Vec<Value> = (0..40)
         .map(|i| rule(&format!("r{i}"), json!({"protocol": "tcp", "port_range_min": 1000 + i * 7, "port_range_max": 1100 + i * 13,
@@ -164,14 +149,7 @@ fn output_is_deterministic() {
 fn port_ranges_become_minimal_aligned_blocks() {
     assert_eq!(
         range_prefixes(1024, 65535),
-        [
-            (1024, 6),
-            (2048, 5),
-            (4096, 4),
-            (8192, 3),
-            (16384, 2),
-            (32768, 1)
-        ]
+        [(1024, 6), (2048, 5), (4096, 4), (8192, 3), (16384, 2), (32768, 1)]
     );
     assert_eq!(range_prefixes(80, 80), [(80, 16)]);
     assert_eq!(range_prefixes(1, 65534).len(), 30);
@@ -263,13 +241,8 @@ fn icmp_type_and_code() {
         json!({"security_groups": [{"id": "g", "rules": rules}], "ports": [port("p", "10.0.0.1", &["g"])]}),
     );
     let c = compile(&m, HOST);
-    let r = |ty: u16, code: u16| {
-        compiled_rule(
-            &m,
-            &c,
-            &pkt(Direction::Ingress, "1.2.3.4", 1, ty << 8 | code),
-        )
-    };
+    let r =
+        |ty: u16, code: u16| compiled_rule(&m, &c, &pkt(Direction::Ingress, "1.2.3.4", 1, ty << 8 | code));
     assert_eq!(r(8, 0).as_deref(), Some("echo0"));
     assert_eq!(r(8, 1), None);
     assert_eq!(r(3, 13).as_deref(), Some("unreach"));
@@ -296,11 +269,7 @@ fn nested_prefixes_and_remote_groups_classify_by_longest_prefix() {
         json!({"security_groups": [{"id": "g", "rules": rules}], "ports": [port("p", "192.168.0.1", &["g"]), member]}),
     );
     let c = compile(&m, HOST);
-    assert_eq!(
-        c.ports.len(),
-        1,
-        "the member on another host is not compiled"
-    );
+    assert_eq!(c.ports.len(), 1, "the member on another host is not compiled");
     let r = |ip: &str, proto| compiled_rule(&m, &c, &pkt(Direction::Ingress, ip, proto, 1));
     assert_eq!(r("10.1.2.3", 17).as_deref(), Some("wide"));
     assert_eq!(r("10.1.2.3", 6).as_deref(), Some("narrow"));
@@ -322,10 +291,7 @@ fn nested_prefixes_and_remote_groups_classify_by_longest_prefix() {
 #[test]
 fn address_group_and_zero_prefix_members() {
     let rules = vec![
-        rule(
-            "ag",
-            json!({"protocol": "tcp", "remote_address_group_id": "a"}),
-        ),
+        rule("ag", json!({"protocol": "tcp", "remote_address_group_id": "a"})),
         rule("all", json!({"protocol": "udp", "remote_group_id": "g"})),
     ];
     let member = json!({"id": "m", "mac_address": "fa:16:3e:00:00:02", "network_id": "n",
@@ -342,10 +308,7 @@ fn address_group_and_zero_prefix_members() {
         .iter()
         .map(|p| (p.id.as_str(), p.info.flags & PORT_F_ARP_PROTECT))
         .collect::<Vec<_>>();
-    assert!(
-        ports.contains(&("m", 0)),
-        "a /0 pair turns ARP protection off"
-    );
+    assert!(ports.contains(&("m", 0)), "a /0 pair turns ARP protection off");
     assert!(ports.contains(&("p", PORT_F_ARP_PROTECT)));
     let r = |ip: &str, proto| compiled_rule(&m, &c, &pkt(Direction::Ingress, ip, proto, 1));
     assert_eq!(r("198.51.100.7", 6).as_deref(), Some("ag"));
@@ -446,10 +409,7 @@ fn port_flags_and_addresses() {
             .is_none(),
         "IPv4 pairs add no link-local"
     );
-    assert!(
-        lpm.lookup_pod(&key(ADDR_KIND_MAC, other, "0.0.0.0"))
-            .is_some()
-    );
+    assert!(lpm.lookup_pod(&key(ADDR_KIND_MAC, other, "0.0.0.0")).is_some());
     assert!(
         lpm.lookup_pod(&key(ADDR_KIND_FIXED_V6, [0; 6], "2001:db8::5"))
             .is_some()
@@ -462,16 +422,11 @@ fn port_flags_and_addresses() {
 
 #[test]
 fn mac_only_pair_and_missing_families() {
-    let p =
-        json!({"id": "p", "mac_address": "fa:16:3e:12:34:56", "network_id": "n", "fixed_ips": []});
+    let p = json!({"id": "p", "mac_address": "fa:16:3e:12:34:56", "network_id": "n", "fixed_ips": []});
     let q = json!({"id": "q", "mac_address": "fa:16:3e:12:34:57", "network_id": "n", "fixed_ips": [{"ip_address": "10.0.0.1"}]});
     let c = compile(&model_of(json!({"ports": [p, q]})), HOST);
     let flags = |id: &str| c.ports.iter().find(|x| x.id == id).unwrap().info.flags;
-    assert_ne!(
-        flags("p") & PORT_F_SPOOF_V6,
-        0,
-        "MAC-only pair in both families"
-    );
+    assert_ne!(flags("p") & PORT_F_SPOOF_V6, 0, "MAC-only pair in both families");
     assert_eq!(
         flags("q") & (PORT_F_SPOOF_V6 | PORT_F_V6_FIXED),
         0,
@@ -518,9 +473,6 @@ fn keys_are_masked_and_stats_count_bytes() {
         c.stats.classes.entries,
         c.policies.iter().map(|p| p.classes.len()).sum::<usize>()
     );
-    assert_eq!(
-        c.stats.services.bytes,
-        c.stats.services.entries * (4 + 16 + 4)
-    );
+    assert_eq!(c.stats.services.bytes, c.stats.services.entries * (4 + 16 + 4));
     assert_eq!(c.stats.ports.bytes, 28);
 }

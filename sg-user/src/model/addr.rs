@@ -147,11 +147,7 @@ fn mask_to_prefix(mask: IpAddr, v4: bool) -> Option<u8> {
         return Some(ones.min(width) as u8);
     }
     // hostmask: the significant `width` bits are zeros then ones.
-    let host = if v4 {
-        (bits >> 96) as u32 as u128
-    } else {
-        bits
-    };
+    let host = if v4 { (bits >> 96) as u32 as u128 } else { bits };
     let host_ones = host.trailing_ones();
     if host_ones < 128 && host >> host_ones == 0 {
         return Some((width - host_ones) as u8);

@@ -35,13 +35,7 @@ pub(crate) fn read_path(path: &Path, errs: &mut ValidationErrors) -> Vec<(String
                 names.sort();
                 files = names;
             }
-            Err(e) => errs.push(
-                "document",
-                &path.display().to_string(),
-                "",
-                "",
-                e.to_string(),
-            ),
+            Err(e) => errs.push("document", &path.display().to_string(), "", "", e.to_string()),
         }
         if files.is_empty() && errs.is_empty() {
             errs.push(
@@ -79,12 +73,7 @@ const WRAPPERS: [(&str, Kind, bool); 6] = [
 ];
 
 /// Splits one document into resource objects.
-pub(crate) fn objects(
-    origin: &str,
-    doc: Value,
-    out: &mut Vec<RawObject>,
-    errs: &mut ValidationErrors,
-) {
+pub(crate) fn objects(origin: &str, doc: Value, out: &mut Vec<RawObject>, errs: &mut ValidationErrors) {
     match doc {
         Value::Array(items) => {
             for (i, item) in items.into_iter().enumerate() {
@@ -158,19 +147,9 @@ fn bare(origin: &str, v: Value, out: &mut Vec<RawObject>, errs: &mut ValidationE
     }
 }
 
-fn push(
-    kind: Kind,
-    origin: String,
-    v: Value,
-    out: &mut Vec<RawObject>,
-    errs: &mut ValidationErrors,
-) {
+fn push(kind: Kind, origin: String, v: Value, out: &mut Vec<RawObject>, errs: &mut ValidationErrors) {
     match v {
-        Value::Object(fields) => out.push(RawObject {
-            kind,
-            origin,
-            fields,
-        }),
+        Value::Object(fields) => out.push(RawObject { kind, origin, fields }),
         other => errs.push(
             "document",
             &origin,

@@ -282,10 +282,7 @@ pub struct SpoofPair {
 impl Port {
     /// `fixed_ips` flattened to strings, as Neutron's server sends them to agents.
     pub fn fixed_ip_strings(&self) -> Vec<&str> {
-        self.fixed_ips
-            .iter()
-            .map(|f| f.ip_address.as_str())
-            .collect()
+        self.fixed_ips.iter().map(|f| f.ip_address.as_str()).collect()
     }
 
     /// A `network:*` port (DHCP, router interface): Neutron trusts it and never filters it.
@@ -304,9 +301,7 @@ impl Port {
     }
 
     pub fn has_fixed_ip(&self, ethertype: Ethertype) -> bool {
-        self.fixed_ips
-            .iter()
-            .any(|f| Ethertype::of_ip(f.ip) == ethertype)
+        self.fixed_ips.iter().any(|f| Ethertype::of_ip(f.ip) == ethertype)
     }
 
     /// Neutron's IP/MAC pair list of one family (`_spoofing_rule`): allowed address pairs,
@@ -419,9 +414,7 @@ impl Model {
     /// without fixed IPs contributes nothing (its pairs included), because the query joins
     /// the port's IP allocations.
     pub fn members(&self, remote: &Remote, ethertype: Ethertype) -> Option<&[Member]> {
-        self.members
-            .get(&(remote.clone(), ethertype))
-            .map(Vec::as_slice)
+        self.members.get(&(remote.clone(), ethertype)).map(Vec::as_slice)
     }
 
     /// Every (remote, ethertype) member list, in a stable order.

@@ -52,10 +52,7 @@ pub fn is_icmp_protocol(num: u8) -> bool {
 }
 
 pub fn name_to_number(name: &str) -> Option<u8> {
-    IP_PROTOCOL_MAP
-        .iter()
-        .find(|(n, _)| *n == name)
-        .map(|&(_, v)| v)
+    IP_PROTOCOL_MAP.iter().find(|(n, _)| *n == name).map(|&(_, v)| v)
 }
 
 /// `IP_PROTOCOL_NUM_TO_NAME_MAP`: built by a dict comprehension over `IP_PROTOCOL_MAP` without
@@ -92,11 +89,9 @@ pub fn convert_protocol(value: &serde_json::Value) -> Result<Option<String>, Str
         Value::String(s) if s.eq_ignore_ascii_case("any") => Ok(None),
         Value::String(s) if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) => {
             if s.len() > 1 && s.starts_with('0') {
-                return Err(
-                    "protocol numbers with leading zeros are refused: Neutron keeps \
+                return Err("protocol numbers with leading zeros are refused: Neutron keeps \
                             the string and its iptables driver then drops the port match"
-                        .to_string(),
-                );
+                    .to_string());
             }
             match s.parse::<u32>() {
                 Ok(v) if v <= 255 => Ok(Some(s.clone())),

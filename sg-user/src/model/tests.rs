@@ -42,13 +42,7 @@ fn one_rule(extra: Value) -> Result<Model, ValidationErrors> {
 
 /// Asserts that some error names this object id, field, value (JSON text) and reason part.
 #[track_caller]
-fn assert_err(
-    res: Result<Model, ValidationErrors>,
-    id: &str,
-    field: &str,
-    value: &str,
-    reason: &str,
-) {
+fn assert_err(res: Result<Model, ValidationErrors>, id: &str, field: &str, value: &str, reason: &str) {
     let errs = res.expect_err("input should be refused");
     let line = errs
         .iter()
@@ -183,18 +177,8 @@ fn protocols_are_stored_as_neutron_stores_them() {
         (json!({"protocol": "any"}), "IPv4", None, None),
         (json!({"protocol": "TCP"}), "IPv4", Some("tcp"), Some(6)),
         (json!({"protocol": 17}), "IPv4", Some("17"), Some(17)),
-        (
-            json!({"protocol": "icmp"}),
-            "IPv6",
-            Some("ipv6-icmp"),
-            Some(58),
-        ),
-        (
-            json!({"protocol": "icmpv6"}),
-            "IPv6",
-            Some("ipv6-icmp"),
-            Some(58),
-        ),
+        (json!({"protocol": "icmp"}), "IPv6", Some("ipv6-icmp"), Some(58)),
+        (json!({"protocol": "icmpv6"}), "IPv6", Some("ipv6-icmp"), Some(58)),
         (json!({"protocol": "1"}), "IPv6", Some("58"), Some(58)),
         (json!({"protocol": 1}), "IPv4", Some("1"), Some(1)),
         (json!({"protocol": "0"}), "IPv4", Some("0"), None),
@@ -213,14 +197,12 @@ fn protocols_are_stored_as_neutron_stores_them() {
 
 #[test]
 fn full_port_range_is_no_port_match() {
-    let m = one_rule(json!({"protocol": "tcp", "port_range_min": 1, "port_range_max": "65535"}))
-        .unwrap();
+    let m = one_rule(json!({"protocol": "tcp", "port_range_min": 1, "port_range_max": "65535"})).unwrap();
     assert_eq!(
         (only_rule(&m).port_range_min, only_rule(&m).port_range_max),
         (None, None)
     );
-    let m =
-        one_rule(json!({"protocol": "tcp", "port_range_min": "80", "port_range_max": 80})).unwrap();
+    let m = one_rule(json!({"protocol": "tcp", "port_range_min": "80", "port_range_max": 80})).unwrap();
     assert_eq!(
         (only_rule(&m).port_range_min, only_rule(&m).port_range_max),
         (Some(80), Some(80))
@@ -265,10 +247,7 @@ fn port_defaults_follow_the_api() {
         "missing pair MAC is the port MAC"
     );
     assert_eq!(p.allowed_address_pairs[0].mac, p.mac);
-    assert_eq!(
-        p.allowed_address_pairs[1].mac.to_string(),
-        "fa:16:3e:00:00:01"
-    );
+    assert_eq!(p.allowed_address_pairs[1].mac.to_string(), "fa:16:3e:00:00:01");
     assert!(p.binding_host_id.is_none() && p.is_local("h"));
 }
 
@@ -283,8 +262,7 @@ fn trusted_and_unsecured_ports_are_not_filtered() {
         json!({"port_security_enabled": false, "security_groups": []}),
     );
     let lb = port("p3", json!({"device_owner": "neutron:LOADBALANCERV2"}));
-    let m =
-        load_doc(json!({"security_groups": [sg(SG, vec![])], "ports": [dhcp, off, lb]})).unwrap();
+    let m = load_doc(json!({"security_groups": [sg(SG, vec![])], "ports": [dhcp, off, lb]})).unwrap();
     assert!(!m.port("p1").unwrap().is_filtered());
     assert!(!m.port("p2").unwrap().is_filtered());
     assert!(m.port("p3").unwrap().is_filtered());
@@ -324,7 +302,10 @@ fn spoof_pairs_follow_neutron_order() {
 
 #[test]
 fn port_without_fixed_ips_gets_a_mac_only_pair_in_both_families() {
-    let m = load_doc(json!({"security_groups": [sg(SG, vec![])], "ports": [port(PORT, json!({"fixed_ips": []}))]})).unwrap();
+    let m = load_doc(
+        json!({"security_groups": [sg(SG, vec![])], "ports": [port(PORT, json!({"fixed_ips": []}))]}),
+    )
+    .unwrap();
     for e in Ethertype::ALL {
         let pairs = m.ports[0].spoof_pairs(e);
         assert_eq!(pairs.len(), 1);
@@ -353,10 +334,8 @@ fn members_are_fixed_ips_and_pairs_per_ethertype() {
         json!({"fixed_ips": [], "allowed_address_pairs": [{"ip_address": "10.9.9.9"}]}),
     );
     let ag = json!({"id": "ag", "addresses": ["10.1.2.3/16", "2001:db8::/32", "10.1.0.0/16"]});
-    let m = load_doc(
-        json!({"security_groups": [sg(SG, rules)], "address_groups": [ag], "ports": [b, c, a]}),
-    )
-    .unwrap();
+    let m = load_doc(json!({"security_groups": [sg(SG, rules)], "address_groups": [ag], "ports": [b, c, a]}))
+        .unwrap();
     let show = |r: Remote, e| {
         m.members(&r, e)
             .unwrap()
@@ -368,10 +347,7 @@ fn members_are_fixed_ips_and_pairs_per_ethertype() {
         show(Remote::Group(SG.into()), Ethertype::IPv4),
         ["10.0.0.5", "0.0.0.0/0+mac", "10.0.0.5+mac", "10.0.0.6"]
     );
-    assert_eq!(
-        show(Remote::Group(SG.into()), Ethertype::IPv6),
-        ["2001:db8::5"]
-    );
+    assert_eq!(show(Remote::Group(SG.into()), Ethertype::IPv6), ["2001:db8::5"]);
     assert_eq!(
         show(Remote::AddressGroup("ag".into()), Ethertype::IPv4),
         ["10.1.0.0/16"]
@@ -664,13 +640,7 @@ fn err_stateful_and_stateless_on_one_port() {
 #[test]
 fn err_undefined_group_on_port() {
     let m = load_doc(json!({"ports": [port(PORT, json!({}))]}));
-    assert_err(
-        m,
-        PORT,
-        "security_groups",
-        &format!("\"{SG}\""),
-        "not defined",
-    );
+    assert_err(m, PORT, "security_groups", &format!("\"{SG}\""), "not defined");
 }
 
 #[test]
@@ -678,24 +648,13 @@ fn err_malformed_mac() {
     let m = load_doc(
         json!({"security_groups": [sg(SG, vec![])], "ports": [port(PORT, json!({"mac_address": "fa:16:3e:zz:34:56"}))]}),
     );
-    assert_err(
-        m,
-        PORT,
-        "mac_address",
-        "\"fa:16:3e:zz:34:56\"",
-        "not a valid MAC",
-    );
+    assert_err(m, PORT, "mac_address", "\"fa:16:3e:zz:34:56\"", "not a valid MAC");
     let m = load_doc(
         json!({"security_groups": [sg(SG, vec![])], "ports": [port(PORT, json!({"mac_address": "00:00:00:00:00:00"}))]}),
     );
-    assert_err(
-        m,
-        PORT,
-        "mac_address",
-        "\"00:00:00:00:00:00\"",
-        "not a valid MAC",
-    );
-    let pairs = json!({"allowed_address_pairs": [{"ip_address": "10.0.0.9", "mac_address": "ff:ff:ff:ff:ff:ff"}]});
+    assert_err(m, PORT, "mac_address", "\"00:00:00:00:00:00\"", "not a valid MAC");
+    let pairs =
+        json!({"allowed_address_pairs": [{"ip_address": "10.0.0.9", "mac_address": "ff:ff:ff:ff:ff:ff"}]});
     let m = load_doc(json!({"security_groups": [sg(SG, vec![])], "ports": [port(PORT, pairs)]}));
     assert_err(
         m,
@@ -814,9 +773,8 @@ fn err_duplicate_group_and_rule_ids() {
         "duplicate security group id",
     );
     assert_err(m, "r1", "id", "\"r1\"", "duplicate security group rule id");
-    let m = load_doc(
-        json!({"address_groups": [{"id": "ag", "addresses": []}, {"id": "ag", "addresses": []}]}),
-    );
+    let m =
+        load_doc(json!({"address_groups": [{"id": "ag", "addresses": []}, {"id": "ag", "addresses": []}]}));
     assert_err(m, "ag", "id", "\"ag\"", "duplicate address group id");
 }
 
@@ -859,13 +817,7 @@ fn err_port_security_disabled_with_groups() {
 #[test]
 fn err_missing_required_fields() {
     let m = load_doc(json!({"ports": [{"network_id": NET, "mac_address": "fa:16:3e:12:34:56"}]}));
-    assert_err(
-        m,
-        "<test.json ports[0]>",
-        "id",
-        "null",
-        "missing required field",
-    );
+    assert_err(m, "<test.json ports[0]>", "id", "null", "missing required field");
     let m = load_doc(
         json!({"security_groups": [sg(SG, vec![])], "ports": [{"id": PORT, "network_id": NET, "fixed_ips": []}]}),
     );
@@ -907,14 +859,15 @@ fn all_errors_are_reported_together_one_per_line() {
         ),
         rule("r3", json!({"remote_group_id": "nope"})),
     ];
-    let errs = load_doc(json!({"security_groups": [sg(SG, rules)], "ports": [port(PORT, json!({"mac_address": "x"}))]})).unwrap_err();
+    let errs = load_doc(
+        json!({"security_groups": [sg(SG, rules)], "ports": [port(PORT, json!({"mac_address": "x"}))]}),
+    )
+    .unwrap_err();
     let text = errs.to_string();
     assert_eq!(text.lines().count(), 4, "{text}");
     assert_eq!(text.lines().count(), errs.len());
     assert!(
-        text.contains(
-            "security_group_rule r2: port_range_min=0: port 0 is not allowed for protocol tcp"
-        ),
+        text.contains("security_group_rule r2: port_range_min=0: port 0 is not allowed for protocol tcp"),
         "{text}"
     );
 }

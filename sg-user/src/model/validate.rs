@@ -50,8 +50,7 @@ impl<'a> Fields<'a> {
     }
 
     fn err(&mut self, field: &str, value: &Value, reason: impl Into<String>) {
-        self.errs
-            .push(self.object, &self.id, field, show(value), reason);
+        self.errs.push(self.object, &self.id, field, show(value), reason);
         self.ok = false;
     }
 
@@ -143,9 +142,7 @@ pub(crate) fn build(
                     .push((raw.origin.clone(), address_group(raw, &mut errs)));
             }
             Kind::Port => {
-                parsed
-                    .ports
-                    .push((raw.origin.clone(), port(raw, &mut errs)));
+                parsed.ports.push((raw.origin.clone(), port(raw, &mut errs)));
             }
         }
     }
@@ -271,15 +268,11 @@ fn rule(
     };
     // The API tests these ids for truth, so an empty string is "not set".
     let remote_group_id = f.opt_str("remote_group_id").filter(|s| !s.is_empty());
-    let remote_address_group_id = f
-        .opt_str("remote_address_group_id")
-        .filter(|s| !s.is_empty());
+    let remote_address_group_id = f.opt_str("remote_address_group_id").filter(|s| !s.is_empty());
 
     // `_validate_base_security_group_rule_attributes`, in Neutron's order.
     let protocol = match (protocol, ethertype) {
-        (Some(p), Some(e)) => {
-            Some(p.map(|p| protocol::canonical_ipv6_icmp(p, e == Ethertype::IPv6)))
-        }
+        (Some(p), Some(e)) => Some(p.map(|p| protocol::canonical_ipv6_icmp(p, e == Ethertype::IPv6))),
         (p, _) => p,
     };
     if port_min == Some(1) && port_max == Some(65535) {
@@ -360,9 +353,7 @@ fn port_value(f: &mut Fields, key: &str) -> Option<u16> {
     let v = f.get(key)?;
     let n = match v {
         Value::Number(n) => n.as_u64(),
-        Value::String(s)
-            if !s.is_empty() && s.len() <= 5 && s.bytes().all(|b| b.is_ascii_digit()) =>
-        {
+        Value::String(s) if !s.is_empty() && s.len() <= 5 && s.bytes().all(|b| b.is_ascii_digit()) => {
             s.parse().ok()
         }
         _ => None,
@@ -370,11 +361,7 @@ fn port_value(f: &mut Fields, key: &str) -> Option<u16> {
     match n {
         Some(n) if n <= 65535 => Some(n as u16),
         _ => {
-            f.err(
-                key,
-                v,
-                "invalid value for port: must be an integer 0 to 65535",
-            );
+            f.err(key, v, "invalid value for port: must be an integer 0 to 65535");
             None
         }
     }
@@ -429,10 +416,7 @@ fn validate_port_range(f: &mut Fields, protocol: Option<&str>, min: Option<u16>,
             (None, None) => {}
         }
     } else if protocol::is_icmp_protocol(num) {
-        for (key, field, v) in [
-            ("port_range_min", "type", min),
-            ("port_range_max", "code", max),
-        ] {
+        for (key, field, v) in [("port_range_min", "type", min), ("port_range_max", "code", max)] {
             if let Some(v) = v.filter(|&v| v > 255) {
                 f.err(
                     key,
@@ -527,10 +511,7 @@ fn port(raw: &RawObject, errs: &mut ValidationErrors) -> Port {
             f.err(&key, ip_v, "not a valid IP address");
             continue;
         };
-        let subnet_id = item
-            .get("subnet_id")
-            .and_then(Value::as_str)
-            .map(str::to_string);
+        let subnet_id = item.get("subnet_id").and_then(Value::as_str).map(str::to_string);
         fixed_ips.push(FixedIp {
             ip_address: text.to_string(),
             ip,
@@ -543,18 +524,13 @@ fn port(raw: &RawObject, errs: &mut ValidationErrors) -> Port {
         let key = format!("allowed_address_pairs[{i}]");
         let ip_v = item.get("ip_address").unwrap_or(&Value::Null);
         let Some(text) = ip_v.as_str() else {
-            f.err(
-                &format!("{key}.ip_address"),
-                ip_v,
-                "missing or not a string",
-            );
+            f.err(&format!("{key}.ip_address"), ip_v, "missing or not a string");
             continue;
         };
         // `_validate_allowed_address_pairs`: a CIDR must parse, and an IPv4 one must be in
         // netaddr's own form; otherwise a plain address.
         let net = if text.contains('/') {
-            addr::parse_network(text)
-                .filter(|n| !n.addr().is_ipv4() || addr::net_to_string(*n) == text)
+            addr::parse_network(text).filter(|n| !n.addr().is_ipv4() || addr::net_to_string(*n) == text)
         } else {
             addr::parse_ip(text).map(IpNet::from)
         };
@@ -609,11 +585,7 @@ fn port(raw: &RawObject, errs: &mut ValidationErrors) -> Port {
                 item,
                 "duplicate security group in the list",
             ),
-            _ => f.err(
-                &format!("{sg_key}[{i}]"),
-                item,
-                "expected a security group id",
-            ),
+            _ => f.err(&format!("{sg_key}[{i}]"), item, "expected a security group id"),
         }
     }
 
@@ -628,12 +600,7 @@ fn port(raw: &RawObject, errs: &mut ValidationErrors) -> Port {
         );
     }
     if !port_security_enabled && !pairs.is_empty() {
-        let v = Value::from(
-            pairs
-                .iter()
-                .map(|p| p.ip_address.clone())
-                .collect::<Vec<_>>(),
-        );
+        let v = Value::from(pairs.iter().map(|p| p.ip_address.clone()).collect::<Vec<_>>());
         f.err(
             "allowed_address_pairs",
             &v,
@@ -658,9 +625,7 @@ fn port(raw: &RawObject, errs: &mut ValidationErrors) -> Port {
         || device.len() > 15
         || device == "."
         || device == ".."
-        || device
-            .chars()
-            .any(|c| c == '/' || c == ':' || c.is_whitespace())
+        || device.chars().any(|c| c == '/' || c == ':' || c.is_whitespace())
     {
         let v = Value::String(device.clone());
         f.err(
@@ -797,8 +762,7 @@ fn cross_check(p: &Parsed, errs: &mut ValidationErrors) {
         }
     }
 
-    let sgs: HashMap<&str, &SecurityGroup> =
-        p.sgs.iter().map(|(_, s, _)| (s.id.as_str(), s)).collect();
+    let sgs: HashMap<&str, &SecurityGroup> = p.sgs.iter().map(|(_, s, _)| (s.id.as_str(), s)).collect();
     let ags: HashSet<&str> = p.ags.iter().map(|(_, a)| a.id.as_str()).collect();
 
     for (_, sg, oks) in &p.sgs {
@@ -894,11 +858,7 @@ fn assemble(p: Parsed) -> Model {
         .enumerate()
         .map(|(i, a)| (a.id.clone(), i))
         .collect();
-    let port_index = ports
-        .iter()
-        .enumerate()
-        .map(|(i, x)| (x.id.clone(), i))
-        .collect();
+    let port_index = ports.iter().enumerate().map(|(i, x)| (x.id.clone(), i)).collect();
 
     // Member ports of each group, by port id (see `Model::members` for the order).
     let mut by_group: HashMap<&str, Vec<&Port>> = HashMap::new();
