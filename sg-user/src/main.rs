@@ -3,7 +3,11 @@ use std::path::PathBuf;
 
 use anyhow::{Context as _, Result};
 use clap::{Parser, Subcommand};
-use sg_user::datapath::{self, Datapath, Iface, LoadOptions, allowlist::Allow};
+use sg_user::{
+    compile,
+    datapath::{self, Datapath, Iface, LoadOptions, allowlist::Allow},
+    model,
+};
 
 #[derive(Parser)]
 #[command(
@@ -21,6 +25,19 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Check a Neutron input (file or directory of JSON documents); every error is reported.
+    Validate { input: PathBuf },
+    /// Compile a Neutron input into the map contents sg would load on this host.
+    Compile {
+        input: PathBuf,
+        /// Filter the ports bound to this host (`binding:host_id`); ports without a host are
+        /// local everywhere. Default: this machine's hostname.
+        #[arg(long)]
+        host: Option<String>,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
     /// Load the programs and attach them to one interface with a fixed ingress allow-list.
     ///
     /// Links and maps are pinned, so enforcement stays after `sg` exits; a second attach to
@@ -51,6 +68,20 @@ enum Cmd {
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
+        Cmd::Validate { input } => {
+            let model = load(&input)?;
+            println!("{}: valid ({})", input.display(), model.summary());
+        }
+        Cmd::Compile { input, host, json } => {
+            let model = load(&input)?;
+            let host = host.unwrap_or_else(model::default_host);
+            let compiled = compile::compile(&model, &host);
+            if json {
+                print!("{}", compile::render_json(&compiled));
+            } else {
+                print!("{}", compile::render_table(&compiled));
+            }
+        }
         Cmd::Attach {
             iface,
             netns,
@@ -95,4 +126,16 @@ fn main() -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Loads and validates an input; on errors prints all of them, one per line, and fails.
+fn load(input: &std::path::Path) -> Result<model::Model> {
+    model::load(input).map_err(|errors| {
+        eprintln!("{errors}");
+        anyhow::anyhow!(
+            "{}: {} validation error(s); nothing was applied",
+            input.display(),
+            errors.len()
+        )
+    })
 }
