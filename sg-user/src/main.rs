@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use anyhow::{Context as _, Result};
 use clap::{Parser, Subcommand};
 use sg_user::{
-    compile,
+    agent, compile,
     datapath::{self, Datapath, Iface, LoadOptions, allowlist::Allow},
     model,
 };
@@ -19,6 +19,9 @@ struct Cli {
     /// bpffs directory holding sg's pinned maps and links.
     #[arg(long, global = true, default_value = datapath::DEFAULT_PIN_ROOT)]
     pin_root: PathBuf,
+    /// Directory of the agent's run state (port ↔ tap ↔ index, rule texts) for the CLI.
+    #[arg(long, global = true, default_value = "/run/sg")]
+    run_dir: PathBuf,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -56,6 +59,24 @@ enum Cmd {
         /// Port index (conntrack zone and counter key) for this interface.
         #[arg(long, default_value_t = 1)]
         port_idx: u32,
+    },
+    /// Run the agent: attach to every local port's tap, apply the input, follow changes.
+    Agent {
+        /// Neutron input (file or directory); watched for changes.
+        #[arg(long)]
+        state: PathBuf,
+        /// This host's name for `binding:host_id` (default: the hostname).
+        #[arg(long)]
+        host: Option<String>,
+        /// Named network namespace holding the taps (namespace compute nodes).
+        #[arg(long)]
+        netns: Option<String>,
+        /// Conntrack table capacity (entries).
+        #[arg(long, default_value_t = sg_common::DEFAULT_CT_ENTRIES)]
+        ct_entries: u32,
+        /// How often expired conntrack entries and stale pins are collected.
+        #[arg(long, default_value_t = 10_000)]
+        gc_interval_ms: u64,
     },
     /// Remove sg's links and pins.
     Detach {
@@ -117,6 +138,34 @@ fn main() -> Result<()> {
                         .join(", ")
                 }
             );
+        }
+        Cmd::Agent {
+            state,
+            host,
+            netns,
+            ct_entries,
+            gc_interval_ms,
+        } => {
+            tracing_subscriber::fmt()
+                .with_env_filter(
+                    tracing_subscriber::EnvFilter::try_from_default_env()
+                        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                )
+                .with_target(false)
+                .init();
+            let opts = agent::AgentOptions {
+                state,
+                host: host.unwrap_or_else(model::default_host),
+                pin_root: cli.pin_root,
+                run_dir: cli.run_dir,
+                netns,
+                ct_entries,
+                gc_interval: std::time::Duration::from_millis(gc_interval_ms),
+            };
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?
+                .block_on(agent::run(opts))?;
         }
         Cmd::Detach { all } => {
             anyhow::ensure!(all, "only `sg detach --all` is supported");

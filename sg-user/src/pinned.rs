@@ -74,10 +74,11 @@ pub fn monotonic_ns() -> u64 {
 }
 
 /// Deletes expired conntrack and fragment entries. The datapath ignores expired entries
-/// anyway; collecting them keeps the LRU tables from evicting live flows first. Returns
-/// (entries scanned, entries deleted).
-pub fn collect_expired(root: &Path) -> Result<(usize, usize)> {
+/// anyway; collecting them keeps the LRU tables from evicting live flows first. Returns the
+/// number of entries deleted.
+pub fn collect_expired(root: &Path) -> Result<usize> {
     let now = monotonic_ns();
+    let mut deleted = 0;
     let mut ct: HashMap<MapData, CtKey, CtVal> = open(root, MAP_CONNTRACK)?.try_into()?;
     let expired: Vec<CtKey> = ct
         .iter()
@@ -85,25 +86,23 @@ pub fn collect_expired(root: &Path) -> Result<(usize, usize)> {
         .filter(|(_, v)| v.expires_ns < now)
         .map(|(k, _)| k)
         .collect();
-    let scanned_ct = ct.keys().count();
-    let mut deleted = 0;
     for k in &expired {
-        // A concurrent refresh may have revived it; a missing key is not an error either.
+        // A packet may have refreshed it since the scan; only delete what is still expired.
         if ct.get(k, 0).is_ok_and(|v| v.expires_ns < now) && ct.remove(k).is_ok() {
             deleted += 1;
         }
     }
     let mut frags: HashMap<MapData, FragKey, FragVal> = open(root, MAP_FRAGS)?.try_into()?;
-    let old: Vec<FragKey> = frags
+    let expired: Vec<FragKey> = frags
         .iter()
         .filter_map(|r| r.ok())
         .filter(|(_, v)| v.expires_ns < now)
         .map(|(k, _)| k)
         .collect();
-    for k in &old {
+    for k in &expired {
         if frags.remove(k).is_ok() {
             deleted += 1;
         }
     }
-    Ok((scanned_ct + frags.keys().count() + old.len(), deleted))
+    Ok(deleted)
 }

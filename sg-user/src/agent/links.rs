@@ -51,16 +51,42 @@ impl Links {
         Ok(out)
     }
 
-    /// Waits for the next link event. `None` when the netlink connection is gone.
-    pub async fn changed(&mut self) -> Option<()> {
-        loop {
-            let (msg, _) = self.events.next().await?;
-            if let netlink_packet_core::NetlinkPayload::InnerMessage(
-                RouteNetlinkMessage::NewLink(_) | RouteNetlinkMessage::DelLink(_),
-            ) = msg.payload
-            {
-                return Some(());
+    /// Takes the events already queued (the caller is about to re-read the whole table) and
+    /// returns the ifindexes deleted among them.
+    pub fn drain(&mut self) -> Vec<u32> {
+        let mut deleted = Vec::new();
+        while let Ok(Some((msg, _))) = self.events.try_recv().map(Some) {
+            if let Some(i) = deleted_index(&msg) {
+                deleted.push(i);
             }
         }
+        deleted
+    }
+
+    /// Waits for the next link event and returns the ifindexes it deleted (possibly none).
+    /// A deleted ifindex matters even if the same name and index reappear before the table is
+    /// read again: the tcx links died with the old device. `None` when the connection is gone.
+    pub async fn changed(&mut self) -> Option<Vec<u32>> {
+        loop {
+            let (msg, _) = self.events.next().await?;
+            match &msg.payload {
+                netlink_packet_core::NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(_)) => {
+                    return Some(Vec::new());
+                }
+                netlink_packet_core::NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelLink(_)) => {
+                    return Some(deleted_index(&msg).into_iter().collect());
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+fn deleted_index(msg: &netlink_packet_core::NetlinkMessage<RouteNetlinkMessage>) -> Option<u32> {
+    match &msg.payload {
+        netlink_packet_core::NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelLink(l)) => {
+            Some(l.header.index)
+        }
+        _ => None,
     }
 }

@@ -14,7 +14,7 @@ use std::{
 use anyhow::{Context as _, Result, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, LpmTrie, MapData, MapInfo, MapType, PerCpuHashMap},
+    maps::{HashMap, LpmTrie, MapData, MapInfo, MapType, PerCpuArray, PerCpuHashMap, PerCpuValues},
     programs::{
         LinkOrder, SchedClassifier, TcAttachType,
         links::{FdLink, LinkError, PinnedLink},
@@ -242,26 +242,46 @@ impl Datapath {
                 },
                 None => None,
             };
-            let id = if let Some(pinned) = existing {
+            let mut took_over = None;
+            if let Some(pinned) = existing {
                 let link: SchedClassifierLink = FdLink::from(pinned).try_into()?;
-                how = Attached::TookOver;
-                prog.attach_to_link(link)
-                    .with_context(|| format!("swapping {name} into the pinned link of {}", iface.name))?
-            } else {
-                let ifname = iface.name.clone();
-                netns::run_in(iface.netns.as_deref(), || {
-                    prog.attach_with_options(
-                        &ifname,
-                        attach_type,
-                        TcAttachOptions::TcxOrder(LinkOrder::first()),
-                    )
-                })?
-                .with_context(|| format!("attaching {name} to {}", iface.name))?
+                match prog.attach_to_link(link) {
+                    Ok(id) => took_over = Some(id),
+                    // The pinned link outlived its device (ENOLINK): a new device has the same
+                    // name and ifindex. Drop the dead pin and attach afresh.
+                    Err(e) if is_enolink(&e) => {
+                        let p = pin.as_ref().expect("a pinned link has a path");
+                        fs::remove_file(p).with_context(|| format!("removing dead pin {}", p.display()))?;
+                    }
+                    Err(e) => {
+                        return Err(e).with_context(|| {
+                            format!("swapping {name} into the pinned link of {}", iface.name)
+                        });
+                    }
+                }
+            }
+            let fresh = took_over.is_none();
+            let id = match took_over {
+                Some(id) => {
+                    how = Attached::TookOver;
+                    id
+                }
+                None => {
+                    let ifname = iface.name.clone();
+                    netns::run_in(iface.netns.as_deref(), || {
+                        prog.attach_with_options(
+                            &ifname,
+                            attach_type,
+                            TcAttachOptions::TcxOrder(LinkOrder::first()),
+                        )
+                    })?
+                    .with_context(|| format!("attaching {name} to {}", iface.name))?
+                }
             };
             let link = prog.take_link(id)?;
             match &pin {
                 Some(p) => {
-                    if how == Attached::New {
+                    if fresh {
                         if let Some(parent) = p.parent() {
                             fs::create_dir_all(parent)?;
                         }
@@ -287,6 +307,19 @@ impl Datapath {
 
     pub fn services(&mut self) -> Result<LpmTrie<&mut MapData, ServiceKey, ServiceVal>> {
         Ok(LpmTrie::try_from(self.map_mut(MAP_SERVICES)?)?)
+    }
+
+    pub fn addrs(&mut self) -> Result<LpmTrie<&mut MapData, AddrKey, AddrVal>> {
+        Ok(LpmTrie::try_from(self.map_mut(MAP_ADDRS)?)?)
+    }
+
+    /// Zeroes the hit counter of a rule index that is being freed or reused.
+    pub fn reset_rule_hits(&mut self, index: u32) -> Result<()> {
+        let mut hits: PerCpuArray<&mut MapData, Counter> =
+            PerCpuArray::try_from(self.map_mut(MAP_RULE_HITS)?)?;
+        let cpus = aya::util::nr_cpus().map_err(|(what, e)| anyhow!("{what}: {e}"))?;
+        hits.set(index, PerCpuValues::try_from(vec![Counter::default(); cpus])?, 0)?;
+        Ok(())
     }
 
     pub fn stats(&mut self) -> Result<PerCpuHashMap<&mut MapData, StatKey, Counter>> {
@@ -332,6 +365,19 @@ impl Datapath {
             .with_context(|| format!("BPF_PROG_TEST_RUN of {program} (ifindex {ifindex})"))?;
         Ok((r.return_value as i32, r.duration))
     }
+}
+
+fn is_enolink(e: &aya::programs::ProgramError) -> bool {
+    let mut src: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = src {
+        if let Some(io) = err.downcast_ref::<io::Error>()
+            && io.raw_os_error() == Some(libc::ENOLINK)
+        {
+            return true;
+        }
+        src = err.source();
+    }
+    e.to_string().contains("os error 67")
 }
 
 /// `struct __sk_buff` image for BPF_PROG_TEST_RUN: only mark and ifindex are set.
@@ -386,6 +432,52 @@ pub fn link_pin_path(root: &Path, iface: &Iface, ifindex: u32, program: &str) ->
             ifindex,
             program
         ))
+}
+
+/// Unpins (and so detaches) both links of one interface. A link whose interface is gone only
+/// loses its pin file.
+pub fn unpin_links(root: &Path, iface: &Iface, ifindex: u32) -> Result<()> {
+    for (name, _) in PROGRAMS {
+        let path = link_pin_path(root, iface, ifindex, name);
+        match PinnedLink::from_pin(&path) {
+            Ok(l) => drop(l.unpin()?),
+            Err(_) if path.exists() => fs::remove_file(&path)?,
+            Err(_) => {}
+        }
+    }
+    Ok(())
+}
+
+/// Removes link pins whose interface is gone or now has another ifindex (ENOLINK on use):
+/// tap names and ifindexes are both reused, so a pin is only valid for the pair it names.
+pub fn collect_stale_links(root: &Path, netns: Option<&str>) -> Result<usize> {
+    let dir = root.join("links").join(netns.unwrap_or("-"));
+    let Ok(entries) = fs::read_dir(&dir) else {
+        return Ok(0);
+    };
+    let mut removed = 0;
+    for e in entries {
+        let path = e?.path();
+        let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+            continue;
+        };
+        let Some((ifname, rest)) = name.rsplit_once('@') else {
+            continue;
+        };
+        let Some((ifindex, _prog)) = rest.split_once('_') else {
+            continue;
+        };
+        let ifname = ifname.replace('%', ".");
+        let current = netns::run_in(netns, || netns::ifindex(&ifname))?;
+        if current.ok().map(|i| i.to_string()).as_deref() != Some(ifindex) {
+            match PinnedLink::from_pin(&path) {
+                Ok(l) => drop(l.unpin()?),
+                Err(_) => fs::remove_file(&path)?,
+            }
+            removed += 1;
+        }
+    }
+    Ok(removed)
 }
 
 /// Removes every link and map sg pinned under `root`, which detaches the programs. Returns

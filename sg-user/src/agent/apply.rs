@@ -1,0 +1,631 @@
+//! Applying a compiled host policy to the eBPF maps without a wrong verdict in between
+//! (design §4).
+//!
+//! The compiler numbers policies, address sets and rules densely from 1 for each input. The
+//! applier maps them onto *live* ids:
+//! - a policy (or a port's address set) is identified by its content; unchanged content keeps
+//!   its live id, so its flows are not re-checked and nothing is rewritten;
+//! - changed content is written under a fresh id while the old entries stay in place, then
+//!   each port is switched with one SG_PORTS update, then entries no port uses are deleted.
+//! - rule indexes are stable per (security group id, rule id), so SG_RULE_HITS keeps counting
+//!   for a rule across updates.
+//!
+//! Every new entry is written before any port is switched. If a write fails, what this apply
+//! wrote is removed again and the running policy is untouched.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    hash::{Hash as _, Hasher as _},
+};
+
+use anyhow::{Context as _, Result, bail};
+use aya::maps::lpm_trie::Key;
+use serde::{Deserialize, Serialize};
+use sg_common::*;
+use tracing::{debug, info};
+
+use crate::{
+    compile::{Compiled, LpmEntry},
+    datapath::{Datapath, Iface},
+};
+
+type Entries<K, V> = Vec<(u32, K, V)>;
+
+/// A policy as the maps hold it, with the policy id field zeroed: what identifies it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+struct PolicyContent {
+    classes: Entries<ClassKey, ClassVal>,
+    services: Entries<ServiceKey, ServiceVal>,
+}
+
+impl PolicyContent {
+    fn fingerprint(&self) -> u64 {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        for (p, k, v) in &self.classes {
+            (p, bytemuck::bytes_of(k), v.class).hash(&mut h);
+        }
+        0xffu8.hash(&mut h);
+        for (p, k, v) in &self.services {
+            (p, bytemuck::bytes_of(k), v.rule).hash(&mut h);
+        }
+        h.finish()
+    }
+}
+
+fn addrs_fingerprint(addrs: &Entries<AddrKey, AddrVal>) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    for (p, k, v) in addrs {
+        (p, bytemuck::bytes_of(k), v.index).hash(&mut h);
+    }
+    h.finish()
+}
+
+/// What the agent knows about one port it manages, also written to the run-state file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LivePort {
+    pub id: String,
+    pub device: String,
+    pub network_id: String,
+    /// Stable for the life of the port: conntrack zone and counter key.
+    pub port_idx: u32,
+    /// Where the tap is now; `None` while it does not exist.
+    pub ifindex: Option<u32>,
+    pub policy: u32,
+    pub addr_id: u32,
+    pub flags: u32,
+    pub security_groups: Vec<String>,
+}
+
+/// A rule as the run-state file and `sg trace` describe it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LiveRule {
+    pub index: u32,
+    pub security_group_id: String,
+    pub rule_id: String,
+    pub text: String,
+}
+
+/// What one apply did, for the log.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct ApplyReport {
+    pub policies_written: usize,
+    pub policies_deleted: usize,
+    pub addr_sets_written: usize,
+    pub addr_sets_deleted: usize,
+    pub entries_written: usize,
+    pub entries_deleted: usize,
+    pub ports_switched: Vec<String>,
+    pub ports_removed: Vec<String>,
+    pub taps_attached: Vec<String>,
+    pub taps_missing: Vec<String>,
+}
+
+impl ApplyReport {
+    pub fn changed(&self) -> bool {
+        self.entries_written + self.entries_deleted > 0
+            || !self.ports_switched.is_empty()
+            || !self.ports_removed.is_empty()
+            || !self.taps_attached.is_empty()
+    }
+}
+
+pub struct Applier {
+    pub dp: Datapath,
+    netns: Option<String>,
+    policies: HashMap<u64, (u32, PolicyContent)>,
+    addr_sets: HashMap<u64, (u32, Entries<AddrKey, AddrVal>)>,
+    ports: BTreeMap<String, LivePort>,
+    rule_idx: BTreeMap<(String, String), u32>,
+    rules: BTreeMap<u32, LiveRule>,
+    /// ifindex → device of the taps whose links this agent attached or took over.
+    attached: BTreeMap<u32, String>,
+    next_policy: u32,
+    next_addr: u32,
+    next_port_idx: u32,
+    next_rule: u32,
+}
+
+impl Applier {
+    /// Takes over whatever a previous agent left in the pinned maps: its policies and address
+    /// sets are recognised by content (and kept if unchanged), its ports' indexes are kept so
+    /// conntrack zones and counters carry on. `previous` is the last run-state, if any.
+    pub fn adopt(mut dp: Datapath, netns: Option<String>, previous: Option<&RunState>) -> Result<Self> {
+        let mut policies: BTreeMap<u32, PolicyContent> = BTreeMap::new();
+        for item in dp.classes()?.iter() {
+            let (k, v) = item?;
+            let mut key = k.data();
+            let id = key.policy;
+            key.policy = 0;
+            policies
+                .entry(id)
+                .or_default()
+                .classes
+                .push((k.prefix_len(), key, v));
+        }
+        for item in dp.services()?.iter() {
+            let (k, v) = item?;
+            let mut key = k.data();
+            let id = key.policy;
+            key.policy = 0;
+            policies
+                .entry(id)
+                .or_default()
+                .services
+                .push((k.prefix_len(), key, v));
+        }
+        let mut addr_sets: BTreeMap<u32, Entries<AddrKey, AddrVal>> = BTreeMap::new();
+        for item in dp.addrs()?.iter() {
+            let (k, v) = item?;
+            let mut key = k.data();
+            let id = key.addr_id;
+            key.addr_id = 0;
+            addr_sets.entry(id).or_default().push((k.prefix_len(), key, v));
+        }
+        let port_entries: Vec<(u32, PortInfo)> = dp.ports()?.iter().collect::<Result<_, _>>()?;
+
+        let mut a = Self {
+            next_policy: policies.keys().max().copied().unwrap_or(0) + 1,
+            next_addr: addr_sets.keys().max().copied().unwrap_or(0) + 1,
+            next_port_idx: port_entries.iter().map(|(_, p)| p.port_idx).max().unwrap_or(0) + 1,
+            next_rule: 1,
+            dp,
+            netns,
+            policies: HashMap::new(),
+            addr_sets: HashMap::new(),
+            ports: BTreeMap::new(),
+            rule_idx: BTreeMap::new(),
+            rules: BTreeMap::new(),
+            attached: BTreeMap::new(),
+        };
+        for (id, mut content) in policies {
+            content.classes.sort_by(|x, y| {
+                bytemuck::bytes_of(&x.1)
+                    .cmp(bytemuck::bytes_of(&y.1))
+                    .then(x.0.cmp(&y.0))
+            });
+            content.services.sort_by(|x, y| {
+                bytemuck::bytes_of(&x.1)
+                    .cmp(bytemuck::bytes_of(&y.1))
+                    .then(x.0.cmp(&y.0))
+            });
+            a.policies.insert(content.fingerprint(), (id, content));
+        }
+        for (id, mut set) in addr_sets {
+            set.sort_by(|x, y| {
+                bytemuck::bytes_of(&x.1)
+                    .cmp(bytemuck::bytes_of(&y.1))
+                    .then(x.0.cmp(&y.0))
+            });
+            a.addr_sets.insert(addrs_fingerprint(&set), (id, set));
+        }
+        if let Some(prev) = previous {
+            for r in &prev.rules {
+                a.rule_idx
+                    .insert((r.security_group_id.clone(), r.rule_id.clone()), r.index);
+                a.rules.insert(r.index, r.clone());
+                a.next_rule = a.next_rule.max(r.index + 1);
+            }
+            for p in &prev.ports {
+                // Trust the previous state only where the maps agree with it.
+                let confirmed = p
+                    .ifindex
+                    .and_then(|i| port_entries.iter().find(|(k, _)| *k == i))
+                    .is_none_or(|(_, info)| info.port_idx == p.port_idx);
+                if confirmed {
+                    a.ports.insert(p.id.clone(), p.clone());
+                    a.next_port_idx = a.next_port_idx.max(p.port_idx + 1);
+                }
+            }
+        }
+        Ok(a)
+    }
+
+    pub fn ports(&self) -> impl Iterator<Item = &LivePort> {
+        self.ports.values()
+    }
+
+    pub fn run_state(&self, generation: u64) -> RunState {
+        RunState {
+            generation,
+            ports: self.ports.values().cloned().collect(),
+            rules: self.rules.values().cloned().collect(),
+        }
+    }
+
+    /// Makes the maps and attachments match `compiled`, given the interfaces that exist now
+    /// (name → ifindex).
+    pub fn apply(&mut self, compiled: &Compiled, links: &BTreeMap<String, u32>) -> Result<ApplyReport> {
+        let mut report = ApplyReport::default();
+
+        // Rules: stable live indexes.
+        let mut rule_map: HashMap<u32, u32> = HashMap::new();
+        let mut live_rules = BTreeMap::new();
+        for r in &compiled.rules {
+            let key = (r.security_group_id.clone(), r.rule_id.clone());
+            let idx = match self.rule_idx.get(&key) {
+                Some(i) => *i,
+                None => self.alloc_rule()?,
+            };
+            rule_map.insert(r.index, idx);
+            live_rules.insert(
+                idx,
+                LiveRule {
+                    index: idx,
+                    security_group_id: r.security_group_id.clone(),
+                    rule_id: r.rule_id.clone(),
+                    text: r.text.clone(),
+                },
+            );
+        }
+
+        // Desired contents.
+        let mut policy_fp: HashMap<u32, (u64, PolicyContent)> = HashMap::new();
+        for p in &compiled.policies {
+            let content = policy_content(p.classes.iter(), p.services.iter(), &rule_map)?;
+            policy_fp.insert(p.id, (content.fingerprint(), content));
+        }
+        let mut port_addrs: HashMap<&str, (u64, Entries<AddrKey, AddrVal>)> = HashMap::new();
+        for port in &compiled.ports {
+            let set = addr_content(&port.addrs);
+            port_addrs.insert(&port.id, (addrs_fingerprint(&set), set));
+        }
+
+        // Phase 1: write what is new, under fresh ids. Nothing references it yet.
+        let mut written_policies: Vec<u64> = Vec::new();
+        let mut written_addrs: Vec<u64> = Vec::new();
+        let phase1 = (|| -> Result<()> {
+            for (fp, content) in policy_fp.values() {
+                if self.policies.contains_key(fp) || written_policies.contains(fp) {
+                    continue;
+                }
+                let id = self.next_policy;
+                self.next_policy += 1;
+                report.entries_written += self.write_policy(id, content)?;
+                self.policies.insert(*fp, (id, content.clone()));
+                written_policies.push(*fp);
+                report.policies_written += 1;
+            }
+            for (fp, set) in port_addrs.values() {
+                if self.addr_sets.contains_key(fp) || written_addrs.contains(fp) {
+                    continue;
+                }
+                let id = self.next_addr;
+                self.next_addr += 1;
+                report.entries_written += self.write_addrs(id, set)?;
+                self.addr_sets.insert(*fp, (id, set.clone()));
+                written_addrs.push(*fp);
+                report.addr_sets_written += 1;
+            }
+            Ok(())
+        })();
+        if let Err(e) = phase1 {
+            for fp in written_policies {
+                if let Some((id, c)) = self.policies.remove(&fp) {
+                    let _ = self.delete_policy(id, &c);
+                }
+            }
+            for fp in written_addrs {
+                if let Some((id, s)) = self.addr_sets.remove(&fp) {
+                    let _ = self.delete_addrs(id, &s);
+                }
+            }
+            return Err(e.context("writing the new policy; the running policy is unchanged"));
+        }
+
+        // Phase 2: switch each port with one SG_PORTS update, attaching taps that appeared.
+        let mut desired_ids: BTreeSet<String> = BTreeSet::new();
+        for cp in &compiled.ports {
+            desired_ids.insert(cp.id.clone());
+            let (policy, addr_id) = if cp.info.flags & PORT_F_FILTERED != 0 {
+                let policy = self.policies[&policy_fp[&cp.info.policy].0].0;
+                let addr_id = self.addr_sets[&port_addrs[cp.id.as_str()].0].0;
+                (policy, addr_id)
+            } else {
+                (0, 0)
+            };
+            let port_idx = match self.ports.get(&cp.id) {
+                Some(p) => p.port_idx,
+                None => {
+                    let i = self.next_port_idx;
+                    self.next_port_idx += 1;
+                    i
+                }
+            };
+            let info = PortInfo {
+                policy,
+                addr_id,
+                port_idx,
+                ..cp.info
+            };
+            let ifindex = links.get(&cp.device).copied();
+            let prev = self.ports.get(&cp.id).cloned();
+            if let Some(prev_if) = prev.as_ref().and_then(|p| p.ifindex)
+                && Some(prev_if) != ifindex
+            {
+                // The tap went away or came back under another ifindex.
+                let _ = self.dp.ports()?.remove(&prev_if);
+                self.attached.remove(&prev_if);
+            }
+            match ifindex {
+                Some(ifindex) => {
+                    let current = self.dp.ports()?.get(&ifindex, 0).ok();
+                    if current != Some(info) {
+                        // The switch: one update, so a packet sees the old or the new policy.
+                        self.dp.ports()?.insert(ifindex, info, 0).with_context(|| {
+                            format!("SG_PORTS entry of {} (ifindex {ifindex})", cp.device)
+                        })?;
+                        report.ports_switched.push(cp.device.clone());
+                    }
+                    if !self.attached.contains_key(&ifindex) {
+                        let iface = Iface::new(&cp.device, self.netns.as_deref());
+                        self.dp
+                            .attach(&iface)
+                            .with_context(|| format!("attaching to {}", cp.device))?;
+                        self.attached.insert(ifindex, cp.device.clone());
+                        report.taps_attached.push(cp.device.clone());
+                    }
+                }
+                None => report.taps_missing.push(cp.device.clone()),
+            }
+            self.ports.insert(
+                cp.id.clone(),
+                LivePort {
+                    id: cp.id.clone(),
+                    device: cp.device.clone(),
+                    network_id: cp.network_id.clone(),
+                    port_idx,
+                    ifindex,
+                    policy,
+                    addr_id,
+                    flags: info.flags,
+                    security_groups: compiled
+                        .policies
+                        .iter()
+                        .find(|p| p.id == cp.info.policy)
+                        .map(|p| p.security_groups.clone())
+                        .unwrap_or_default(),
+                },
+            );
+        }
+        // Ports that left the input (or this host): stop filtering and detach.
+        let gone: Vec<String> = self
+            .ports
+            .keys()
+            .filter(|id| !desired_ids.contains(*id))
+            .cloned()
+            .collect();
+        for id in gone {
+            let p = self.ports.remove(&id).expect("listed above");
+            if let Some(ifindex) = p.ifindex {
+                let _ = self.dp.ports()?.remove(&ifindex);
+                self.attached.remove(&ifindex);
+                if let Some(root) = self.dp.pin_root() {
+                    let iface = Iface::new(&p.device, self.netns.as_deref());
+                    crate::datapath::unpin_links(root, &iface, ifindex)?;
+                }
+            }
+            report.ports_removed.push(p.device);
+        }
+
+        // Phase 3: delete what no port uses any more.
+        let used_policies: BTreeSet<u32> = self.ports.values().map(|p| p.policy).collect();
+        let used_addrs: BTreeSet<u32> = self.ports.values().map(|p| p.addr_id).collect();
+        let stale: Vec<u64> = self
+            .policies
+            .iter()
+            .filter(|(_, (id, _))| !used_policies.contains(id))
+            .map(|(fp, _)| *fp)
+            .collect();
+        for fp in stale {
+            let (id, content) = self.policies.remove(&fp).expect("listed above");
+            report.entries_deleted += self.delete_policy(id, &content)?;
+            report.policies_deleted += 1;
+        }
+        let stale: Vec<u64> = self
+            .addr_sets
+            .iter()
+            .filter(|(_, (id, _))| !used_addrs.contains(id))
+            .map(|(fp, _)| *fp)
+            .collect();
+        for fp in stale {
+            let (id, set) = self.addr_sets.remove(&fp).expect("listed above");
+            report.entries_deleted += self.delete_addrs(id, &set)?;
+            report.addr_sets_deleted += 1;
+        }
+        // Rules no longer in the input give their index back, with a clean counter.
+        let dropped: Vec<(String, String)> = self
+            .rule_idx
+            .iter()
+            .filter(|(_, idx)| !live_rules.contains_key(idx))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in dropped {
+            if let Some(idx) = self.rule_idx.remove(&k) {
+                self.dp.reset_rule_hits(idx)?;
+            }
+        }
+        for r in live_rules.values() {
+            self.rule_idx
+                .insert((r.security_group_id.clone(), r.rule_id.clone()), r.index);
+        }
+        self.rules = live_rules;
+        debug!(?report, "apply finished");
+        Ok(report)
+    }
+
+    /// Forgets the attachments of deleted interfaces: their links died with them, and a new
+    /// device (even with the same name and ifindex) needs fresh ones. Returns whether any
+    /// managed tap was among them.
+    pub fn forget_deleted(&mut self, ifindexes: &[u32]) -> bool {
+        let mut any = false;
+        for i in ifindexes {
+            if self.attached.remove(i).is_some() {
+                any = true;
+                for p in self.ports.values_mut() {
+                    if p.ifindex == Some(*i) {
+                        p.ifindex = None;
+                    }
+                }
+                let _ = self.dp.ports().map(|mut m| m.remove(i));
+                if let Some(root) = self.dp.pin_root() {
+                    let _ = crate::datapath::collect_stale_links(root, self.netns.as_deref());
+                }
+            }
+        }
+        any
+    }
+
+    fn alloc_rule(&mut self) -> Result<u32> {
+        let used: BTreeSet<u32> = self.rule_idx.values().copied().collect();
+        if self.next_rule < MAX_RULES {
+            let i = self.next_rule;
+            self.next_rule += 1;
+            return Ok(i);
+        }
+        match (1..MAX_RULES).find(|i| !used.contains(i)) {
+            Some(i) => Ok(i),
+            None => bail!("more than {} security-group rules on this host", MAX_RULES - 1),
+        }
+    }
+
+    fn write_policy(&mut self, id: u32, c: &PolicyContent) -> Result<usize> {
+        let mut classes = self.dp.classes()?;
+        for (p, k, v) in &c.classes {
+            classes
+                .insert(&Key::new(*p, ClassKey { policy: id, ..*k }), *v, 0)
+                .context("SG_CLASSES is full or refused an entry")?;
+        }
+        let mut services = self.dp.services()?;
+        for (p, k, v) in &c.services {
+            services
+                .insert(&Key::new(*p, ServiceKey { policy: id, ..*k }), *v, 0)
+                .context("SG_SERVICES is full or refused an entry")?;
+        }
+        Ok(c.classes.len() + c.services.len())
+    }
+
+    fn delete_policy(&mut self, id: u32, c: &PolicyContent) -> Result<usize> {
+        let mut classes = self.dp.classes()?;
+        for (p, k, _) in &c.classes {
+            let _ = classes.remove(&Key::new(*p, ClassKey { policy: id, ..*k }));
+        }
+        let mut services = self.dp.services()?;
+        for (p, k, _) in &c.services {
+            let _ = services.remove(&Key::new(*p, ServiceKey { policy: id, ..*k }));
+        }
+        Ok(c.classes.len() + c.services.len())
+    }
+
+    fn write_addrs(&mut self, id: u32, set: &Entries<AddrKey, AddrVal>) -> Result<usize> {
+        let mut addrs = self.dp.addrs()?;
+        for (p, k, v) in set {
+            addrs
+                .insert(&Key::new(*p, AddrKey { addr_id: id, ..*k }), *v, 0)
+                .context("SG_ADDRS is full or refused an entry")?;
+        }
+        Ok(set.len())
+    }
+
+    fn delete_addrs(&mut self, id: u32, set: &Entries<AddrKey, AddrVal>) -> Result<usize> {
+        let mut addrs = self.dp.addrs()?;
+        for (p, k, _) in set {
+            let _ = addrs.remove(&Key::new(*p, AddrKey { addr_id: id, ..*k }));
+        }
+        Ok(set.len())
+    }
+}
+
+fn sorted<K: bytemuck::Pod, V>(mut v: Entries<K, V>) -> Entries<K, V> {
+    v.sort_by(|x, y| {
+        bytemuck::bytes_of(&x.1)
+            .cmp(bytemuck::bytes_of(&y.1))
+            .then(x.0.cmp(&y.0))
+    });
+    v
+}
+
+fn policy_content<'a>(
+    classes: impl Iterator<Item = &'a LpmEntry<ClassKey, ClassVal>>,
+    services: impl Iterator<Item = &'a LpmEntry<ServiceKey, ServiceVal>>,
+    rule_map: &HashMap<u32, u32>,
+) -> Result<PolicyContent> {
+    let classes = classes
+        .map(|e| (e.prefix_len, ClassKey { policy: 0, ..e.key }, e.value))
+        .collect();
+    let mut out = Vec::new();
+    for e in services {
+        let Some(&rule) = rule_map.get(&e.value.rule) else {
+            bail!("compiled service entry refers to unknown rule {}", e.value.rule);
+        };
+        out.push((
+            e.prefix_len,
+            ServiceKey { policy: 0, ..e.key },
+            ServiceVal { rule },
+        ));
+    }
+    Ok(PolicyContent {
+        classes: sorted(classes),
+        services: sorted(out),
+    })
+}
+
+fn addr_content(addrs: &[LpmEntry<AddrKey, AddrVal>]) -> Entries<AddrKey, AddrVal> {
+    sorted(
+        addrs
+            .iter()
+            .map(|e| (e.prefix_len, AddrKey { addr_id: 0, ..e.key }, e.value))
+            .collect(),
+    )
+}
+
+/// What the agent writes after each apply for the CLI (`sg status`, `sg trace`, ...): which
+/// port is which tap, and what each rule index means.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct RunState {
+    pub generation: u64,
+    pub ports: Vec<LivePort>,
+    pub rules: Vec<LiveRule>,
+}
+
+impl RunState {
+    pub const FILE: &'static str = "state.json";
+
+    pub fn load(run_dir: &std::path::Path) -> Result<Option<Self>> {
+        let path = run_dir.join(Self::FILE);
+        match std::fs::read(&path) {
+            Ok(b) => Ok(Some(
+                serde_json::from_slice(&b).with_context(|| format!("parsing {}", path.display()))?,
+            )),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+        }
+    }
+
+    /// Written to a temporary file and renamed, so a reader never sees half a file.
+    pub fn save(&self, run_dir: &std::path::Path) -> Result<()> {
+        std::fs::create_dir_all(run_dir)?;
+        let tmp = run_dir.join(format!("{}.tmp", Self::FILE));
+        std::fs::write(&tmp, serde_json::to_vec_pretty(self)?)?;
+        std::fs::rename(&tmp, run_dir.join(Self::FILE))?;
+        Ok(())
+    }
+}
+
+pub fn log_report(report: &ApplyReport, compiled: &Compiled) {
+    if !report.changed() {
+        debug!("no change");
+        return;
+    }
+    info!(
+        ports = compiled.ports.len(),
+        policies_written = report.policies_written,
+        policies_deleted = report.policies_deleted,
+        entries_written = report.entries_written,
+        entries_deleted = report.entries_deleted,
+        switched = ?report.ports_switched,
+        attached = ?report.taps_attached,
+        removed = ?report.ports_removed,
+        missing = ?report.taps_missing,
+        "applied"
+    );
+}
