@@ -6,6 +6,8 @@ pub mod compile;
 
 pub mod agent;
 pub mod datapath;
+pub mod inspect;
 pub mod netns;
 pub mod packet;
 pub mod pinned;
+pub mod trace;

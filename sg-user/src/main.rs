@@ -6,7 +6,7 @@ use clap::{Parser, Subcommand};
 use sg_user::{
     agent, compile,
     datapath::{self, Datapath, Iface, LoadOptions, allowlist::Allow},
-    model,
+    inspect, model, trace,
 };
 
 #[derive(Parser)]
@@ -78,12 +78,88 @@ enum Cmd {
         #[arg(long, default_value_t = 10_000)]
         gc_interval_ms: u64,
     },
+    /// Ports, taps, attachment state, policy ids and counters.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// One port in detail: its rules, counters and conntrack size.
+    Show {
+        #[command(subcommand)]
+        what: ShowWhat,
+    },
+    /// Conntrack entries.
+    Conntrack {
+        #[command(subcommand)]
+        what: ConntrackWhat,
+    },
+    /// Counters per port, direction and reason, and hits per rule.
+    Stats {
+        /// Only this port (id, id prefix or tap name).
+        #[arg(long)]
+        port: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run one packet through the real program on a port and explain the verdict.
+    #[command(after_help = trace::SYNTAX)]
+    Trace {
+        /// Port id, id prefix or tap name.
+        #[arg(long)]
+        port: String,
+        /// Named netns holding the taps, if not this one.
+        #[arg(long)]
+        netns: Option<String>,
+        /// `to-vm` (Neutron ingress) or `from-vm` (egress).
+        direction: Direction,
+        /// PROTO SRC DST [OPTIONS...]
+        #[arg(required = true, num_args = 3.., allow_hyphen_values = true)]
+        packet: Vec<String>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Remove sg's links and pins.
     Detach {
         /// Everything sg pinned under --pin-root.
         #[arg(long)]
         all: bool,
     },
+}
+
+#[derive(Subcommand)]
+enum ShowWhat {
+    /// A port by id, id prefix or tap name.
+    Port {
+        id: String,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConntrackWhat {
+    /// List entries, optionally of one port.
+    List {
+        #[arg(long)]
+        port: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Direction {
+    ToVm,
+    FromVm,
+}
+
+fn print_out<T: serde::Serialize>(json: bool, value: &T, table: impl FnOnce(&T) -> String) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(value)?);
+    } else {
+        print!("{}", table(value));
+    }
+    Ok(())
 }
 
 fn main() -> Result<()> {
@@ -166,6 +242,62 @@ fn main() -> Result<()> {
                 .enable_all()
                 .build()?
                 .block_on(agent::run(opts))?;
+        }
+        Cmd::Status { json } => {
+            let src = inspect::Sources {
+                pin_root: &cli.pin_root,
+                run_dir: &cli.run_dir,
+            };
+            print_out(json, &inspect::status(&src)?, |v| inspect::status_table(v))?;
+        }
+        Cmd::Show {
+            what: ShowWhat::Port { id, json },
+        } => {
+            let src = inspect::Sources {
+                pin_root: &cli.pin_root,
+                run_dir: &cli.run_dir,
+            };
+            print_out(json, &inspect::show_port(&src, &id)?, inspect::show_port_text)?;
+        }
+        Cmd::Conntrack {
+            what: ConntrackWhat::List { port, json },
+        } => {
+            let src = inspect::Sources {
+                pin_root: &cli.pin_root,
+                run_dir: &cli.run_dir,
+            };
+            print_out(json, &inspect::conntrack(&src, port.as_deref())?, |v| {
+                inspect::conntrack_table(v)
+            })?;
+        }
+        Cmd::Stats { port, json } => {
+            let src = inspect::Sources {
+                pin_root: &cli.pin_root,
+                run_dir: &cli.run_dir,
+            };
+            print_out(
+                json,
+                &inspect::stats(&src, port.as_deref())?,
+                inspect::stats_table,
+            )?;
+        }
+        Cmd::Trace {
+            port,
+            netns,
+            direction,
+            packet,
+            json,
+        } => {
+            let src = inspect::Sources {
+                pin_root: &cli.pin_root,
+                run_dir: &cli.run_dir,
+            };
+            let dir = match direction {
+                Direction::ToVm => sg_common::DIR_INGRESS,
+                Direction::FromVm => sg_common::DIR_EGRESS,
+            };
+            let t = trace::trace(&src, netns.as_deref(), &port, dir, &packet)?;
+            print_out(json, &t, trace::trace_text)?;
         }
         Cmd::Detach { all } => {
             anyhow::ensure!(all, "only `sg detach --all` is supported");

@@ -191,3 +191,238 @@ pub fn tcp_reachable(
     .join()
     .map_err(|_| anyhow::anyhow!("connect thread panicked"))??
 }
+
+/// A namespace compute node: a host namespace with a Linux bridge `brq…` (iptables off on the
+/// bridge, as for an eBPF node), VMs behind veth "taps", and peers that stand for remote hosts.
+pub struct ComputeNode {
+    pub host: Netns,
+    pub bridge: String,
+    pub vms: Vec<Vm>,
+}
+
+/// A VM: its own namespace with `eth0`, the host side being the tap on the bridge.
+pub struct Vm {
+    pub ns: Netns,
+    pub tap: String,
+    pub ip: std::net::IpAddr,
+    pub mac: String,
+}
+
+impl ComputeNode {
+    pub fn new() -> Result<Self> {
+        let host = Netns::new("sgc")?;
+        let bridge = format!("brq{}", &unique("")[..])
+            .chars()
+            .filter(|c| c.is_ascii_alphanumeric())
+            .take(14)
+            .collect::<String>();
+        host.ip(&["link", "add", &bridge, "type", "bridge"])?;
+        host.ip(&["link", "set", &bridge, "up"])?;
+        for f in ["bridge-nf-call-iptables", "bridge-nf-call-ip6tables"] {
+            host.exec("sysctl", &["-qw", &format!("net.bridge.{f}=0")])?;
+        }
+        Ok(Self {
+            host,
+            bridge,
+            vms: Vec::new(),
+        })
+    }
+
+    /// Adds a VM with tap `tap` (host side, on the bridge), `eth0` with `mac` and `cidr`.
+    pub fn add_vm(&mut self, tap: &str, mac: &str, cidr: &str) -> Result<&Vm> {
+        let ns = Netns::new("sgvm")?;
+        self.plug(&ns, tap, mac, cidr)?;
+        let ip = cidr.split('/').next().unwrap().parse()?;
+        self.vms.push(Vm {
+            ns,
+            tap: tap.to_string(),
+            ip,
+            mac: mac.to_string(),
+        });
+        Ok(self.vms.last().unwrap())
+    }
+
+    /// (Re)creates the veth between the bridge and `ns`'s eth0.
+    pub fn plug(&self, ns: &Netns, tap: &str, mac: &str, cidr: &str) -> Result<()> {
+        self.host.ip(&[
+            "link", "add", tap, "type", "veth", "peer", "name", "eth0", "address", mac, "netns", &ns.name,
+        ])?;
+        self.host
+            .ip(&["link", "set", tap, "master", &self.bridge, "up"])?;
+        ns.ip(&["addr", "add", cidr, "dev", "eth0"])?;
+        ns.ip(&["link", "set", "eth0", "up"])?;
+        // No IPv6 DAD or router solicitations from the VM stacks: tests send what they mean.
+        let _ = ns.exec("sysctl", &["-qw", "net.ipv6.conf.all.disable_ipv6=1"]);
+        Ok(())
+    }
+
+    /// A peer namespace on the bridge that sg does not filter (a "remote" host).
+    pub fn add_peer(&self, cidr: &str) -> Result<Netns> {
+        let ns = Netns::new("sgpeer")?;
+        let dev = unique("pv");
+        self.host.ip(&[
+            "link", "add", &dev, "type", "veth", "peer", "name", "eth0", "netns", &ns.name,
+        ])?;
+        self.host
+            .ip(&["link", "set", &dev, "master", &self.bridge, "up"])?;
+        ns.ip(&["addr", "add", cidr, "dev", "eth0"])?;
+        ns.ip(&["link", "set", "eth0", "up"])?;
+        let _ = ns.exec("sysctl", &["-qw", "net.ipv6.conf.all.disable_ipv6=1"]);
+        Ok(ns)
+    }
+}
+
+/// Path of a binary of this workspace next to the running test (target/<profile>/NAME).
+/// `cargo xtask test` builds them first.
+pub fn workspace_bin(name: &str) -> Result<std::path::PathBuf> {
+    let exe = std::env::current_exe()?;
+    let dir = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .context("test binary location")?;
+    let p = dir.join(name);
+    if !p.exists() {
+        bail!(
+            "{} not found: build it first (`cargo build -p sg-user --bins`; `cargo xtask test` does)",
+            p.display()
+        );
+    }
+    Ok(p)
+}
+
+/// A running `sg agent` with private pin root, run dir and input file; killed on drop.
+pub struct Agent {
+    pub child: Option<std::process::Child>,
+    pub pins: PinRoot,
+    pub run_dir: std::path::PathBuf,
+    pub input: std::path::PathBuf,
+    pub netns: String,
+    pub log: std::path::PathBuf,
+    pub host: String,
+}
+
+impl Agent {
+    /// Writes `input` and starts the agent on the taps of `netns`.
+    pub fn start(netns: &str, input: &serde_json::Value) -> Result<Self> {
+        let dir = std::env::temp_dir().join(unique("sg-agent-"));
+        std::fs::create_dir_all(&dir)?;
+        let mut a = Self {
+            child: None,
+            pins: PinRoot::new()?,
+            run_dir: dir.join("run"),
+            input: dir.join("input.json"),
+            netns: netns.to_string(),
+            log: dir.join("agent.log"),
+            host: "compute-1".into(),
+        };
+        a.write_input(input)?;
+        a.spawn()?;
+        a.wait_generation(1)?;
+        Ok(a)
+    }
+
+    pub fn spawn(&mut self) -> Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)?;
+        let child = Command::new(workspace_bin("sg")?)
+            .args([
+                "--pin-root",
+                self.pins.path.to_str().unwrap(),
+                "--run-dir",
+                self.run_dir.to_str().unwrap(),
+            ])
+            .args([
+                "agent",
+                "--state",
+                self.input.to_str().unwrap(),
+                "--host",
+                &self.host,
+                "--netns",
+                &self.netns,
+            ])
+            .args(["--gc-interval-ms", "500"])
+            .env("NO_COLOR", "1")
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()?;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    /// Replaces the input atomically (write + rename), as a config manager would.
+    pub fn write_input(&self, input: &serde_json::Value) -> Result<()> {
+        let tmp = self.input.with_extension("tmp");
+        std::fs::write(&tmp, serde_json::to_vec_pretty(input)?)?;
+        std::fs::rename(&tmp, &self.input)?;
+        Ok(())
+    }
+
+    pub fn generation(&self) -> Option<u64> {
+        let s = std::fs::read(self.run_dir.join("state.json")).ok()?;
+        let v: serde_json::Value = serde_json::from_slice(&s).ok()?;
+        v["generation"].as_u64()
+    }
+
+    /// Waits until the agent has applied generation `g` (or later).
+    pub fn wait_generation(&self, g: u64) -> Result<u64> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            if let Some(cur) = self.generation()
+                && cur >= g
+            {
+                return Ok(cur);
+            }
+            if std::time::Instant::now() > deadline {
+                bail!("agent did not reach generation {g}; log:\n{}", self.log_text());
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Stops the agent: SIGKILL when `hard`, SIGTERM otherwise.
+    pub fn stop(&mut self, hard: bool) -> Result<()> {
+        if let Some(mut c) = self.child.take() {
+            let sig = if hard { libc::SIGKILL } else { libc::SIGTERM };
+            // SAFETY: plain kill(2) on our own child.
+            unsafe { libc::kill(c.id() as i32, sig) };
+            c.wait()?;
+        }
+        Ok(())
+    }
+
+    /// Runs `sg <args>` against this agent's pins and run dir; returns stdout.
+    pub fn cli(&self, args: &[&str]) -> Result<String> {
+        let out = Command::new(workspace_bin("sg")?)
+            .args([
+                "--pin-root",
+                self.pins.path.to_str().unwrap(),
+                "--run-dir",
+                self.run_dir.to_str().unwrap(),
+            ])
+            .args(args)
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "sg {} failed: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.stop(true);
+        if let Some(d) = self.input.parent() {
+            let _ = std::fs::remove_dir_all(d);
+        }
+    }
+}

@@ -26,7 +26,7 @@ use tracing::{debug, info};
 
 use crate::{
     compile::{Compiled, LpmEntry},
-    datapath::{Datapath, Iface},
+    datapath::{Attached, Datapath, Iface},
 };
 
 type Entries<K, V> = Vec<(u32, K, V)>;
@@ -97,6 +97,8 @@ pub struct ApplyReport {
     pub ports_switched: Vec<String>,
     pub ports_removed: Vec<String>,
     pub taps_attached: Vec<String>,
+    /// Pinned links of a previous agent that got this agent's program (atomic swap).
+    pub taps_taken_over: Vec<String>,
     pub taps_missing: Vec<String>,
 }
 
@@ -106,6 +108,7 @@ impl ApplyReport {
             || !self.ports_switched.is_empty()
             || !self.ports_removed.is_empty()
             || !self.taps_attached.is_empty()
+            || !self.taps_taken_over.is_empty()
     }
 }
 
@@ -358,11 +361,15 @@ impl Applier {
                     }
                     if !self.attached.contains_key(&ifindex) {
                         let iface = Iface::new(&cp.device, self.netns.as_deref());
-                        self.dp
+                        let (_, how) = self
+                            .dp
                             .attach(&iface)
                             .with_context(|| format!("attaching to {}", cp.device))?;
                         self.attached.insert(ifindex, cp.device.clone());
-                        report.taps_attached.push(cp.device.clone());
+                        match how {
+                            Attached::New => report.taps_attached.push(cp.device.clone()),
+                            Attached::TookOver => report.taps_taken_over.push(cp.device.clone()),
+                        }
                     }
                 }
                 None => report.taps_missing.push(cp.device.clone()),
@@ -624,6 +631,7 @@ pub fn log_report(report: &ApplyReport, compiled: &Compiled) {
         entries_deleted = report.entries_deleted,
         switched = ?report.ports_switched,
         attached = ?report.taps_attached,
+        took_over = ?report.taps_taken_over,
         removed = ?report.ports_removed,
         missing = ?report.taps_missing,
         "applied"

@@ -16,6 +16,9 @@ pub struct Watcher {
     events: EventStream<Vec<u8>>,
     /// `Some(name)`: only this file of the watched directory matters.
     file: Option<OsString>,
+    /// A relevant event was seen but not yet reported. `changed()` runs inside `select!` and
+    /// may be dropped at any await; the event must survive that.
+    pending: bool,
 }
 
 impl Watcher {
@@ -40,24 +43,26 @@ impl Watcher {
         Ok(Self {
             events: inotify.into_event_stream(vec![0u8; 4096])?,
             file,
+            pending: false,
         })
     }
 
     /// Resolves when the input changed, after the burst of events of one write has settled.
+    /// Cancel-safe: an event consumed by a dropped call is reported by the next one.
     pub async fn changed(&mut self) -> Result<()> {
-        loop {
+        while !self.pending {
             let ev = self.events.next().await.context("inotify stream ended")??;
             let relevant = match (&self.file, &ev.name) {
                 (Some(f), Some(n)) => f == n,
                 (None, Some(n)) => Path::new(n).extension().is_some_and(|e| e == "json"),
                 _ => false,
             };
-            if relevant {
-                break;
-            }
+            self.pending = relevant;
         }
-        // Swallow the rest of this write's events.
+        // Let the rest of this write's events arrive; the caller reads the file afterwards, so
+        // whatever they announce is seen.
         while let Ok(Some(_)) = tokio::time::timeout(Duration::from_millis(30), self.events.next()).await {}
+        self.pending = false;
         Ok(())
     }
 }

@@ -133,6 +133,29 @@ impl Default for LoadOptions {
     }
 }
 
+impl LoadOptions {
+    /// Options that match the maps already pinned under `root` (capacities included), for
+    /// tools that load a second instance over a running agent's maps.
+    pub fn matching_pins(root: &Path) -> Result<Self> {
+        let cap = |name: &str, default: u32| -> Result<u32> {
+            match MapInfo::from_pin(root.join("maps").join(name)) {
+                Ok(info) => Ok(info.max_entries()),
+                Err(aya::maps::MapError::SyscallError(SyscallError { io_error, .. }))
+                    if io_error.kind() == io::ErrorKind::NotFound =>
+                {
+                    Ok(default)
+                }
+                Err(e) => Err(e).with_context(|| format!("reading pinned map {name}")),
+            }
+        };
+        Ok(Self {
+            pin_root: Some(root.to_path_buf()),
+            ct_entries: cap(MAP_CONNTRACK, DEFAULT_CT_ENTRIES)?,
+            frag_entries: cap(MAP_FRAGS, DEFAULT_FRAG_ENTRIES)?,
+        })
+    }
+}
+
 /// A tap (or any interface) as sg addresses it: its name inside an optional named netns.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Iface {
@@ -251,6 +274,7 @@ impl Datapath {
                     // name and ifindex. Drop the dead pin and attach afresh.
                     Err(e) if is_enolink(&e) => {
                         let p = pin.as_ref().expect("a pinned link has a path");
+                        tracing::warn!("pinned link {} is dead ({e}); attaching afresh", p.display());
                         fs::remove_file(p).with_context(|| format!("removing dead pin {}", p.display()))?;
                     }
                     Err(e) => {
