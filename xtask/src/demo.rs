@@ -1,38 +1,68 @@
-//! `cargo xtask demo`: VM WEB1 behind its tap in network namespaces, filtered by sg.
+//! `cargo xtask demo`: the reference story on a namespace compute node.
 //!
-//! Everything it creates (namespaces, the server process, pins) is removed at the end, also
+//! VM WEB1 (192.168.206.6, fa:16:3e:dc:d2:ab) sits behind tap tapadcc4b66-c1 on bridge
+//! brq9b2d5f3e-6a and serves HTTP on 80 and TCP on 443. A client on the same network asks for
+//! the page. With only the `default` group the request times out; once WEB_SERVERS (tcp 80
+//! and 443 from 0.0.0.0/0) is added to the agent's input, it succeeds.
+//!
+//! Everything it creates (namespaces, processes, pins, files) is removed at the end, also
 //! when a step fails.
 
-use std::process::{Child, Command, Stdio};
+use std::{
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
 
 use anyhow::{Context as _, Result, bail};
 
 use crate::workspace_root;
 
 const TAP: &str = "tapadcc4b66-c1";
+const BRIDGE: &str = "brq9b2d5f3e-6a";
 const VM_MAC: &str = "fa:16:3e:dc:d2:ab";
 const VM_IP: &str = "192.168.206.6";
-const HOST_IP: &str = "192.168.206.1";
+const CLIENT_IP: &str = "192.168.206.10";
 
 struct Demo {
     host: String,
     vm: String,
+    client: String,
     pin_root: String,
-    server: Option<Child>,
+    dir: PathBuf,
+    children: Vec<Child>,
+}
+
+impl Demo {
+    fn sg(&self, args: &[&str]) -> Result<String> {
+        let run_dir = self.dir.join("run");
+        sh(&[
+            &[
+                bin("sg").as_str(),
+                "--pin-root",
+                &self.pin_root,
+                "--run-dir",
+                run_dir.to_str().unwrap(),
+            ],
+            args,
+        ]
+        .concat())
+    }
 }
 
 impl Drop for Demo {
     fn drop(&mut self) {
-        if let Some(mut s) = self.server.take() {
-            let _ = s.kill();
-            let _ = s.wait();
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
         }
         let _ = Command::new(bin("sg"))
             .args(["--pin-root", &self.pin_root, "detach", "--all"])
             .output();
-        for ns in [&self.vm, &self.host] {
+        for ns in [&self.client, &self.vm, &self.host] {
             let _ = Command::new("ip").args(["netns", "delete", ns]).output();
         }
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -59,7 +89,7 @@ fn sh(args: &[&str]) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// Runs a probe in a namespace and returns its one-line answer (success or not).
+/// Runs sg-probe in a namespace; returns (success, its one-line answer).
 fn probe(ns: &str, args: &[&str]) -> Result<(bool, String)> {
     let out = Command::new("ip")
         .args(["netns", "exec", ns, &bin("sg-probe")])
@@ -71,13 +101,13 @@ fn probe(ns: &str, args: &[&str]) -> Result<(bool, String)> {
     ))
 }
 
-fn show(what: &str, (ok, line): (bool, String), expect_ok: bool) -> Result<()> {
+fn expect(what: &str, (ok, line): (bool, String), expect_ok: bool) -> Result<()> {
     let mark = if ok == expect_ok {
         "as expected"
     } else {
         "UNEXPECTED"
     };
-    println!("    {what:<34} {line}   [{mark}]");
+    println!("    {what:<40} {line}   [{mark}]");
     if ok != expect_ok {
         bail!(
             "{what}: expected {}",
@@ -87,50 +117,82 @@ fn show(what: &str, (ok, line): (bool, String), expect_ok: bool) -> Result<()> {
     Ok(())
 }
 
+fn indent(text: &str) {
+    for l in text.lines() {
+        println!("    {l}");
+    }
+}
+
+/// Waits until the agent's run state reaches `generation`.
+fn wait_generation(d: &Demo, generation: u64) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let state = d.dir.join("run/state.json");
+    loop {
+        if let Ok(s) = std::fs::read_to_string(&state)
+            && s.contains(&format!("\"generation\": {generation}"))
+        {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            let log = std::fs::read_to_string(d.dir.join("agent.log")).unwrap_or_default();
+            bail!("the agent did not apply generation {generation}; its log:\n{log}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 pub fn run() -> Result<()> {
     if !crate::is_root() {
         bail!("the demo creates network namespaces and loads eBPF: run it as root");
     }
+    let started = Instant::now();
     let id = std::process::id();
     let mut d = Demo {
-        host: format!("sgdemo-host-{id}"),
+        host: format!("sgdemo-node-{id}"),
         vm: format!("sgdemo-web1-{id}"),
+        client: format!("sgdemo-client-{id}"),
         pin_root: format!("/sys/fs/bpf/sgdemo-{id}"),
-        server: None,
+        dir: std::env::temp_dir().join(format!("sgdemo-{id}")),
+        children: Vec::new(),
     };
-    println!("\n== sg demo: VM WEB1 behind tap {TAP}, filtered by eBPF at tcx ==\n");
-    sh(&["ip", "netns", "add", &d.host])?;
-    sh(&["ip", "netns", "add", &d.vm])?;
-    sh(&[
-        "ip", "-n", &d.host, "link", "add", TAP, "type", "veth", "peer", "name", "eth0", "address", VM_MAC,
-        "netns", &d.vm,
-    ])?;
-    sh(&[
-        "ip",
-        "-n",
-        &d.host,
-        "addr",
-        "add",
-        &format!("{HOST_IP}/24"),
-        "dev",
-        TAP,
-    ])?;
-    sh(&[
-        "ip",
-        "-n",
-        &d.vm,
-        "addr",
-        "add",
-        &format!("{VM_IP}/24"),
-        "dev",
-        "eth0",
-    ])?;
-    for (ns, dev) in [(&d.host, TAP), (&d.vm, "eth0"), (&d.host, "lo"), (&d.vm, "lo")] {
-        sh(&["ip", "-n", ns, "link", "set", dev, "up"])?;
+    std::fs::create_dir_all(&d.dir)?;
+    let examples = workspace_root().join("sg-user/examples");
+    let input = d.dir.join("neutron.json");
+    std::fs::copy(examples.join("web1-default-only.json"), &input)?;
+
+    println!("\n== sg demo: VM WEB1 on a compute node, Neutron security groups enforced by eBPF ==\n");
+    for ns in [&d.host, &d.vm, &d.client] {
+        sh(&["ip", "netns", "add", ns])?;
+        sh(&["ip", "-n", ns, "link", "set", "lo", "up"])?;
     }
-    println!("  compute node netns {}: tap {TAP} ({HOST_IP})", d.host);
-    println!("  VM WEB1 netns {}: eth0 {VM_IP} {VM_MAC}", d.vm);
-    d.server = Some(
+    sh(&["ip", "-n", &d.host, "link", "add", BRIDGE, "type", "bridge"])?;
+    sh(&["ip", "-n", &d.host, "link", "set", BRIDGE, "up"])?;
+    // An eBPF node does not send bridged frames through iptables (design §1).
+    sh(&[
+        "ip",
+        "netns",
+        "exec",
+        &d.host,
+        "sysctl",
+        "-qw",
+        "net.bridge.bridge-nf-call-iptables=0",
+    ])?;
+    for (ns, dev, mac, ip) in [
+        (&d.vm, TAP, VM_MAC, VM_IP),
+        (&d.client, "tapclient-00", "fa:16:3e:00:00:10", CLIENT_IP),
+    ] {
+        sh(&[
+            "ip", "-n", &d.host, "link", "add", dev, "type", "veth", "peer", "name", "eth0", "address", mac,
+            "netns", ns,
+        ])?;
+        sh(&["ip", "-n", &d.host, "link", "set", dev, "master", BRIDGE, "up"])?;
+        sh(&["ip", "-n", ns, "addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
+        sh(&["ip", "-n", ns, "link", "set", "eth0", "up"])?;
+    }
+    println!("  compute node  netns {}: bridge {BRIDGE}", d.host);
+    println!("  VM WEB1       netns {}: {TAP} -> eth0 {VM_IP} {VM_MAC}", d.vm);
+    println!("  client        netns {}: eth0 {CLIENT_IP}", d.client);
+    d.children.push(
         Command::new("ip")
             .args([
                 "netns",
@@ -150,63 +212,97 @@ pub fn run() -> Result<()> {
             .stdout(Stdio::null())
             .spawn()?,
     );
-    std::thread::sleep(std::time::Duration::from_millis(300));
-    println!("  WEB1 serves HTTP on 80 and accepts TCP on 443 and 22\n");
+    println!("  WEB1 serves HTTP on 80, accepts TCP on 443 and 22\n");
 
+    println!("[1] sg agent starts with WEB1 in the `default` group only");
+    let log = std::fs::File::create(d.dir.join("agent.log"))?;
+    let run_dir = d.dir.join("run");
+    d.children.push(
+        Command::new(bin("sg"))
+            .args(["--pin-root", &d.pin_root, "--run-dir", run_dir.to_str().unwrap()])
+            .args([
+                "agent",
+                "--state",
+                input.to_str().unwrap(),
+                "--host",
+                "compute-1",
+                "--netns",
+                &d.host,
+            ])
+            .env("NO_COLOR", "1")
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()?,
+    );
+    wait_generation(&d, 1)?;
     let http = format!("{VM_IP}:80");
     let https = format!("{VM_IP}:443");
-    let ssh = format!("{VM_IP}:22");
-    println!("[1] no filter yet");
-    show(
-        "GET http://192.168.206.6/",
-        probe(&d.host, &["get", &http, "--timeout-ms", "1500"])?,
-        true,
-    )?;
-    show(
-        "TCP connect 192.168.206.6:22",
-        probe(&d.host, &["connect", &ssh, "--timeout-ms", "1500"])?,
-        true,
-    )?;
-
-    println!("\n[2] sg attach --iface {TAP} --allow tcp/80 --allow tcp/443");
-    let out = sh(&[
-        &bin("sg"),
-        "--pin-root",
-        &d.pin_root,
-        "attach",
-        "--iface",
-        TAP,
-        "--netns",
-        &d.host,
-        "--allow",
-        "tcp/80",
-        "--allow",
-        "tcp/443",
-    ])?;
-    println!("    {}", out.trim());
-    show(
-        "GET http://192.168.206.6/",
-        probe(&d.host, &["get", &http, "--timeout-ms", "1500"])?,
-        true,
-    )?;
-    show(
-        "TCP connect 192.168.206.6:443",
-        probe(&d.host, &["connect", &https, "--timeout-ms", "1500"])?,
-        true,
-    )?;
-    show(
-        "TCP connect 192.168.206.6:22",
-        probe(&d.host, &["connect", &ssh, "--timeout-ms", "1500"])?,
+    expect(
+        "client: GET http://192.168.206.6/",
+        probe(&d.client, &["get", &http, "--timeout-ms", "1500"])?,
         false,
     )?;
 
-    println!("\n[3] bpftool map dump name SG_PORTS (the tap's entry, field names from BTF)");
-    let dump = sh(&["bpftool", "map", "dump", "name", "SG_PORTS"]).unwrap_or_else(|e| format!("{e:#}"));
-    for l in dump.lines() {
-        println!("    {l}");
-    }
-    println!("\n[4] cleanup: sg detach --all, namespaces deleted");
+    println!("\n[2] WEB_SERVERS (tcp 80 and 443 from 0.0.0.0/0) added to WEB1 in the agent's input");
+    let tmp = d.dir.join("neutron.json.tmp");
+    std::fs::copy(examples.join("web1.json"), &tmp)?;
+    std::fs::rename(&tmp, &input)?;
+    wait_generation(&d, 2)?;
+    expect(
+        "client: GET http://192.168.206.6/",
+        probe(&d.client, &["get", &http, "--timeout-ms", "1500"])?,
+        true,
+    )?;
+    expect(
+        "client: TCP connect 192.168.206.6:443",
+        probe(&d.client, &["connect", &https, "--timeout-ms", "1500"])?,
+        true,
+    )?;
+    expect(
+        "client: TCP connect 192.168.206.6:22",
+        probe(
+            &d.client,
+            &["connect", &format!("{VM_IP}:22"), "--timeout-ms", "1000"],
+        )?,
+        false,
+    )?;
+
+    println!("\n[3] the agent's log");
+    indent(&std::fs::read_to_string(d.dir.join("agent.log"))?);
+
+    println!("\n[4] sg status");
+    indent(&d.sg(&["status"])?);
+
+    println!("[5] sg trace --port WEB1-port to-vm tcp {CLIENT_IP}:40000 {VM_IP}:80   (allowed)");
+    indent(&d.sg(&[
+        "trace",
+        "--port",
+        TAP,
+        "--netns",
+        &d.host,
+        "to-vm",
+        "tcp",
+        &format!("{CLIENT_IP}:40000"),
+        &http,
+    ])?);
+    println!("\n[6] sg trace --port WEB1-port to-vm tcp {CLIENT_IP}:40000 {VM_IP}:22   (dropped)");
+    indent(&d.sg(&[
+        "trace",
+        "--port",
+        TAP,
+        "--netns",
+        &d.host,
+        "to-vm",
+        "tcp",
+        &format!("{CLIENT_IP}:40000"),
+        &format!("{VM_IP}:22"),
+    ])?);
+
+    println!("\n[7] bpftool map dump name SG_PORTS   (BTF: field names, not hex)");
+    indent(&sh(&["bpftool", "map", "dump", "name", "SG_PORTS"])?);
+
+    println!("\n[8] teardown: agent stopped, sg detach --all, namespaces deleted");
     drop(d);
-    println!("\ndemo done");
+    println!("\ndemo done in {:.1?}", started.elapsed());
     Ok(())
 }
