@@ -6,6 +6,7 @@ pub mod compile;
 
 pub mod agent;
 pub mod datapath;
+pub mod diff;
 pub mod inspect;
 pub mod netns;
 pub mod packet;

@@ -126,6 +126,11 @@ impl IpPacket {
             }
             (IpAddr::V6(s), IpAddr::V6(d)) => {
                 let mut ip = ipv6_header(s.octets(), d.octets(), proto, l4.len(), self.ttl);
+                // IPv6 has no identification field: the flow label tells frames apart.
+                let flow = (self.ident & 0x000f_ffff).to_be_bytes();
+                ip[1] = flow[1];
+                ip[2] = flow[2];
+                ip[3] = flow[3];
                 ip.extend_from_slice(&l4);
                 ip
             }
