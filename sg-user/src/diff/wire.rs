@@ -116,7 +116,7 @@ impl RawSocket {
             if n < 0 {
                 bail!("recv on {}: {}", self.name, std::io::Error::last_os_error());
             }
-            if sll.sll_pkttype == libc::PACKET_OUTGOING as u8 {
+            if sll.sll_pkttype == libc::PACKET_OUTGOING {
                 continue;
             }
             buf.truncate(n as usize);
