@@ -237,6 +237,10 @@ def bootstrap(agent):
     import warnings
     warnings.simplefilter('ignore')
     logging.basicConfig(level=logging.ERROR, stream=sys.stderr)
+    for h in logging.getLogger().handlers:
+        h.setLevel(logging.ERROR)
+    # Neutron's warnings are collected per run (see run_one)
+    logging.getLogger('neutron').setLevel(logging.WARNING)
 
     import netaddr
     from neutron_lib.api import converters

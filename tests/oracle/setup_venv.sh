@@ -40,7 +40,7 @@ rm -rf "$venv"
 "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-input \
   -r "$req" >&2
 # Smoke test: the driver module imports.
-"$venv/bin/python" -c 'import neutron.agent.linux.iptables_firewall' >&2
+"$venv/bin/python" -W ignore -c 'import neutron.agent.linux.iptables_firewall' >&2
 echo "$want" >"$stamp"
 echo "oracle venv: installed in $(( $(date +%s) - start ))s" >&2
 echo "$venv/bin/python"
