@@ -179,9 +179,9 @@ struct Gen {
 
 // Protocols accepted for either ethertype, as typed into the API.
 const PROTO_ANY_FAMILY: &[&str] = &[
-    "tcp", "udp", "sctp", "dccp", "udplite", "gre", "esp", "ah", "vrrp", "ospf", "pgm", "rsvp",
-    "egp", "igmp", "ipip", "hopopt", "ip", "6", "17", "132", "33", "136", "47", "50", "51", "112",
-    "4", "0", "94", "98", "103", "115",
+    "tcp", "udp", "sctp", "dccp", "udplite", "gre", "esp", "ah", "vrrp", "ospf", "pgm", "rsvp", "egp",
+    "igmp", "ipip", "hopopt", "ip", "6", "17", "132", "33", "136", "47", "50", "51", "112", "4", "0", "94",
+    "98", "103", "115",
 ];
 const PROTO_V4: &[&str] = &["icmp", "1"];
 // icmp, icmpv6 and 1 are API aliases, stored as ipv6-icmp / 58.
@@ -316,11 +316,7 @@ impl Gen {
                     id: self.uuid(),
                     v4_subnet: self.uuid(),
                     n,
-                    v6_subnet: if self.chance(0.6) {
-                        Some(self.uuid())
-                    } else {
-                        None
-                    },
+                    v6_subnet: if self.chance(0.6) { Some(self.uuid()) } else { None },
                     used_hosts: Vec::new(),
                 }
             })
@@ -372,9 +368,7 @@ impl Gen {
             let without: Vec<usize> = (0..ports.len())
                 .filter(|&i| ports[i].port_security_enabled && ports[i].security_groups.is_empty())
                 .collect();
-            if let (Some(&a), Some(&b)) =
-                (with.choose(&mut self.rng), without.choose(&mut self.rng))
-            {
+            if let (Some(&a), Some(&b)) = (with.choose(&mut self.rng), without.choose(&mut self.rng)) {
                 ports[b].security_groups = ports[a].security_groups.clone();
             }
         }
@@ -392,13 +386,7 @@ impl Gen {
         }
     }
 
-    fn port(
-        &mut self,
-        i: usize,
-        net: &mut Network,
-        sgs: &[SecurityGroup],
-        earlier: &[Port],
-    ) -> Port {
+    fn port(&mut self, i: usize, net: &mut Network, sgs: &[SecurityGroup], earlier: &[Port]) -> Port {
         let id = self.port_id();
         let mac = self.mac();
         let binding_host_id = match self.rng.random_range(0..10) {
@@ -426,14 +414,14 @@ impl Gen {
                     subnet_id: net.v4_subnet.clone(),
                 });
             }
-            if let Some(sub) = net.v6_subnet.clone() {
-                if !v4 || self.chance(0.7) {
-                    let h = self.host_number(net);
-                    fixed_ips.push(FixedIp {
-                        ip_address: format!("2001:db8:{}::{:x}", net.n, h),
-                        subnet_id: sub,
-                    });
-                }
+            if let Some(sub) = net.v6_subnet.clone()
+                && (!v4 || self.chance(0.7))
+            {
+                let h = self.host_number(net);
+                fixed_ips.push(FixedIp {
+                    ip_address: format!("2001:db8:{}::{:x}", net.n, h),
+                    subnet_id: sub,
+                });
             }
         }
 
@@ -442,12 +430,7 @@ impl Gen {
         if port_security_enabled {
             for _ in 0..self.upto(3) {
                 let ip = match self.rng.random_range(0..10) {
-                    0 => (if self.chance(0.5) {
-                        "0.0.0.0/0"
-                    } else {
-                        "::/0"
-                    })
-                    .to_string(),
+                    0 => (if self.chance(0.5) { "0.0.0.0/0" } else { "::/0" }).to_string(),
                     1..=5 => format!("10.{}.0.{}", net.n, self.rng.random_range(2..250)),
                     6 => format!("2001:db8:{}::{:x}", net.n, self.rng.random_range(2..0xffff)),
                     7 => format!(
@@ -457,11 +440,7 @@ impl Gen {
                         self.rng.random_range(24..=32)
                     ),
                     8 => format!("10.{}.{}.0/24", net.n, self.rng.random_range(1..255)),
-                    _ => format!(
-                        "2001:db8:{}:{:x}::/64",
-                        net.n,
-                        self.rng.random_range(1..0xffff)
-                    ),
+                    _ => format!("2001:db8:{}:{:x}::/64", net.n, self.rng.random_range(1..0xffff)),
                 };
                 let mac_address = match self.rng.random_range(0..4) {
                     0 => Some(mac.clone()),
@@ -473,8 +452,7 @@ impl Gen {
                 };
                 let key_mac = mac_address.clone().unwrap_or_else(|| mac.clone());
                 if !aaps.iter().any(|a| {
-                    a.ip_address == ip
-                        && a.mac_address.clone().unwrap_or_else(|| mac.clone()) == key_mac
+                    a.ip_address == ip && a.mac_address.clone().unwrap_or_else(|| mac.clone()) == key_mac
                 }) {
                     aaps.push(AddressPair {
                         ip_address: ip,
@@ -486,10 +464,7 @@ impl Gen {
             let stateful = self.chance(0.75);
             let pool: Vec<&SecurityGroup> = sgs.iter().filter(|s| s.stateful == stateful).collect();
             let n = self.upto(3.min(pool.len()));
-            security_groups = pool
-                .sample(&mut self.rng, n)
-                .map(|s| s.id.clone())
-                .collect();
+            security_groups = pool.sample(&mut self.rng, n).map(|s| s.id.clone()).collect();
         }
 
         Port {
@@ -542,13 +517,7 @@ impl Gen {
         }
     }
 
-    fn rules(
-        &mut self,
-        sg_id: &str,
-        max: usize,
-        sg_ids: &[String],
-        ag_ids: &[String],
-    ) -> Vec<Rule> {
+    fn rules(&mut self, sg_id: &str, max: usize, sg_ids: &[String], ag_ids: &[String]) -> Vec<Rule> {
         let mut rules = Vec::new();
         let mut keys: Vec<String> = Vec::new();
         for _ in 0..self.upto(max) {
@@ -567,11 +536,7 @@ impl Gen {
 
     fn rule(&mut self, sg_id: &str, sg_ids: &[String], ag_ids: &[String]) -> Rule {
         let v6 = self.chance(0.35);
-        let direction = if self.chance(0.6) {
-            "ingress"
-        } else {
-            "egress"
-        };
+        let direction = if self.chance(0.6) { "ingress" } else { "egress" };
         let protocol: Option<String> = match self.rng.random_range(0..20) {
             0..=2 => None,
             3 => Some("any".into()),
@@ -610,8 +575,7 @@ impl Gen {
             },
             PortKind::None => (None, None),
         };
-        let (mut remote_ip_prefix, mut remote_group_id, mut remote_address_group_id) =
-            (None, None, None);
+        let (mut remote_ip_prefix, mut remote_group_id, mut remote_address_group_id) = (None, None, None);
         match self.rng.random_range(0..10) {
             0..=2 => {}
             3..=5 => remote_ip_prefix = Some(self.any_prefix(v6, 0.2)),
@@ -707,13 +671,7 @@ mod tests {
                 let states: Vec<bool> = p
                     .security_groups
                     .iter()
-                    .map(|id| {
-                        d.security_groups
-                            .iter()
-                            .find(|s| &s.id == id)
-                            .unwrap()
-                            .stateful
-                    })
+                    .map(|id| d.security_groups.iter().find(|s| &s.id == id).unwrap().stateful)
                     .collect();
                 assert!(states.windows(2).all(|w| w[0] == w[1]), "{}", case.name);
             }
@@ -810,11 +768,9 @@ mod tests {
             (
                 "aap cidr",
                 count(&|d| {
-                    d.ports.iter().any(|p| {
-                        p.allowed_address_pairs
-                            .iter()
-                            .any(|a| a.ip_address.contains('/'))
-                    })
+                    d.ports
+                        .iter()
+                        .any(|p| p.allowed_address_pairs.iter().any(|a| a.ip_address.contains('/')))
                 }),
             ),
             (
@@ -852,20 +808,14 @@ mod tests {
             (
                 "other host",
                 count(&|d| {
-                    d.ports.iter().any(|p| {
-                        p.binding_host_id
-                            .as_deref()
-                            .is_some_and(|h| h != LOCAL_HOST)
-                    })
+                    d.ports
+                        .iter()
+                        .any(|p| p.binding_host_id.as_deref().is_some_and(|h| h != LOCAL_HOST))
                 }),
             ),
             (
                 "several networks",
-                count(&|d| {
-                    d.ports
-                        .iter()
-                        .any(|p| p.network_id != d.ports[0].network_id)
-                }),
+                count(&|d| d.ports.iter().any(|p| p.network_id != d.ports[0].network_id)),
             ),
             (
                 "no fixed ips",
@@ -873,11 +823,7 @@ mod tests {
             ),
             (
                 "trusted port",
-                count(&|d| {
-                    d.ports
-                        .iter()
-                        .any(|p| p.device_owner.starts_with("network:"))
-                }),
+                count(&|d| d.ports.iter().any(|p| p.device_owner.starts_with("network:"))),
             ),
         ];
         for (what, n) in &checks {
