@@ -5,10 +5,7 @@ use anyhow::{Context, Result, bail};
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let num = |s: &String| {
-        s.parse::<u64>()
-            .with_context(|| format!("not a number: {s}"))
-    };
+    let num = |s: &String| s.parse::<u64>().with_context(|| format!("not a number: {s}"));
     let json = match args.as_slice() {
         [seed] => serde_json::to_string_pretty(&sg_tests::generator::generate(num(seed)?))?,
         [flag, first, n] if flag == "--batch" => {
