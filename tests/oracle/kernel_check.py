@@ -11,13 +11,15 @@ Namespaces are deleted in every case (finally + SIGINT/SIGTERM). The host's own 
 is never touched. Needs root.
 
   tests/oracle/kernel_check.py [--backend nft|legacy|both] [--json REPORT] [FILE...]
-(default: every tests/corpus/*.json; exit status 1 if anything fails to load)
+(default: every tests/corpus/*.json; a FILE holding a JSON list is a batch of
+{"name", "input"} cases as printed by `sg-gen --batch`; exit status 1 if anything
+fails to load)
 """
 
 import argparse
+import difflib
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -84,18 +86,33 @@ def parse_save(text):
 
 
 def canon_pattern(ours, theirs):
-    """A short description of how the kernel rewrote one rule."""
+    """Name the kernel's rewrite of one rule (one category per token change)."""
     a, b = ours.split(' '), theirs.split(' ')
-    sm = __import__('difflib').SequenceMatcher(a=a, b=b)
-    parts = []
+    cats = set()
+    sm = difflib.SequenceMatcher(a=a, b=b, autojunk=False)
     for op, i1, i2, j1, j2 in sm.get_opcodes():
-        if op != 'equal':
-            parts.append('%r -> %r' % (' '.join(a[i1:i2]), ' '.join(b[j1:j2])))
-    pat = '; '.join(parts)
-    # generalise addresses / MACs / numbers so patterns group
-    pat = re.sub(r'[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}', 'MAC', pat)
-    pat = re.sub(r'\d+\.\d+\.\d+\.\d+', 'A.B.C.D', pat)
-    return pat
+        if op == 'equal':
+            continue
+        old, new = a[i1:i2], b[j1:j2]
+        if op == 'replace' and len(old) == len(new):
+            for x, y in zip(old, new):
+                if x.lower() == y:
+                    cats.add('MAC printed in lower case')
+                elif '/' in x and '/' in y and x.split('/')[1] == y.split('/')[1]:
+                    cats.add('host bits of a prefix cleared')
+                elif y == 'any' and x.startswith('255'):
+                    cats.add('ICMP type 255 printed as "any" (matches every type)')
+                else:
+                    cats.add('other: %s -> %s' % (x, y))
+        elif not new and len(old) == 2 and old[0] in ('-s', '-d') and \
+                old[1].endswith('/0'):
+            cats.add('%s %s omitted' % (old[0], old[1]))
+        elif not new and len(old) == 2 and old[0] == '-p' and \
+                old[1] in ('ip', 'hopopt', '0'):
+            cats.add('-p %s (protocol 0) omitted' % old[1])
+        else:
+            cats.add('other: %r -> %r' % (' '.join(old), ' '.join(new)))
+    return '; '.join(sorted(cats))
 
 
 def compare(oracle_text, kernel_text):
@@ -190,8 +207,11 @@ def main():
     batch = []
     for f in files:
         with open(f) as fh:
-            batch.append({'name': os.path.basename(f)[:-5],
-                          'input': json.load(fh)})
+            doc = json.load(fh)
+        if isinstance(doc, list):  # a batch: [{"name", "input"}] (sg-gen --batch)
+            batch += [{'name': c['name'], 'input': c['input']} for c in doc]
+        else:
+            batch.append({'name': os.path.basename(f)[:-5], 'input': doc})
     backends = ['nft', 'legacy'] if args.backend == 'both' else [args.backend]
 
     report, failures, patterns = [], 0, {}
