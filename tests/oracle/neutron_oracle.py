@@ -233,7 +233,6 @@ def bootstrap(agent):
     # The wrap name is basename(argv[0])[:16]; iptables_manager reads it at
     # import time, so argv[0] must be set before anything imports it.
     sys.argv[0] = '/usr/bin/' + AGENT_BINARY[agent]
-    os.environ.setdefault('OS_NEUTRON_DISABLE_EVENTLET', '1')
     import warnings
     warnings.simplefilter('ignore')
     logging.basicConfig(level=logging.ERROR, stream=sys.stderr)
@@ -244,7 +243,8 @@ def bootstrap(agent):
 
     import netaddr
     from neutron_lib.api import converters
-    from neutron_lib import constants as lib_const
+    from neutron_lib.api import validators
+    from neutron_lib.api.validators import allowedaddresspairs as aap_validators
     from neutron_lib import context as n_context
     from neutron_lib.plugins import constants as plugin_const
     from neutron_lib.plugins import directory
@@ -259,6 +259,7 @@ def bootstrap(agent):
     from neutron.agent import securitygroups_rpc as agent_sg_rpc
     from neutron.api.rpc.handlers import securitygroups_rpc as sg_rpc_handlers
     from neutron.conf.agent.database import agents_db
+    from neutron.conf.extensions import allowedaddresspairs as aap_conf
     from neutron.db import securitygroups_db
     from neutron.db import securitygroups_rpc_base
     from neutron.extensions import securitygroup as ext_sg
@@ -268,6 +269,7 @@ def bootstrap(agent):
 
     cfg.CONF([], project='neutron')
     agents_db.register_db_agents_opts()  # rpc_resources_processing_step
+    aap_conf.register_allowed_address_pair_opts()  # max_allowed_address_pair
     lock_dir = tempfile.mkdtemp(prefix='sg-oracle-lock-')
     lockutils.set_defaults(lock_path=lock_dir)
     cfg.CONF.set_override('lock_path', lock_dir, 'oslo_concurrency')
@@ -297,7 +299,14 @@ def bootstrap(agent):
     ip_conntrack.threading = type('threading', (), {'Thread': _NoThread})
     ip_conntrack.IpConntrackManager._process = _inline_process
 
-    N.update(locals())
+    N.update(
+        netaddr=netaddr, converters=converters, n_context=n_context,
+        aap_validators=aap_validators, validators=validators,
+        plugin_const=plugin_const, directory=directory, net_utils=net_utils,
+        cfg=cfg, ip_conntrack=ip_conntrack, linux_utils=linux_utils,
+        agent_sg_rpc=agent_sg_rpc, sg_rpc_handlers=sg_rpc_handlers,
+        securitygroups_db=securitygroups_db,
+        securitygroups_rpc_base=securitygroups_rpc_base, ext_sg=ext_sg)
 
 
 # --------------------------------------------------------------------------
@@ -377,6 +386,10 @@ def normalize_input(doc):
     ags = {}
     for ag in doc.get('address_groups', []):
         addrs = []
+        # the API's 'type:subnet_list' (CIDRs only, no duplicates)
+        msg = N['validators'].validate_subnet_list(ag.get('addresses', []))
+        if msg:
+            errors.append('address group %s: %s' % (ag['id'], msg))
         for a in ag.get('addresses', []):
             try:
                 net = netaddr.IPNetwork(a)
@@ -409,7 +422,19 @@ def normalize_input(doc):
             except Exception as e:
                 errors.append('port %s: fixed ip %r: %s' % (pid, ip, e))
         aaps = []
-        for a in p.get('allowed_address_pairs') or []:
+        raw_aaps = p.get('allowed_address_pairs') or []
+        try:
+            # the API's validator (neutron_lib), on the pairs as POSTed
+            msg = N['aap_validators']._validate_allowed_address_pairs(
+                [{k: v for k, v in a.items()
+                  if k in ('ip_address', 'mac_address')} for a in raw_aaps])
+            if msg:
+                errors.append('port %s: allowed address pairs: %s' % (
+                    pid, msg))
+        except Exception as e:
+            errors.append('port %s: allowed address pairs: %s: %s' % (
+                pid, type(e).__name__, e))
+        for a in raw_aaps:
             try:
                 netaddr.IPNetwork(a['ip_address'])
                 amac = a.get('mac_address') or mac
@@ -581,6 +606,8 @@ def make_hybrid_server(sgs, ags, ports):
             'fixed_ips': [{'ip_address': ip} for ip in p['fixed_ips']],
             'allowed_address_pairs': copy.deepcopy(
                 p['allowed_address_pairs']),
+            # read by the shim's _select_rules_for_ports
+            'security_group_ids': list(p['security_groups']),
         }
         port_objs[p['id']] = _Obj(
             id=p['id'],
@@ -643,16 +670,6 @@ def make_hybrid_server(sgs, ags, ports):
     shim_cls = N['sg_rpc_handlers'].SecurityGroupServerAPIShim
     shim = shim_cls.__new__(shim_cls)  # skip registry subscriptions/RPC client
     shim.rcache = Cache()
-    # The shim's _select_rules_for_ports reads p['security_group_ids'] of the
-    # port dicts; OVO to_dict() has it.
-    for p in ports:
-        orig = port_objs[p['id']].to_dict
-
-        def to_dict(orig=orig, sg_ids=list(p['security_groups'])):
-            d = orig()
-            d['security_group_ids'] = list(sg_ids)
-            return d
-        port_objs[p['id']].to_dict = to_dict
 
     class PluginRpc:
         def security_group_info_for_devices(self, context, devices):

@@ -340,6 +340,12 @@ impl Gen {
                 for _ in 0..self.upto(4) {
                     let v6 = self.chance(0.3);
                     let a = self.any_prefix(v6, 0.1);
+                    // the API takes CIDRs only here ('type:subnet_list')
+                    let a = match (a.contains('/'), v6) {
+                        (true, _) => a,
+                        (false, false) => format!("{a}/32"),
+                        (false, true) => format!("{a}/128"),
+                    };
                     if !addresses.contains(&a) {
                         addresses.push(a);
                     }
@@ -430,7 +436,8 @@ impl Gen {
         if port_security_enabled {
             for _ in 0..self.upto(3) {
                 let ip = match self.rng.random_range(0..10) {
-                    0 => (if self.chance(0.5) { "0.0.0.0/0" } else { "::/0" }).to_string(),
+                    // ::/0 is rejected by the API (overlaps ff00::/8); 0.0.0.0/0 is allowed
+                    0 => (if self.chance(0.5) { "0.0.0.0/0" } else { "::/1" }).to_string(),
                     1..=5 => format!("10.{}.0.{}", net.n, self.rng.random_range(2..250)),
                     6 => format!("2001:db8:{}::{:x}", net.n, self.rng.random_range(2..0xffff)),
                     7 => format!(
