@@ -11,7 +11,7 @@ Namespaces are deleted in every case (finally + SIGINT/SIGTERM). The host's own 
 is never touched. Needs root.
 
   tests/oracle/kernel_check.py [--backend nft|legacy|both] [--json REPORT] [FILE...]
-(default: every tests/corpus/*.json; a FILE holding a JSON list is a batch of
+(default: every tests/corpus/*.json and sg-user/examples/*.json; a FILE holding a JSON list is a batch of
 {"name", "input"} cases as printed by `sg-gen --batch`; exit status 1 if anything
 fails to load)
 """
@@ -26,6 +26,7 @@ import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CORPUS = os.path.join(HERE, '..', 'corpus')
+EXAMPLES = os.path.join(HERE, '..', '..', 'sg-user', 'examples')  # WEB1
 ORACLE = os.path.join(HERE, 'oracle')
 VARIANTS = {
     'lb': ['--agent', 'linuxbridge'],
@@ -202,7 +203,7 @@ def main():
     signal.signal(signal.SIGTERM, _on_signal)
 
     files = args.files or sorted(
-        os.path.join(CORPUS, f) for f in os.listdir(CORPUS)
+        os.path.join(d, f) for d in (CORPUS, EXAMPLES) for f in os.listdir(d)
         if f.endswith('.json'))
     batch = []
     for f in files:

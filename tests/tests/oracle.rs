@@ -67,15 +67,21 @@ fn oracle(args: &[&str], batch: &Value) -> Vec<Value> {
     serde_json::from_slice(&out.stdout).expect("oracle prints a JSON list")
 }
 
+/// The hand-written corpus (`tests/corpus/*.json`) and the project's reference inputs
+/// (`sg-user/examples/*.json`: WEB1 / WEB_SERVERS), named by file stem.
 fn corpus() -> Vec<Value> {
-    let dir = root().join("tests/corpus");
-    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|x| x == "json"))
-        .collect();
+    let mut files: Vec<PathBuf> = Vec::new();
+    for dir in ["tests/corpus", "sg-user/examples"] {
+        let dir = root().join(dir);
+        files.extend(
+            std::fs::read_dir(&dir)
+                .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+                .map(|e| e.unwrap().path())
+                .filter(|p| p.extension().is_some_and(|x| x == "json")),
+        );
+    }
     files.sort();
-    assert!(files.len() >= 10, "corpus missing in {}", dir.display());
+    assert!(files.len() >= 12, "corpus missing");
     files
         .iter()
         .map(|p| {
