@@ -4,6 +4,11 @@
 //! These tests need root, a kernel with tcx (6.6+), bpffs and iproute2. They never skip: if
 //! the environment is missing something, they fail and say what.
 
+/// Seeded random Neutron configurations (`gen` is a reserved word in edition 2024, hence the
+/// module name).
+#[path = "gen.rs"]
+pub mod generator;
+
 use std::{
     process::{Command, Output},
     sync::atomic::{AtomicU32, Ordering},
