@@ -14,7 +14,7 @@ use std::{
 use anyhow::{Context as _, Result, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, LpmTrie, MapData, MapInfo, MapType, PerCpuHashMap},
+    maps::{HashMap, LpmTrie, MapData, MapInfo, MapType, PerCpuArray, PerCpuHashMap},
     programs::{
         LinkOrder, SchedClassifier, TcAttachType,
         links::{FdLink, LinkError, PinnedLink},
@@ -291,6 +291,26 @@ impl Datapath {
 
     pub fn stats(&mut self) -> Result<PerCpuHashMap<&mut MapData, StatKey, Counter>> {
         Ok(PerCpuHashMap::try_from(self.map_mut(MAP_STATS)?)?)
+    }
+
+    pub fn addrs(&mut self) -> Result<LpmTrie<&mut MapData, AddrKey, AddrVal>> {
+        Ok(LpmTrie::try_from(self.map_mut(MAP_ADDRS)?)?)
+    }
+
+    pub fn conntrack(&mut self) -> Result<HashMap<&mut MapData, CtKey, CtVal>> {
+        Ok(HashMap::try_from(self.map_mut(MAP_CONNTRACK)?)?)
+    }
+
+    pub fn frags(&mut self) -> Result<HashMap<&mut MapData, FragKey, FragVal>> {
+        Ok(HashMap::try_from(self.map_mut(MAP_FRAGS)?)?)
+    }
+
+    pub fn rule_hits(&mut self) -> Result<PerCpuArray<&mut MapData, Counter>> {
+        Ok(PerCpuArray::try_from(self.map_mut(MAP_RULE_HITS)?)?)
+    }
+
+    pub fn trace_map(&mut self) -> Result<PerCpuArray<&mut MapData, TraceRec>> {
+        Ok(PerCpuArray::try_from(self.map_mut(MAP_TRACE)?)?)
     }
 
     pub fn map_mut(&mut self, name: &str) -> Result<&mut aya::maps::Map> {
