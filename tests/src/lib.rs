@@ -4,6 +4,9 @@
 //! These tests need root, a kernel with tcx (6.6+), bpffs and iproute2. They never skip: if
 //! the environment is missing something, they fail and say what.
 
+/// Datapath test support: frame shorthands, the TEST_RUN case runner, raw sockets.
+pub mod dp;
+
 use std::{
     process::{Command, Output},
     sync::atomic::{AtomicU32, Ordering},
