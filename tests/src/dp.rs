@@ -402,3 +402,119 @@ pub fn sysctl_if_present(ns: &crate::Netns, key: &str, value: &str) -> Result<()
     .join()
     .map_err(|_| anyhow::anyhow!("sysctl thread panicked"))??
 }
+
+/// Sends one echo request from `ns` to `dst` through the kernel's stack (a raw ICMP/ICMPv6
+/// socket, so the VM's own ARP/ND and routing run) and waits for the matching reply.
+pub fn ping(ns: &str, dst: IpAddr, timeout: Duration) -> Result<bool> {
+    spawn_in(ns, move || -> Result<bool> {
+        use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+        let v6 = dst.is_ipv6();
+        let (domain, proto, req, rep) = if v6 {
+            (Domain::IPV6, Protocol::ICMPV6, 128u8, 129u8)
+        } else {
+            (Domain::IPV4, Protocol::ICMPV4, 8u8, 0u8)
+        };
+        let s = Socket::new(domain, Type::RAW, Some(proto))?;
+        s.set_read_timeout(Some(Duration::from_millis(100)))?;
+        let id = (std::process::id() as u16) ^ 0x5347;
+        let mut msg = vec![req, 0, 0, 0];
+        msg.extend_from_slice(&id.to_be_bytes());
+        msg.extend_from_slice(&1u16.to_be_bytes());
+        msg.extend_from_slice(b"sg ping payload!");
+        if !v6 {
+            // The kernel fills the ICMPv6 checksum itself; ICMPv4 is ours to compute.
+            let c = sg_user::packet::checksum_fold(sg_user::packet::checksum_add(0, &msg));
+            msg[2..4].copy_from_slice(&c.to_be_bytes());
+        }
+        s.send_to(&msg, &SockAddr::from(std::net::SocketAddr::new(dst, 0)))?;
+        let deadline = Instant::now() + timeout;
+        let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 2048];
+        while Instant::now() < deadline {
+            let (n, from) = match s.recv_from(&mut buf) {
+                Ok(r) => r,
+                Err(_) => continue,
+            };
+            // SAFETY: recv_from initialised the first n bytes.
+            let b: Vec<u8> = buf[..n].iter().map(|x| unsafe { x.assume_init() }).collect();
+            // IPv4 raw sockets deliver the IP header too.
+            let icmp = if v6 {
+                &b[..]
+            } else {
+                &b[((b[0] & 0x0f) as usize) * 4..]
+            };
+            if from.as_socket().map(|a| a.ip()) == Some(dst)
+                && icmp.len() >= 8
+                && icmp[0] == rep
+                && icmp[4..6] == id.to_be_bytes()
+            {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("ping thread panicked"))??
+}
+
+/// A UDP echo server on `addr:port` in `ns`, answering for `life`.
+pub fn udp_echo_server(ns: &str, addr: IpAddr, port: u16, life: Duration) -> Result<()> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    spawn_in(ns, move || {
+        let s = match std::net::UdpSocket::bind((addr, port)) {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = tx.send(Err(anyhow::anyhow!("bind {addr}:{port}: {e}")));
+                return;
+            }
+        };
+        let _ = s.set_read_timeout(Some(Duration::from_millis(100)));
+        let _ = tx.send(Ok(()));
+        let end = Instant::now() + life;
+        let mut buf = [0u8; 2048];
+        while Instant::now() < end {
+            if let Ok((n, from)) = s.recv_from(&mut buf) {
+                let _ = s.send_to(&buf[..n], from);
+            }
+        }
+    });
+    rx.recv_timeout(Duration::from_secs(5))
+        .context("UDP server did not start")?
+}
+
+/// Sends `msg` from `ns` (bound to `src_port`) to `dst` and waits for any datagram back.
+/// `Ok(Some(bytes))` on a reply, `Ok(None)` on timeout, `Err` on an error such as
+/// ECONNREFUSED (an ICMP port unreachable reached the socket).
+pub fn udp_exchange(
+    ns: &str,
+    src_port: u16,
+    dst: std::net::SocketAddr,
+    msg: &'static [u8],
+    timeout: Duration,
+) -> Result<std::io::Result<Option<Vec<u8>>>> {
+    spawn_in(ns, move || -> std::io::Result<Option<Vec<u8>>> {
+        let any: IpAddr = if dst.is_ipv6() {
+            "::".parse().unwrap()
+        } else {
+            "0.0.0.0".parse().unwrap()
+        };
+        let s = std::net::UdpSocket::bind((any, src_port))?;
+        s.connect(dst)?;
+        s.set_read_timeout(Some(timeout))?;
+        s.send(msg)?;
+        let mut buf = [0u8; 2048];
+        match s.recv(&mut buf) {
+            Ok(n) => Ok(Some(buf[..n].to_vec())),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("UDP client thread panicked"))?
+}
