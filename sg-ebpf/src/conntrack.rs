@@ -128,12 +128,43 @@ pub extern "C" fn sg_ct_lookup(port: *const PortInfo, pkt: *const Pkt, ct: *mut 
         return 0;
     };
     ct.now = unsafe { bpf_ktime_get_ns() };
-    if pkt.has_icmp() {
-        icmp(port, pkt, ct);
+    let entry = if pkt.has_icmp() {
+        icmp(port, pkt, ct)
     } else {
-        flow(port, pkt, ct);
+        flow(port, pkt, ct)
+    };
+    // Conntrack runs only for packets no earlier stage dropped, and the state rule accepts
+    // every ESTABLISHED packet (main.rs `decide_ip`): its acceptance is certain, so its effect
+    // on the flow is written now, through the pointer this lookup holds, instead of by a
+    // second lookup in `commit`. NEW packets still wait for the rules.
+    if ct.state == CT_STATE_ESTABLISHED && !entry.is_null() {
+        apply(ct, entry);
+        ct.op = OP_NONE;
     }
     ct.state as u32
+}
+
+/// Writes an accepted packet's effect on the live entry `e` (OP_UPDATE, OP_DELETE).
+#[inline(always)]
+fn apply(ct: &Ct, e: *mut CtVal) {
+    match ct.op {
+        OP_UPDATE => {
+            // SAFETY: a map value pointer from a lookup in this program run. An LRU entry
+            // evicted meanwhile stays valid memory until the RCU grace period, and the write
+            // is lost. Concurrent updates of one flow from two CPUs race as plain stores,
+            // which at worst loses a refresh.
+            unsafe {
+                (*e).expires_ns = ct.now + ct.timeout_s * NS_PER_S;
+                (*e).tcp_state = ct.tcp_state;
+                (*e).flags |= ct.set_flags;
+                (*e).packets = (*e).packets.wrapping_add(1);
+            }
+        }
+        OP_DELETE => {
+            let _ = SG_CONNTRACK.remove(&ct.key);
+        }
+        _ => {}
+    }
 }
 
 /// Records the packet's effect on its flow. Called only for accepted packets; `rule` is the
@@ -153,9 +184,9 @@ pub extern "C" fn sg_ct_commit(ct: *const Ct, dir: u8, policy: u32, rule: u32) -
     let Some(ct) = (unsafe { ct.as_ref() }) else {
         return 0;
     };
-    let expires_ns = ct.now + ct.timeout_s * NS_PER_S;
     match ct.op {
         OP_CREATE => {
+            let expires_ns = ct.now + ct.timeout_s * NS_PER_S;
             let mut flags = 0;
             if ct.src_is_a {
                 flags |= CT_F_ORIG_A;
@@ -180,19 +211,10 @@ pub extern "C" fn sg_ct_commit(ct: *const Ct, dir: u8, policy: u32, rule: u32) -
             // boundary. If the entry was evicted meanwhile, the update is lost, as it would
             // be a moment later anyway.
             if let Some(e) = SG_CONNTRACK.get_ptr_mut(&ct.key) {
-                // SAFETY: a map value pointer from this lookup. Concurrent updates of one flow
-                // from two CPUs race as plain stores, which at worst loses a refresh.
-                unsafe {
-                    (*e).expires_ns = expires_ns;
-                    (*e).tcp_state = ct.tcp_state;
-                    (*e).flags |= ct.set_flags;
-                    (*e).packets = (*e).packets.wrapping_add(1);
-                }
+                apply(ct, e);
             }
         }
-        OP_DELETE => {
-            let _ = SG_CONNTRACK.remove(&ct.key);
-        }
+        OP_DELETE => apply(ct, core::ptr::null_mut()),
         _ => {}
     }
     0
@@ -349,11 +371,13 @@ fn entry_orig(entry: *mut CtVal, src_is_a: bool) -> bool {
 // ------------------------------------------------------------------------------------------
 
 #[inline(always)]
-fn flow(port: &PortInfo, pkt: &Pkt, ct: &mut Ct) {
+/// Fills `ct` for a packet of a 5-tuple protocol; returns the live entry it found (null if
+/// none, or if the packet re-opened a closed TCP flow).
+fn flow(port: &PortInfo, pkt: &Pkt, ct: &mut Ct) -> *mut CtVal {
     // No upper-layer header at all: Linux's get_l4proto fails and the packet is INVALID.
     if pkt.family == FAMILY_V6 && pkt.proto == IPPROTO_NONE {
         ct.state = CT_STATE_INVALID;
-        return;
+        return core::ptr::null_mut();
     }
     let (sport, dport) = if has_ports(pkt.proto) {
         (pkt.sport, pkt.dport)
@@ -374,12 +398,11 @@ fn flow(port: &PortInfo, pkt: &Pkt, ct: &mut Ct) {
     // The trackers' error functions run before the lookup and leave the flow untouched.
     if pkt.l4_bad || (pkt.proto == IPPROTO_TCP && !tcp_valid_flags(pkt.tcp_flags)) {
         ct.state = CT_STATE_INVALID;
-        return;
+        return core::ptr::null_mut();
     }
     let entry = live_entry(&ct.key, port, ct.now);
     if pkt.proto == IPPROTO_TCP {
-        tcp(ct, entry, pkt.tcp_flags);
-        return;
+        return tcp(ct, entry, pkt.tcp_flags);
     }
     let udp = pkt.proto == IPPROTO_UDP || pkt.proto == IPPROTO_UDPLITE;
     if entry.is_null() {
@@ -390,7 +413,7 @@ fn flow(port: &PortInfo, pkt: &Pkt, ct: &mut Ct) {
         } else {
             timeout::GENERIC
         };
-        return;
+        return entry;
     }
     let seen_reply = established(ct, entry, entry_orig(entry, src_is_a));
     ct.op = OP_UPDATE;
@@ -403,6 +426,7 @@ fn flow(port: &PortInfo, pkt: &Pkt, ct: &mut Ct) {
     } else {
         timeout::UDP_UNREPLIED
     };
+    entry
 }
 
 const TCPHDR_FIN: u8 = 0x01;
@@ -554,13 +578,14 @@ fn tcp_new(ct: &mut Ct, index: u8) {
     };
 }
 
-/// `nf_conntrack_tcp_packet` without window tracking.
+/// `nf_conntrack_tcp_packet` without window tracking. Returns `entry`, or null when the
+/// packet re-opened the flow.
 #[inline(always)]
-fn tcp(ct: &mut Ct, entry: *mut CtVal, flags: u8) {
+fn tcp(ct: &mut Ct, entry: *mut CtVal, flags: u8) -> *mut CtVal {
     let index = tcp_index(flags);
     if entry.is_null() {
         tcp_new(ct, index);
-        return;
+        return entry;
     }
     let orig = entry_orig(entry, ct.src_is_a);
     // SAFETY: non-null pointer from `live_entry`.
@@ -574,7 +599,7 @@ fn tcp(ct: &mut Ct, entry: *mut CtVal, flags: u8) {
         // as IGNORED; sg always re-opens (same verdict while the rules admit the SYN).
         let _ = SG_CONNTRACK.remove(&ct.key);
         tcp_new(ct, index);
-        return;
+        return core::ptr::null_mut();
     }
     let seen_reply = established(ct, entry, orig);
     match new {
@@ -603,6 +628,7 @@ fn tcp(ct: &mut Ct, entry: *mut CtVal, flags: u8) {
             }
         }
     }
+    entry
 }
 
 // ------------------------------------------------------------------------------------------
@@ -654,23 +680,23 @@ fn icmp_key(
     }
 }
 
-/// Queries and replies (errors went to `sg_ct_related`).
+/// Queries and replies (errors went to `sg_ct_related`); returns the live entry or null.
 #[inline(always)]
-fn icmp(port: &PortInfo, pkt: &Pkt, ct: &mut Ct) {
+fn icmp(port: &PortInfo, pkt: &Pkt, ct: &mut Ct) -> *mut CtVal {
     let t = pkt.icmp_type;
     if pkt.family == FAMILY_V6 {
         if matches!(t, 130..=136 | 143) {
             ct.state = CT_STATE_UNTRACKED;
-            return;
+            return core::ptr::null_mut();
         }
     } else if t > 18 {
         ct.state = CT_STATE_INVALID;
-        return;
+        return core::ptr::null_mut();
     }
     let Some((req_type, is_request)) = icmp_query(pkt.family, t) else {
         // No inverse tuple: Linux cannot track it.
         ct.state = CT_STATE_INVALID;
-        return;
+        return core::ptr::null_mut();
     };
     ct.key = icmp_key(
         port.port_idx,
@@ -694,10 +720,11 @@ fn icmp(port: &PortInfo, pkt: &Pkt, ct: &mut Ct) {
         } else {
             ct.state = CT_STATE_INVALID;
         }
-        return;
+        return entry;
     }
     established(ct, entry, entry_orig(entry, is_request));
     ct.op = OP_UPDATE;
+    entry
 }
 
 /// An ICMP/ICMPv6 error: RELATED when the quoted packet belongs to a live flow of this port
