@@ -22,6 +22,10 @@
 //! - `nf_conntrack_inet_error`: an error is RELATED when the inverse of the quoted packet's
 //!   tuple is a tuple of a known flow and the outer destination is that tuple's destination,
 //!   i.e. the quoted packet's source.
+// Map calls take the 44-byte key by reference on purpose: by value it is a copy on the
+// 512-byte BPF stack.
+#![allow(clippy::needless_borrows_for_generic_args)]
+
 use aya_ebpf::{bindings::__sk_buff, helpers::bpf_ktime_get_ns, programs::TcContext};
 use sg_common::*;
 

@@ -372,7 +372,7 @@ impl RawSock {
             if n < 0 {
                 continue;
             }
-            if sll.sll_pkttype == libc::PACKET_OUTGOING as u8 {
+            if sll.sll_pkttype == libc::PACKET_OUTGOING {
                 continue;
             }
             if pred(&buf[..n as usize]) {
