@@ -319,7 +319,8 @@ fn net_key(net: &IpNet) -> ([u8; 16], u32) {
 /// Writes `rules` as policy `policy`: one class per distinct remote prefix of each (direction,
 /// family), holding every rule whose remote contains that prefix; each service prefix maps to
 /// the first such rule (chain order) that covers it. Rule indexes are 1-based positions in
-/// `rules`. Returns the number of SG_SERVICES entries written.
+/// `rules` (the compiler numbers rules across all policies instead; SG_RULE_HITS is one array,
+/// so two fixture policies share counters). Returns the number of SG_SERVICES entries written.
 pub fn install_policy(dp: &mut Datapath, policy: u32, rules: &[Rule]) -> Result<usize> {
     let mut written = 0;
     let mut classes: Vec<(u8, u8, IpNet)> = Vec::new();
