@@ -9,6 +9,9 @@
 #[path = "gen.rs"]
 pub mod generator;
 
+/// Datapath test support: frame shorthands, the TEST_RUN case runner, raw sockets.
+pub mod dp;
+
 use std::{
     process::{Command, Output},
     sync::atomic::{AtomicU32, Ordering},
