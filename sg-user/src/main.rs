@@ -113,7 +113,7 @@ enum Cmd {
         /// `to-vm` (Neutron ingress) or `from-vm` (egress).
         direction: Direction,
         /// PROTO SRC DST [OPTIONS...]
-        #[arg(required = true, num_args = 3.., allow_hyphen_values = true)]
+        #[arg(required = true, num_args = 3..)]
         packet: Vec<String>,
         #[arg(long)]
         json: bool,

@@ -219,6 +219,10 @@ pub struct Vm {
 impl ComputeNode {
     pub fn new() -> Result<Self> {
         let host = Netns::new("sgc")?;
+        // The bridge's own IPv6 (router solicitations, MLD) would be traffic nobody sent.
+        for k in ["all", "default"] {
+            host.exec("sysctl", &["-qw", &format!("net.ipv6.conf.{k}.disable_ipv6=1")])?;
+        }
         let bridge = format!("brq{}", &unique("")[..])
             .chars()
             .filter(|c| c.is_ascii_alphanumeric())
