@@ -4,10 +4,8 @@
 //! These tests need root, a kernel with tcx (6.6+), bpffs and iproute2. They never skip: if
 //! the environment is missing something, they fail and say what.
 
-/// Seeded random Neutron configurations (`gen` is a reserved word in edition 2024, hence the
-/// module name).
-#[path = "gen.rs"]
-pub mod generator;
+/// Seeded random Neutron configurations (they live in sg-user, which `sg diff --random` uses).
+pub use sg_user::generator;
 
 /// Datapath test support: frame shorthands, the TEST_RUN case runner, raw sockets.
 pub mod dp;

@@ -1,6 +1,415 @@
 //! The differential test: the same input and the same frames through real kernel iptables
-//! (loaded from the parity renderer's output) and through the eBPF datapath, on a namespace
-//! compute node. Every verdict must agree, except the documented differences, where sg's
-//! side is asserted on its own.
+//! (loaded from the parity renderer's output, with br_netfilter and real conntrack) and
+//! through the eBPF datapath, on a namespace compute node (design §7). Every verdict must
+//! agree, except the documented differences (`tests/DIFFERENCES.md`), where sg's own verdict
+//! is asserted instead.
+//!
+//! Per configuration: build the node, run every scenario under iptables (conntrack flushed
+//! before each), then under eBPF (conntrack flushed before each), and compare shot by shot.
+
+pub mod backend;
+pub mod scenario;
 pub mod topo;
 pub mod wire;
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context as _, Result, bail};
+use serde::Serialize;
+
+use self::{
+    backend::Backend,
+    scenario::{REMOTE_MAC, Scenario, Side, Step},
+    topo::Topology,
+    wire::RawSocket,
+};
+use crate::{
+    model::Model,
+    packet::{Body, Frame},
+};
+
+/// The outcome of one shot under one back end: which frames arrived, or not sent because
+/// the frame it answers never arrived there.
+pub type Outcome = Option<Vec<bool>>;
+
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct Summary {
+    pub configs: usize,
+    pub scenarios: usize,
+    pub frames: usize,
+    pub agreements: usize,
+    pub mismatches: usize,
+    /// Frames of documented differences whose sg verdict was checked, and how many were
+    /// not what the documentation says.
+    pub documented_checked: usize,
+    pub documented_failed: usize,
+    /// Shots one back end did not send because an earlier frame already differed.
+    pub not_compared: usize,
+}
+
+impl Summary {
+    pub fn add(&mut self, o: &Summary) {
+        self.configs += o.configs;
+        self.scenarios += o.scenarios;
+        self.frames += o.frames;
+        self.agreements += o.agreements;
+        self.mismatches += o.mismatches;
+        self.documented_checked += o.documented_checked;
+        self.documented_failed += o.documented_failed;
+        self.not_compared += o.not_compared;
+    }
+
+    pub fn ok(&self) -> bool {
+        self.mismatches == 0 && self.documented_failed == 0
+    }
+}
+
+impl std::fmt::Display for Summary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "configs {}, scenarios {}, frames {}: {} agree, {} mismatch; documented differences: {} frames \
+             checked, {} wrong; {} shots not compared after an earlier difference",
+            self.configs,
+            self.scenarios,
+            self.frames,
+            self.agreements,
+            self.mismatches,
+            self.documented_checked,
+            self.documented_failed,
+            self.not_compared
+        )
+    }
+}
+
+/// One frame the two back ends disagree on (or a documented verdict sg did not give).
+#[derive(Debug, Clone, Serialize)]
+pub struct Mismatch {
+    pub config: String,
+    pub scenario: String,
+    pub step: usize,
+    pub frame: String,
+    pub iptables: Option<bool>,
+    pub ebpf: Option<bool>,
+    pub documented: Option<&'static str>,
+}
+
+/// Everything needed to run one configuration.
+pub struct Config {
+    pub name: String,
+    pub model: Model,
+    pub host: String,
+}
+
+/// The always-delivered frame that closes a shot (see `wire`): a foreign ethertype towards a
+/// VM from the uplink (iptables never sees non-IP, sg lets it through to the VM), an ARP probe
+/// from a VM's own MAC otherwise (iptables never sees ARP, sg allows probes). `n` makes it
+/// unique.
+fn sentinel(model: &Model, from: &Side, to: &Side, n: u32) -> Frame {
+    let tpa = [10, 255, (n >> 8) as u8, n as u8];
+    match from {
+        Side::Uplink(_) => {
+            let dst = match to {
+                Side::Vm(id) => model.port(id).map(|p| p.mac.0).unwrap_or([0xff; 6]),
+                Side::Uplink(_) => [0xff; 6],
+            };
+            Frame {
+                src_mac: REMOTE_MAC,
+                dst_mac: dst,
+                vlans: vec![],
+                body: Body::Other {
+                    ethertype: 0x88b5,
+                    payload: [b"sg-sentinel".as_slice(), &tpa].concat(),
+                },
+            }
+        }
+        Side::Vm(id) => {
+            let mac = model.port(id).map(|p| p.mac.0).unwrap_or([2, 0, 0, 0, 0, 1]);
+            Frame {
+                src_mac: mac,
+                dst_mac: [0xff; 6],
+                vlans: vec![],
+                body: Body::Arp {
+                    op: 1,
+                    sha: mac,
+                    spa: [0; 4],
+                    tha: [0; 6],
+                    tpa,
+                },
+            }
+        }
+    }
+}
+
+/// Raw sockets on every VM and uplink of a topology.
+struct Sockets {
+    vms: BTreeMap<String, RawSocket>,
+    uplinks: BTreeMap<String, RawSocket>,
+}
+
+impl Sockets {
+    fn open(topo: &Topology) -> Result<Self> {
+        let mut vms = BTreeMap::new();
+        for (id, e) in &topo.vms {
+            vms.insert(id.clone(), RawSocket::open(&e.ns, &e.dev)?);
+        }
+        let mut uplinks = BTreeMap::new();
+        for (id, e) in &topo.uplinks {
+            uplinks.insert(id.clone(), RawSocket::open(&e.ns, &e.dev)?);
+        }
+        Ok(Self { vms, uplinks })
+    }
+
+    fn get(&self, side: &Side) -> Result<&RawSocket> {
+        match side {
+            Side::Vm(id) => self.vms.get(id),
+            Side::Uplink(id) => self.uplinks.get(id),
+        }
+        .with_context(|| format!("no endpoint for {side:?}"))
+    }
+}
+
+/// Runs every scenario under one back end; returns the outcome of each step of each.
+fn run_pass(
+    backend: &mut dyn Backend,
+    cfg: &Config,
+    sockets: &Sockets,
+    scenarios: &[Scenario],
+) -> Result<Vec<Vec<Outcome>>> {
+    backend.apply(&cfg.model, None)?;
+    let mut all = Vec::new();
+    let mut n = 0u32;
+    for sc in scenarios {
+        backend.reset()?;
+        let mut current: Option<Model> = None;
+        let mut outcomes = Vec::new();
+        let mut previous_delivered = true;
+        for step in &sc.steps {
+            match step {
+                Step::Change { model, .. } => {
+                    let old = current.as_ref().unwrap_or(&cfg.model);
+                    backend.apply(model, Some(old))?;
+                    current = Some((**model).clone());
+                    outcomes.push(None);
+                }
+                Step::Send(shot) => {
+                    if shot.needs_previous && !previous_delivered {
+                        outcomes.push(None);
+                        previous_delivered = false;
+                        continue;
+                    }
+                    n += 1;
+                    let frames: Vec<Vec<u8>> = shot.frames.iter().map(Frame::build).collect();
+                    let s = sentinel(&cfg.model, &shot.from, &shot.to, n).build();
+                    let seen = wire::exchange(sockets.get(&shot.from)?, sockets.get(&shot.to)?, &frames, &s)
+                        .with_context(|| format!("scenario {} under {}", sc.name, backend.name()))?;
+                    previous_delivered = if shot.datagram {
+                        seen.iter().any(|x| *x)
+                    } else {
+                        seen.iter().all(|x| *x)
+                    };
+                    outcomes.push(Some(seen));
+                }
+            }
+        }
+        if let Some(changed) = &current {
+            backend.apply(&cfg.model, Some(changed))?;
+        }
+        all.push(outcomes);
+    }
+    Ok(all)
+}
+
+/// Compares the two passes of one configuration.
+fn compare(
+    cfg: &Config,
+    scenarios: &[Scenario],
+    ipt: &[Vec<Outcome>],
+    ebpf: &[Vec<Outcome>],
+    mismatches: &mut Vec<Mismatch>,
+) -> Summary {
+    let mut s = Summary {
+        configs: 1,
+        scenarios: scenarios.len(),
+        ..Default::default()
+    };
+    for (sc, (a, b)) in scenarios.iter().zip(ipt.iter().zip(ebpf)) {
+        for (i, step) in sc.steps.iter().enumerate() {
+            let Step::Send(shot) = step else { continue };
+            let (oa, ob) = (&a[i], &b[i]);
+            if let Some((id, expected)) = shot.documented {
+                let Some(ob) = ob else {
+                    s.not_compared += 1;
+                    continue;
+                };
+                for (j, got) in ob.iter().enumerate() {
+                    s.documented_checked += 1;
+                    s.frames += 1;
+                    if *got != expected {
+                        s.documented_failed += 1;
+                        mismatches.push(Mismatch {
+                            config: cfg.name.clone(),
+                            scenario: sc.name.clone(),
+                            step: i,
+                            frame: shot.labels[j].clone(),
+                            iptables: oa.as_ref().map(|v| v[j]),
+                            ebpf: Some(*got),
+                            documented: Some(id),
+                        });
+                    }
+                }
+                continue;
+            }
+            match (oa, ob) {
+                (Some(va), Some(vb)) => {
+                    let (va, vb) = if shot.datagram {
+                        (vec![va.iter().any(|x| *x)], vec![vb.iter().any(|x| *x)])
+                    } else {
+                        (va.clone(), vb.clone())
+                    };
+                    for (j, (x, y)) in va.iter().zip(&vb).enumerate() {
+                        s.frames += 1;
+                        if x == y {
+                            s.agreements += 1;
+                        } else {
+                            s.mismatches += 1;
+                            mismatches.push(Mismatch {
+                                config: cfg.name.clone(),
+                                scenario: sc.name.clone(),
+                                step: i,
+                                frame: shot.labels[j].clone(),
+                                iptables: Some(*x),
+                                ebpf: Some(*y),
+                                documented: None,
+                            });
+                        }
+                    }
+                }
+                (None, None) => {}
+                _ => s.not_compared += 1,
+            }
+        }
+    }
+    s
+}
+
+/// Makes the two back ends (iptables, eBPF) for a topology and host.
+pub type MakeBackends<'a> = dyn Fn(&Topology, &str) -> Result<(Box<dyn Backend>, Box<dyn Backend>)> + 'a;
+
+/// Runs one configuration through both back ends.
+pub fn run_config(
+    cfg: &Config,
+    scenarios: &[Scenario],
+    tag: &str,
+    make: &MakeBackends,
+    mismatches: &mut Vec<Mismatch>,
+) -> Result<Summary> {
+    let topo = Topology::build(&cfg.model, &cfg.host, tag)?;
+    let sockets = Sockets::open(&topo)?;
+    wire::pin_to_cpu(0)?;
+    let (mut ipt, mut ebpf) = make(&topo, &cfg.host)?;
+    let a = run_pass(ipt.as_mut(), cfg, &sockets, scenarios)?;
+    ipt.teardown()?;
+    let b = run_pass(ebpf.as_mut(), cfg, &sockets, scenarios)?;
+    ebpf.teardown()?;
+    Ok(compare(cfg, scenarios, &a, &b, mismatches))
+}
+
+/// Writes a reproduction of the mismatches of one configuration: the input, the scenarios
+/// involved (frame by frame) and each side's verdicts.
+pub fn write_repro(
+    dir: &Path,
+    cfg_json: &serde_json::Value,
+    scenarios: &[Scenario],
+    found: &[Mismatch],
+) -> Result<PathBuf> {
+    let name = found.first().map(|m| m.config.clone()).unwrap_or_default();
+    let out = dir.join(format!("mismatch-{name}"));
+    std::fs::create_dir_all(&out)?;
+    std::fs::write(out.join("input.json"), serde_json::to_vec_pretty(cfg_json)?)?;
+    let mut text = String::new();
+    for m in found {
+        text += &format!(
+            "{} step {}: {}\n    iptables: {}  sg: {}{}\n",
+            m.scenario,
+            m.step,
+            m.frame,
+            verdict(m.iptables),
+            verdict(m.ebpf),
+            m.documented
+                .map(|d| format!("  (documented difference {d})"))
+                .unwrap_or_default()
+        );
+    }
+    text += "\nscenarios:\n";
+    for sc in scenarios
+        .iter()
+        .filter(|s| found.iter().any(|m| m.scenario == s.name))
+    {
+        text += &format!("{}\n", sc.name);
+        for (i, step) in sc.steps.iter().enumerate() {
+            match step {
+                Step::Send(shot) => {
+                    for l in &shot.labels {
+                        text += &format!("  {i:>2} {:?} -> {:?}: {l}\n", shot.from, shot.to);
+                    }
+                }
+                Step::Change { what, .. } => text += &format!("  {i:>2} change: {what}\n"),
+            }
+        }
+    }
+    std::fs::write(out.join("mismatches.txt"), &text)?;
+    Ok(out)
+}
+
+fn verdict(v: Option<bool>) -> &'static str {
+    match v {
+        Some(true) => "delivered",
+        Some(false) => "dropped",
+        None => "not sent",
+    }
+}
+
+/// Make random configurations well defined for the comparison: ports on one Linux bridge
+/// network share one conntrack zone in Neutron, so a stateless and a stateful port there
+/// change each other's behaviour (documented difference D5). A port whose statefulness
+/// differs from the first port of its network moves to a network of its own.
+pub fn separate_mixed_networks(model: &mut Model, host: &str) -> usize {
+    let mut first: BTreeMap<String, bool> = BTreeMap::new();
+    let mut moves = Vec::new();
+    for p in model.local_ports(host) {
+        if !p.is_filtered() {
+            continue;
+        }
+        let stateful = model.port_stateful(p);
+        match first.get(&p.network_id) {
+            None => {
+                first.insert(p.network_id.clone(), stateful);
+            }
+            Some(&s) if s != stateful => moves.push(p.id.clone()),
+            _ => {}
+        }
+    }
+    for (i, id) in moves.iter().enumerate() {
+        if let Some(p) = model.ports.iter_mut().find(|p| &p.id == id) {
+            p.network_id = format!(
+                "{:08x}-d5{:02x}-4000-8000-{}",
+                i,
+                i,
+                &p.id[p.id.len().saturating_sub(12)..]
+            );
+        }
+    }
+    moves.len()
+}
+
+/// Fails with the summary when anything differs.
+pub fn check(summary: &Summary) -> Result<()> {
+    if !summary.ok() {
+        bail!("differential test failed: {summary}");
+    }
+    Ok(())
+}
