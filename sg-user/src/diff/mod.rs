@@ -413,3 +413,140 @@ pub fn check(summary: &Summary) -> Result<()> {
     }
     Ok(())
 }
+
+/// What `sg diff` runs.
+#[derive(Debug, Clone)]
+pub struct DiffOptions {
+    pub inputs: Vec<PathBuf>,
+    /// Random configurations: how many, and the first seed.
+    pub random: usize,
+    pub seed: u64,
+    pub scenarios: usize,
+    pub host: String,
+    pub out: PathBuf,
+    /// Shrink each failing configuration to a small reproduction.
+    pub shrink: bool,
+}
+
+/// Makes both back ends for a configuration; the iptables side is chosen by the caller.
+pub type BackendFactory = dyn Fn(&Topology, &Config, &str) -> Result<(Box<dyn Backend>, Box<dyn Backend>)>;
+
+/// Runs every configuration; prints one line per configuration and writes reproductions of
+/// mismatches under `opts.out`.
+pub fn run(opts: &DiffOptions, make: &BackendFactory, log: &mut dyn FnMut(&str)) -> Result<Summary> {
+    let mut configs: Vec<(Config, serde_json::Value, u64)> = Vec::new();
+    for (i, path) in opts.inputs.iter().enumerate() {
+        let model = crate::model::load(path).map_err(|e| anyhow::anyhow!("{}:\n{e}", path.display()))?;
+        let json = load_json(path)?;
+        let name = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| format!("input{i}"));
+        configs.push((Config { name, model, host: opts.host.clone() }, json, opts.seed + i as u64));
+    }
+    for i in 0..opts.random as u64 {
+        let seed = opts.seed + i;
+        let doc = crate::generator::generate(seed);
+        let json = serde_json::to_value(&doc)?;
+        let mut model = crate::model::from_values(vec![(format!("seed-{seed}"), json.clone())])
+            .map_err(|e| anyhow::anyhow!("generated config seed {seed} is invalid:\n{e}"))?;
+        separate_mixed_networks(&mut model, crate::generator::LOCAL_HOST);
+        configs.push((
+            Config { name: format!("seed-{seed}"), model, host: crate::generator::LOCAL_HOST.into() },
+            json,
+            seed,
+        ));
+    }
+    let mut total = Summary::default();
+    for (cfg, json, seed) in &configs {
+        let mut scenarios = scenario::generate(&cfg.model, &cfg.host, *seed, opts.scenarios);
+        scenarios.extend(scenario::documented(&cfg.model, &cfg.host, *seed));
+        let mut found = Vec::new();
+        let tag = format!("{}-{}", std::process::id() % 100_000, total.configs);
+        let make_here = |topo: &Topology, _host: &str| make(topo, cfg, &tag);
+        let s = run_config(cfg, &scenarios, &tag, &make_here, &mut found)?;
+        log(&format!("{:<24} {s}", cfg.name));
+        if !found.is_empty() {
+            let dir = write_repro(&opts.out, json, &scenarios, &found)?;
+            for m in found.iter().take(5) {
+                log(&format!(
+                    "  MISMATCH {} step {}: {}  iptables {} sg {}",
+                    m.scenario,
+                    m.step,
+                    m.frame,
+                    verdict(m.iptables),
+                    verdict(m.ebpf)
+                ));
+            }
+            if opts.shrink
+                && let Some(first) = found.first()
+            {
+                let sc = scenarios.iter().find(|s| s.name == first.scenario).cloned().expect("scenario of a mismatch");
+                let small = shrink(cfg, &sc, first, make)?;
+                let small_json = crate::model::to_json(&small);
+                std::fs::write(dir.join("input-shrunk.json"), serde_json::to_vec_pretty(&small_json)?)?;
+                log(&format!("  reproduction: {} (shrunk input: {})", dir.display(), small.summary()));
+            } else {
+                log(&format!("  reproduction: {}", dir.display()));
+            }
+        }
+        total.add(&s);
+    }
+    Ok(total)
+}
+
+fn load_json(path: &Path) -> Result<serde_json::Value> {
+    if path.is_dir() {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(path)?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|e| e == "json"))
+            .collect();
+        files.sort();
+        let docs: Vec<serde_json::Value> =
+            files.iter().map(|f| Ok(serde_json::from_slice(&std::fs::read(f)?)?)).collect::<Result<_>>()?;
+        return Ok(serde_json::Value::Array(docs));
+    }
+    Ok(serde_json::from_slice(&std::fs::read(path)?)?)
+}
+
+/// Smallest input (by removing rules, groups, pairs and uninvolved ports one at a time) on
+/// which the same frame of the same scenario still differs. Frames stay as they were.
+fn shrink(cfg: &Config, sc: &Scenario, m: &Mismatch, make: &BackendFactory) -> Result<Model> {
+    let involved: Vec<String> = sc
+        .steps
+        .iter()
+        .filter_map(|s| match s {
+            Step::Send(shot) => Some([shot.from.clone(), shot.to.clone()]),
+            _ => None,
+        })
+        .flatten()
+        .filter_map(|s| match s {
+            Side::Vm(id) => Some(id),
+            Side::Uplink(_) => None,
+        })
+        .collect();
+    let still_fails = |model: &Model, n: usize| -> Result<bool> {
+        let c = Config { name: cfg.name.clone(), model: model.clone(), host: cfg.host.clone() };
+        let tag = format!("{}-k{n}", std::process::id() % 100_000);
+        let make_here = |topo: &Topology, _h: &str| make(topo, &c, &tag);
+        let mut found = Vec::new();
+        // The scenario's Change steps carry the full model; keep them as they are.
+        run_config(&c, std::slice::from_ref(sc), &tag, &make_here, &mut found)?;
+        Ok(found.iter().any(|f| f.step == m.step && f.frame == m.frame))
+    };
+    let mut best = cfg.model.clone();
+    let mut trials = 0;
+    let mut progress = true;
+    while progress && trials < 80 {
+        progress = false;
+        for candidate in crate::model::shrink_candidates(&best, &involved) {
+            trials += 1;
+            if still_fails(&candidate, trials)? {
+                best = candidate;
+                progress = true;
+                break;
+            }
+            if trials >= 80 {
+                break;
+            }
+        }
+    }
+    Ok(best)
+}
