@@ -77,6 +77,22 @@ enum Cmd {
         /// How often expired conntrack entries and stale pins are collected.
         #[arg(long, default_value_t = 10_000)]
         gc_interval_ms: u64,
+        /// The back end: sg's eBPF programs, or Neutron's iptables ruleset (parity mode: what
+        /// `sg iptables apply` installs, plus Neutron's conntrack cleanup on changes).
+        #[arg(long, value_enum, default_value = "ebpf")]
+        dataplane: DataplaneArg,
+        /// With `--dataplane iptables`: the iptables back end.
+        #[arg(long, value_enum, default_value = "nft")]
+        backend: iptables::Backend,
+        /// With `--dataplane iptables`: which Neutron agent's driver to reproduce.
+        #[arg(long, value_enum, default_value = "linuxbridge")]
+        agent: iptables::Agent,
+        /// With `--dataplane iptables`: `[AGENT] comment_iptables_rules = False`.
+        #[arg(long)]
+        no_comments: bool,
+        /// With `--dataplane iptables`: `[SECURITYGROUP] enable_ipset = False`.
+        #[arg(long)]
+        no_ipset: bool,
     },
     /// iptables parity mode: what Neutron's iptables firewall driver installs.
     Iptables {
@@ -222,6 +238,12 @@ enum ConntrackWhat {
     },
 }
 
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum DataplaneArg {
+    Ebpf,
+    Iptables,
+}
+
 #[derive(Clone, Copy, clap::ValueEnum)]
 enum Direction {
     ToVm,
@@ -296,6 +318,11 @@ fn main() -> Result<()> {
             netns,
             ct_entries,
             gc_interval_ms,
+            dataplane,
+            backend,
+            agent,
+            no_comments,
+            no_ipset,
         } => {
             tracing_subscriber::fmt()
                 .with_env_filter(
@@ -312,6 +339,15 @@ fn main() -> Result<()> {
                 netns,
                 ct_entries,
                 gc_interval: std::time::Duration::from_millis(gc_interval_ms),
+                dataplane: match dataplane {
+                    DataplaneArg::Ebpf => agent::DataplaneOptions::Ebpf,
+                    DataplaneArg::Iptables => agent::DataplaneOptions::Iptables {
+                        backend,
+                        agent,
+                        comments: !no_comments,
+                        ipset: !no_ipset,
+                    },
+                },
             };
             tokio::runtime::Builder::new_current_thread()
                 .enable_all()

@@ -115,9 +115,24 @@ fn is_builtin(table: &str, chain: &str) -> bool {
 /// or its target), or it is the shared `neutron-filter-top` hook (as Neutron, which drops
 /// every line equal to one of its own rules before re-adding them).
 fn owned(wrap: &str, chain: &str, rule: &str) -> bool {
-    chain.contains(wrap)
-        || rule.contains(wrap)
-        || ((chain == "FORWARD" || chain == "OUTPUT") && rule == format!("-j {FILTER_TOP}"))
+    chain.contains(wrap) || rule.contains(wrap) || is_top_hook(chain, rule)
+}
+
+fn is_top_hook(chain: &str, rule: &str) -> bool {
+    (chain == "FORWARD" || chain == "OUTPUT") && rule == format!("-j {FILTER_TOP}")
+}
+
+/// Owned lines sg removes. When the render has no `neutron-filter-top` (no local port) but
+/// the host's holds other agents' rules, the chain stays and so do its hooks: removing them
+/// would cut those agents off.
+fn removable(t: &Table, live: &LiveTable, wrap: &str, chain: &str, rule: &str) -> bool {
+    if !owned(wrap, chain, rule) {
+        return false;
+    }
+    let keep_hooks = !t.chains.iter().any(|c| c == FILTER_TOP)
+        && live.chains.iter().any(|c| c == FILTER_TOP)
+        && !stale_chains(t, live, wrap).iter().any(|c| c == FILTER_TOP);
+    !(keep_hooks && is_top_hook(chain, rule))
 }
 
 /// Chains whose Neutron lines sg edits in place (`-D` / `-I`) rather than by declaring them:
@@ -188,7 +203,7 @@ pub fn in_sync(t: &Table, live: &LiveTable, wrap: &str) -> bool {
         }
         if live_rules[want.len().min(live_rules.len())..]
             .iter()
-            .any(|(c, r)| owned(wrap, c, r))
+            .any(|(c, r)| removable(t, live, wrap, c, r))
         {
             return false;
         }
@@ -211,7 +226,7 @@ pub fn restore_input(t: &Table, live: &LiveTable, wrap: &str) -> String {
     }
     // Previous Neutron lines of the chains kept in place.
     for (c, r) in &live.rules {
-        if edited_in_place(t.name, c, live) && !stale.contains(c) && owned(wrap, c, r) {
+        if edited_in_place(t.name, c, live) && !stale.contains(c) && removable(t, live, wrap, c, r) {
             s.push_str(&format!("-D {c} {r}\n"));
         }
     }
@@ -518,16 +533,32 @@ impl IptablesDataplane {
             let tool = self.backend.restore_cmd(*family);
             let out = self.run(&[&tool, "--noflush"], Some(input))?;
             if !out.ok {
-                let mut note = String::new();
+                // Put back what this apply changed: the families already restored get their
+                // previous tables (the full save text, without --noflush, replaces each table
+                // it lists), the sets their previous members.
+                let mut rolled_back = true;
                 for f in &done {
                     let prev = &before.iter().find(|(e, _)| e == f).expect("saved").1;
-                    match self.run(&[&self.backend.restore_cmd(*f)], Some(prev)) {
-                        Ok(o) if o.ok => note.push_str(&format!("; the {} rules were restored", f.as_str())),
-                        _ => note.push_str(&format!("; restoring the previous {} rules FAILED", f.as_str())),
+                    if !self
+                        .run(&[&self.backend.restore_cmd(*f)], Some(prev))
+                        .is_ok_and(|o| o.ok)
+                    {
+                        rolled_back = false;
                     }
                 }
                 rollback_sets(&swapped);
                 undo_created(&created);
+                let note = match (done.is_empty(), rolled_back) {
+                    (true, _) => "; nothing was changed".to_string(),
+                    (false, true) => format!(
+                        "; the {} rules were put back: nothing was changed",
+                        done.iter().map(|f| f.as_str()).collect::<Vec<_>>().join(" and ")
+                    ),
+                    (false, false) => format!(
+                        "; putting back the previous {} rules FAILED: the host is half-applied",
+                        done.iter().map(|f| f.as_str()).collect::<Vec<_>>().join(" and ")
+                    ),
+                };
                 bail!(
                     "{} failed on the {} rules ({}): {}{}",
                     tool,
@@ -594,11 +625,12 @@ fn canonical_member(m: &str) -> Option<String> {
 
 /// Which table of a restore input the failing line ("line N failed") is in.
 fn failing_table(input: &str, stderr: &str) -> String {
-    let line_no = stderr
-        .split("line ")
-        .nth(1)
-        .and_then(|s| s.split(|c: char| !c.is_ascii_digit()).next())
-        .and_then(|n| n.parse::<usize>().ok());
+    // legacy: "iptables-restore: line 5 failed"; nft: "Error occurred at line: 5"
+    let line_no = stderr.split("line").skip(1).find_map(|s| {
+        let s = s.trim_start_matches([':', ' ']);
+        let digits: String = s.chars().take_while(char::is_ascii_digit).collect();
+        digits.parse::<usize>().ok()
+    });
     let Some(n) = line_no else {
         return "table unknown".to_string();
     };
