@@ -2,6 +2,8 @@
 //! it (the eBPF datapath, the iptables parity renderer), and the agent that drives them.
 pub mod model;
 
+pub mod iptables;
+
 pub mod compile;
 
 pub mod agent;

@@ -6,7 +6,7 @@ use clap::{Parser, Subcommand};
 use sg_user::{
     agent, compile,
     datapath::{self, Datapath, Iface, LoadOptions, allowlist::Allow},
-    inspect, model, trace,
+    inspect, iptables, model, trace,
 };
 
 #[derive(Parser)]
@@ -77,6 +77,27 @@ enum Cmd {
         /// How often expired conntrack entries and stale pins are collected.
         #[arg(long, default_value_t = 10_000)]
         gc_interval_ms: u64,
+        /// The back end: sg's eBPF programs, or Neutron's iptables ruleset (parity mode: what
+        /// `sg iptables apply` installs, plus Neutron's conntrack cleanup on changes).
+        #[arg(long, value_enum, default_value = "ebpf")]
+        dataplane: DataplaneArg,
+        /// With `--dataplane iptables`: the iptables back end.
+        #[arg(long, value_enum, default_value = "nft")]
+        backend: iptables::Backend,
+        /// With `--dataplane iptables`: which Neutron agent's driver to reproduce.
+        #[arg(long, value_enum, default_value = "linuxbridge")]
+        agent: iptables::Agent,
+        /// With `--dataplane iptables`: `[AGENT] comment_iptables_rules = False`.
+        #[arg(long)]
+        no_comments: bool,
+        /// With `--dataplane iptables`: `[SECURITYGROUP] enable_ipset = False`.
+        #[arg(long)]
+        no_ipset: bool,
+    },
+    /// iptables parity mode: what Neutron's iptables firewall driver installs.
+    Iptables {
+        #[command(subcommand)]
+        what: IptablesCmd,
     },
     /// Ports, taps, attachment state, policy ids and counters.
     Status {
@@ -126,6 +147,76 @@ enum Cmd {
     },
 }
 
+/// Options shared by `sg iptables render` and `apply`.
+#[derive(clap::Args)]
+struct NeutronOpts {
+    /// Neutron input (file or directory of JSON documents).
+    input: PathBuf,
+    /// Filter the ports bound to this host; unbound ports are local everywhere.
+    /// Default: this machine's hostname.
+    #[arg(long)]
+    host: Option<String>,
+    /// Which Neutron agent's driver: wrap name, device, zone and chain naming.
+    #[arg(long, value_enum, default_value = "linuxbridge")]
+    agent: iptables::Agent,
+    /// `[AGENT] comment_iptables_rules = False`.
+    #[arg(long)]
+    no_comments: bool,
+    /// `[SECURITYGROUP] enable_ipset = False`: remote groups expanded into one rule per member.
+    #[arg(long)]
+    no_ipset: bool,
+}
+
+impl NeutronOpts {
+    fn load(&self) -> Result<(model::Model, iptables::RenderOptions)> {
+        let model = load(&self.input)?;
+        let opts = iptables::RenderOptions {
+            host: self.host.clone().unwrap_or_else(model::default_host),
+            agent: self.agent,
+            comments: !self.no_comments,
+            ipset: !self.no_ipset,
+        };
+        Ok((model, opts))
+    }
+}
+
+#[derive(Subcommand)]
+enum IptablesCmd {
+    /// Print the iptables and ipset state Neutron's driver installs for the input, byte for
+    /// byte as Neutron writes it (kernel canonicalisations: see the module docs).
+    ///
+    /// Save format (default): `# IPv4` and `# IPv6` sections in iptables-save layout (filter,
+    /// raw, nat), then `# ipset` with the ipset commands Neutron runs (a shell script).
+    /// Restore format: input for `iptables-restore --noflush` on a host without Neutron chains:
+    /// Neutron's chains declared and filled, the hook rules inserted at the top of the builtin
+    /// chains; builtin chains, policies and foreign rules are left alone. (`sg iptables apply`
+    /// also removes the previous hook rules, so that applying again converges.)
+    Render {
+        #[command(flatten)]
+        neutron: NeutronOpts,
+        #[arg(long, value_enum, default_value = "save")]
+        format: iptables::Format,
+        /// Print one family only. In save format the `# ipset` section then holds only that
+        /// family's sets (those its rules reference), so the output still loads on its own. In
+        /// restore format only the restore input is printed, without any header and without
+        /// ipset commands, ready to pipe into `iptables-restore -n` / `ip6tables-restore -n`
+        /// (the sets must exist first).
+        #[arg(long, value_parser = ["4", "6"])]
+        family: Option<String>,
+    },
+    /// Install the render in this network namespace: create and swap the ipsets, then
+    /// `iptables-restore --noflush` and `ip6tables-restore --noflush`. Only Neutron's chains
+    /// and hook rules change; a second apply of the same input changes nothing. Invalid input
+    /// or a ruleset the kernel rejects changes nothing. Run under `ip netns exec NS` for
+    /// another namespace.
+    Apply {
+        #[command(flatten)]
+        neutron: NeutronOpts,
+        #[arg(long, value_enum, default_value = "nft")]
+        backend: iptables::Backend,
+    },
+}
+
 #[derive(Subcommand)]
 enum ShowWhat {
     /// A port by id, id prefix or tap name.
@@ -145,6 +236,12 @@ enum ConntrackWhat {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum DataplaneArg {
+    Ebpf,
+    Iptables,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -221,6 +318,11 @@ fn main() -> Result<()> {
             netns,
             ct_entries,
             gc_interval_ms,
+            dataplane,
+            backend,
+            agent,
+            no_comments,
+            no_ipset,
         } => {
             tracing_subscriber::fmt()
                 .with_env_filter(
@@ -237,11 +339,51 @@ fn main() -> Result<()> {
                 netns,
                 ct_entries,
                 gc_interval: std::time::Duration::from_millis(gc_interval_ms),
+                dataplane: match dataplane {
+                    DataplaneArg::Ebpf => agent::DataplaneOptions::Ebpf,
+                    DataplaneArg::Iptables => agent::DataplaneOptions::Iptables {
+                        backend,
+                        agent,
+                        comments: !no_comments,
+                        ipset: !no_ipset,
+                    },
+                },
             };
             tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?
                 .block_on(agent::run(opts))?;
+        }
+        Cmd::Iptables {
+            what:
+                IptablesCmd::Render {
+                    neutron,
+                    format,
+                    family,
+                },
+        } => {
+            let (model, opts) = neutron.load()?;
+            let rendered = iptables::render(&model, &opts);
+            let family = family.map(|f| {
+                if f == "4" {
+                    model::Ethertype::IPv4
+                } else {
+                    model::Ethertype::IPv6
+                }
+            });
+            print!("{}", rendered.format(format, family));
+        }
+        Cmd::Iptables {
+            what: IptablesCmd::Apply { neutron, backend },
+        } => {
+            let (model, opts) = neutron.load()?;
+            let started = std::time::Instant::now();
+            let report = iptables::IptablesDataplane::new(backend).apply(&model, &opts)?;
+            println!(
+                "{}: {report} ({} ms)",
+                neutron.input.display(),
+                started.elapsed().as_millis()
+            );
         }
         Cmd::Status { json } => {
             let src = inspect::Sources {

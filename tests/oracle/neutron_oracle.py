@@ -16,8 +16,8 @@ Must run inside the oracle virtualenv (tests/oracle/setup_venv.sh). Usage:
   neutron_oracle.py [opts] FILE            one document -> text on stdout
   neutron_oracle.py [opts] --batch FILE    JSON list of documents (or of
                                            {"name", "input"}) -> JSON list on stdout
-Options: --host H --agent linuxbridge|ovs-hybrid --no-comments --no-ipset.
-FILE may be '-' for stdin.
+Options: --host H --agent linuxbridge|ovs-hybrid --no-comments --no-ipset
+--devices-per-rpc N. FILE may be '-' for stdin.
 """
 
 import argparse
@@ -703,10 +703,15 @@ def rpc_serialize(info):
 # One run
 # --------------------------------------------------------------------------
 
-def run_one(doc, agent, host, comments, ipset):
+def run_one(doc, agent, host, comments, ipset, devices_per_rpc):
     cfg = N['cfg']
     cfg.CONF.set_override('comment_iptables_rules', comments, 'AGENT')
     cfg.CONF.set_override('enable_ipset', ipset, 'SECURITYGROUP')
+    # [DEFAULT] rpc_resources_processing_step: how many devices the agent asks
+    # the server about per RPC. Neutron's 20 loses remote-group member lists on
+    # hosts with more ports (README, finding 1); a larger value shows what the
+    # driver installs when it gets the complete lists.
+    cfg.CONF.set_override('rpc_resources_processing_step', devices_per_rpc)
 
     sgs, ags, ports = normalize_input(doc)
     local = [p for p in ports if p['host'] in (None, '', host)]
@@ -806,6 +811,10 @@ def main():
                     default='linuxbridge')
     ap.add_argument('--no-comments', action='store_true')
     ap.add_argument('--no-ipset', action='store_true')
+    ap.add_argument('--devices-per-rpc', type=int, default=20, metavar='N',
+                    help="devices per security_group_info_for_devices call "
+                         "([DEFAULT] rpc_resources_processing_step; Neutron's "
+                         "default 20 has the batching bug, see README)")
     ap.add_argument('--debug', action='store_true',
                     help='print Neutron warnings to stderr')
     args = ap.parse_args()
@@ -814,7 +823,8 @@ def main():
     bootstrap(args.agent)
     data = _read(args.file)
     opts = dict(agent=args.agent, host=host, comments=not args.no_comments,
-                ipset=not args.no_ipset)
+                ipset=not args.no_ipset,
+                devices_per_rpc=args.devices_per_rpc)
     rc = 0
     if args.batch:
         results = []

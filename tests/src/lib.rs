@@ -436,3 +436,47 @@ impl Drop for Agent {
         }
     }
 }
+
+/// The workspace root (for the corpus, the oracle, the examples).
+pub fn workspace_root() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// The hand-written corpus (`tests/corpus/*.json`) and the project's reference inputs
+/// (`sg-user/examples/*.json`: WEB1 / WEB_SERVERS), as `(file stem, document)` in name order.
+pub fn corpus() -> Vec<(String, serde_json::Value)> {
+    let mut files: Vec<std::path::PathBuf> = Vec::new();
+    for dir in ["tests/corpus", "sg-user/examples"] {
+        let dir = workspace_root().join(dir);
+        files.extend(
+            std::fs::read_dir(&dir)
+                .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+                .map(|e| e.unwrap().path())
+                .filter(|p| p.extension().is_some_and(|x| x == "json")),
+        );
+    }
+    files.sort();
+    assert!(files.len() >= 12, "corpus missing");
+    files
+        .iter()
+        .map(|p| {
+            let doc: serde_json::Value = serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap();
+            (p.file_stem().unwrap().to_string_lossy().into_owned(), doc)
+        })
+        .collect()
+}
+
+/// A unified diff of two texts (`diff -u`), for failure messages.
+pub fn unified_diff(a_name: &str, a: &str, b_name: &str, b: &str) -> String {
+    let dir = std::env::temp_dir().join(unique("sg-diff-"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (pa, pb) = (dir.join(a_name), dir.join(b_name));
+    std::fs::write(&pa, a).unwrap();
+    std::fs::write(&pb, b).unwrap();
+    let out = Command::new("diff").arg("-u").arg(&pa).arg(&pb).output();
+    let _ = std::fs::remove_dir_all(&dir);
+    match out {
+        Ok(o) => String::from_utf8_lossy(&o.stdout).into_owned(),
+        Err(e) => format!("(diff failed: {e})"),
+    }
+}

@@ -871,3 +871,86 @@ fn all_errors_are_reported_together_one_per_line() {
         "{text}"
     );
 }
+
+// What Neutron's API refuses and the oracle found sg accepting (tests/oracle/README.md,
+// finding 6): multicast pairs (IPv6 pairs overlapping ff00::/8, `::/0` included) and bare
+// addresses in address groups.
+
+fn pair_doc(pair: Value) -> Value {
+    json!({"security_groups": [sg(SG, vec![])], "ports": [port(PORT, json!({"allowed_address_pairs": [pair]}))]})
+}
+
+#[test]
+fn err_ipv6_pair_overlapping_multicast() {
+    for cidr in ["::/0", "8000::/1", "ff00::/8", "ff02::/16"] {
+        assert_err(
+            load_doc(pair_doc(json!({"ip_address": cidr}))),
+            PORT,
+            "allowed_address_pairs[0].ip_address",
+            &format!("\"{cidr}\""),
+            "overlaps the multicast range ff00::/8",
+        );
+    }
+    for ok in ["::/1", "2001:db8::/64", "fe80::/10"] {
+        assert!(load_doc(pair_doc(json!({"ip_address": ok}))).is_ok(), "{ok}");
+    }
+}
+
+#[test]
+fn err_multicast_pair() {
+    for (ip, range) in [
+        ("224.0.0.18", "224.0.0.0/4"),
+        ("239.1.2.0/24", "224.0.0.0/4"),
+        ("128.0.0.0/1", "224.0.0.0/4"),
+        ("ff02::12", "ff00::/8"),
+    ] {
+        assert_err(
+            load_doc(pair_doc(json!({"ip_address": ip}))),
+            PORT,
+            "allowed_address_pairs[0].ip_address",
+            &format!("\"{ip}\""),
+            &format!("overlaps the multicast range {range}"),
+        );
+    }
+    assert_err(
+        load_doc(pair_doc(
+            json!({"ip_address": "10.0.0.9", "mac_address": "01:00:5e:00:00:12"}),
+        )),
+        PORT,
+        "allowed_address_pairs[0].mac_address",
+        "\"01:00:5e:00:00:12\"",
+        "multicast MAC",
+    );
+    // Neutron's one exception: the IPv4 "any" pair.
+    assert!(load_doc(pair_doc(json!({"ip_address": "0.0.0.0/0"}))).is_ok());
+}
+
+#[test]
+fn err_bare_address_in_address_group() {
+    let m = load_doc(json!({"address_groups": [{"id": "ag", "addresses": ["10.0.0.0/24", "10.0.0.5"]}]}));
+    assert_err(
+        m,
+        "ag",
+        "addresses[1]",
+        "\"10.0.0.5\"",
+        "not a valid IP subnet: address groups take CIDRs only",
+    );
+    let m = load_doc(json!({"address_groups": [{"id": "ag", "addresses": ["2001:db8::1"]}]}));
+    assert_err(
+        m,
+        "ag",
+        "addresses[0]",
+        "\"2001:db8::1\"",
+        "address groups take CIDRs only (e.g. '2001:db8::1/128')",
+    );
+    let m = load_doc(json!({"address_groups": [{"id": "ag", "addresses": ["10.0.0.0/255.255.255.0"]}]}));
+    assert_err(
+        m,
+        "ag",
+        "addresses[0]",
+        "\"10.0.0.0/255.255.255.0\"",
+        "not a valid IP subnet",
+    );
+    // `::/0` stays valid in an address group (Neutron accepts it; the ipset gets two /1).
+    assert!(load_doc(json!({"address_groups": [{"id": "ag", "addresses": ["::/0"]}]})).is_ok());
+}

@@ -456,6 +456,29 @@ fn address_group(raw: &RawObject, errs: &mut ValidationErrors) -> AddressGroup {
             f.err(&key, item, "not a valid IP address or CIDR");
             continue;
         };
+        // The API's `type:subnet_list` (`validate_subnet` per item): a CIDR, IPv4 in netaddr's
+        // own form. A bare address is refused, not read as a host route.
+        let text = item.as_str().unwrap_or_default();
+        if !text.contains('/') {
+            f.err(
+                &key,
+                item,
+                format!(
+                    "'{text}' is not a valid IP subnet: address groups take CIDRs only (e.g. '{text}/{}')",
+                    if net.addr().is_ipv4() { 32 } else { 128 }
+                ),
+            );
+            continue;
+        }
+        if net.addr().is_ipv4() && addr::net_to_string(net) != text {
+            f.err(
+                &key,
+                item,
+                format!("'{text}' is not a valid IP subnet: write IPv4 CIDRs as address/length"),
+            );
+            continue;
+        }
+
         // Neutron stores f"{network}/{prefixlen}" and ignores repeats.
         let net = net.trunc();
         if !nets.contains(&net) {
@@ -542,6 +565,17 @@ fn port(raw: &RawObject, errs: &mut ValidationErrors) -> Port {
             );
             continue;
         };
+        // `validate_subnet_not_multicast` / `validate_ip_not_multicast`: the API refuses a
+        // pair that is or overlaps a multicast range; `0.0.0.0/0` is the one exception (so
+        // `::/0`, which overlaps ff00::/8, is refused).
+        if let Some(range) = multicast_overlap(net, text.contains('/')) {
+            f.err(
+                &format!("{key}.ip_address"),
+                ip_v,
+                format!("'{text}' overlaps the multicast range {range}, which Neutron's API refuses for allowed address pairs"),
+            );
+            continue;
+        }
         let (mac_address, pair_mac) = match item.get("mac_address").filter(|v| !v.is_null()) {
             Some(v) => (
                 v.as_str().unwrap_or_default().to_string(),
@@ -550,6 +584,15 @@ fn port(raw: &RawObject, errs: &mut ValidationErrors) -> Port {
             None => (mac_address.clone().unwrap_or_default(), port_mac),
         };
         let Some(pair_mac) = pair_mac else { continue };
+        if pair_mac.is_multicast() {
+            let v = item.get("mac_address").cloned().unwrap_or(Value::Null);
+            f.err(
+                &format!("{key}.mac_address"),
+                &v,
+                "a multicast MAC address, which Neutron's API refuses for allowed address pairs",
+            );
+            continue;
+        }
         if pairs
             .iter()
             .any(|p: &AddressPair| p.mac == pair_mac && p.ip_address == text)
@@ -649,6 +692,27 @@ fn port(raw: &RawObject, errs: &mut ValidationErrors) -> Port {
         binding_host_id,
         device,
     }
+}
+
+/// The multicast range a pair address falls in or overlaps (224.0.0.0/4, ff00::/8), as
+/// neutron-lib's `validate_subnet_not_multicast` (`cidr`) or `validate_ip_not_multicast` decide.
+fn multicast_overlap(net: IpNet, cidr: bool) -> Option<&'static str> {
+    let (mcast, text) = if net.addr().is_ipv4() {
+        (addr::parse_network("224.0.0.0/4")?, "224.0.0.0/4")
+    } else {
+        (addr::parse_network("ff00::/8")?, "ff00::/8")
+    };
+    if !cidr {
+        return mcast.contains(&net.addr()).then_some(text);
+    }
+    if net.addr().is_ipv4() && net.prefix_len() == 0 {
+        return None;
+    }
+    // Two CIDRs overlap iff they agree on the shorter prefix.
+    let len = net.prefix_len().min(mcast.prefix_len());
+    let a = IpNet::new(net.addr(), len).ok()?.trunc();
+    let b = IpNet::new(mcast.addr(), len).ok()?.trunc();
+    (a == b).then_some(text)
 }
 
 // -------------------------------------------------------------------------------------------
