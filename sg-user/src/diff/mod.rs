@@ -179,6 +179,7 @@ fn run_pass(
     sockets: &Sockets,
     scenarios: &[Scenario],
 ) -> Result<Vec<Vec<Outcome>>> {
+    backend.start()?;
     backend.apply(&cfg.model, None)?;
     let mut all = Vec::new();
     let mut n = 0u32;
@@ -438,8 +439,19 @@ pub fn run(opts: &DiffOptions, make: &BackendFactory, log: &mut dyn FnMut(&str))
     for (i, path) in opts.inputs.iter().enumerate() {
         let model = crate::model::load(path).map_err(|e| anyhow::anyhow!("{}:\n{e}", path.display()))?;
         let json = load_json(path)?;
-        let name = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| format!("input{i}"));
-        configs.push((Config { name, model, host: opts.host.clone() }, json, opts.seed + i as u64));
+        let name = path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| format!("input{i}"));
+        configs.push((
+            Config {
+                name,
+                model,
+                host: opts.host.clone(),
+            },
+            json,
+            opts.seed + i as u64,
+        ));
     }
     for i in 0..opts.random as u64 {
         let seed = opts.seed + i;
@@ -449,7 +461,11 @@ pub fn run(opts: &DiffOptions, make: &BackendFactory, log: &mut dyn FnMut(&str))
             .map_err(|e| anyhow::anyhow!("generated config seed {seed} is invalid:\n{e}"))?;
         separate_mixed_networks(&mut model, crate::generator::LOCAL_HOST);
         configs.push((
-            Config { name: format!("seed-{seed}"), model, host: crate::generator::LOCAL_HOST.into() },
+            Config {
+                name: format!("seed-{seed}"),
+                model,
+                host: crate::generator::LOCAL_HOST.into(),
+            },
             json,
             seed,
         ));
@@ -478,11 +494,22 @@ pub fn run(opts: &DiffOptions, make: &BackendFactory, log: &mut dyn FnMut(&str))
             if opts.shrink
                 && let Some(first) = found.first()
             {
-                let sc = scenarios.iter().find(|s| s.name == first.scenario).cloned().expect("scenario of a mismatch");
+                let sc = scenarios
+                    .iter()
+                    .find(|s| s.name == first.scenario)
+                    .cloned()
+                    .expect("scenario of a mismatch");
                 let small = shrink(cfg, &sc, first, make)?;
                 let small_json = crate::model::to_json(&small);
-                std::fs::write(dir.join("input-shrunk.json"), serde_json::to_vec_pretty(&small_json)?)?;
-                log(&format!("  reproduction: {} (shrunk input: {})", dir.display(), small.summary()));
+                std::fs::write(
+                    dir.join("input-shrunk.json"),
+                    serde_json::to_vec_pretty(&small_json)?,
+                )?;
+                log(&format!(
+                    "  reproduction: {} (shrunk input: {})",
+                    dir.display(),
+                    small.summary()
+                ));
             } else {
                 log(&format!("  reproduction: {}", dir.display()));
             }
@@ -499,8 +526,10 @@ fn load_json(path: &Path) -> Result<serde_json::Value> {
             .filter(|p| p.extension().is_some_and(|e| e == "json"))
             .collect();
         files.sort();
-        let docs: Vec<serde_json::Value> =
-            files.iter().map(|f| Ok(serde_json::from_slice(&std::fs::read(f)?)?)).collect::<Result<_>>()?;
+        let docs: Vec<serde_json::Value> = files
+            .iter()
+            .map(|f| Ok(serde_json::from_slice(&std::fs::read(f)?)?))
+            .collect::<Result<_>>()?;
         return Ok(serde_json::Value::Array(docs));
     }
     Ok(serde_json::from_slice(&std::fs::read(path)?)?)
@@ -523,7 +552,11 @@ fn shrink(cfg: &Config, sc: &Scenario, m: &Mismatch, make: &BackendFactory) -> R
         })
         .collect();
     let still_fails = |model: &Model, n: usize| -> Result<bool> {
-        let c = Config { name: cfg.name.clone(), model: model.clone(), host: cfg.host.clone() };
+        let c = Config {
+            name: cfg.name.clone(),
+            model: model.clone(),
+            host: cfg.host.clone(),
+        };
         let tag = format!("{}-k{n}", std::process::id() % 100_000);
         let make_here = |topo: &Topology, _h: &str| make(topo, &c, &tag);
         let mut found = Vec::new();

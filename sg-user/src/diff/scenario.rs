@@ -301,8 +301,13 @@ impl Ctx<'_> {
             first.needs_previous = false;
         }
         if rst {
-            let from_client = self.rng.random_bool(0.5);
-            steps.push(seg(self, from_client, TCP_RST | TCP_ACK, c + 6, s + 6, b""));
+            // In window for whichever side resets: Linux drops out-of-window RSTs as INVALID,
+            // sg does not track windows (D7), and a real stack sends its own next sequence.
+            if self.rng.random_bool(0.5) {
+                steps.push(seg(self, true, TCP_RST | TCP_ACK, c + 6, s + 6, b""));
+            } else {
+                steps.push(seg(self, false, TCP_RST | TCP_ACK, s + 6, c + 6, b""));
+            }
         } else {
             steps.push(seg(self, true, TCP_FIN | TCP_ACK, c + 6, s + 6, b""));
             steps.push(seg(self, false, TCP_FIN | TCP_ACK, s + 6, c + 7, b""));
@@ -954,8 +959,20 @@ impl Ctx<'_> {
                 tpa: [10, 250, 0, 1],
             },
         };
+        // The sender is the port's only if a pair of its MAC covers it (a MAC-only pair covers
+        // everything); an IPv4 pair of /0 turns Neutron's ARP protection off altogether.
+        let arp_off = self
+            .port
+            .allowed_address_pairs
+            .iter()
+            .any(|p| matches!(p.net, IpNet::V4(n) if n.prefix_len() == 0));
+        let owned = self
+            .port
+            .spoof_pairs(Ethertype::IPv4)
+            .iter()
+            .any(|p| p.mac.0 == vm_mac && p.net.is_none_or(|n| n.trunc().contains(&IpAddr::V4(spa))));
         let mut s = self.shot(self.vm(), self.uplink(), vec![arp]);
-        s.documented = Some(("D3", false));
+        s.documented = Some(("D3", arp_off || owned));
         steps.push(Step::Send(s));
         let later = IpPacket::new(
             remote,

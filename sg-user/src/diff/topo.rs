@@ -167,12 +167,17 @@ impl Topology {
     /// Turns bridged IP traffic through iptables on or off on the node (br_netfilter is
     /// per network namespace).
     pub fn bridge_netfilter(&self, on: bool) -> Result<()> {
-        for key in [
-            "net.bridge.bridge-nf-call-iptables",
-            "net.bridge.bridge-nf-call-ip6tables",
-        ] {
-            sysctl(&self.node.0, key, if on { "1" } else { "0" })?;
-        }
-        Ok(())
+        set_bridge_netfilter(&self.node.0, on)
     }
+}
+
+/// Bridged IP traffic through iptables (br_netfilter) on or off in namespace `ns`.
+pub fn set_bridge_netfilter(ns: &str, on: bool) -> Result<()> {
+    for key in [
+        "net.bridge.bridge-nf-call-iptables",
+        "net.bridge.bridge-nf-call-ip6tables",
+    ] {
+        sysctl(ns, key, if on { "1" } else { "0" })?;
+    }
+    Ok(())
 }

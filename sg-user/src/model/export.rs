@@ -66,7 +66,13 @@ pub fn shrink_candidates(m: &Model, keep: &[String]) -> Vec<Model> {
             try_doc(d);
         }
     }
-    for (gi, sg) in doc["security_groups"].as_array().cloned().unwrap_or_default().iter().enumerate() {
+    for (gi, sg) in doc["security_groups"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .iter()
+        .enumerate()
+    {
         let mut d = doc.clone();
         d["security_groups"].as_array_mut().unwrap().remove(gi);
         let id = sg["id"].clone();
@@ -78,7 +84,10 @@ pub fn shrink_candidates(m: &Model, keep: &[String]) -> Vec<Model> {
         try_doc(d);
         for ri in 0..sg["security_group_rules"].as_array().map_or(0, Vec::len) {
             let mut d = doc.clone();
-            d["security_groups"][gi]["security_group_rules"].as_array_mut().unwrap().remove(ri);
+            d["security_groups"][gi]["security_group_rules"]
+                .as_array_mut()
+                .unwrap()
+                .remove(ri);
             try_doc(d);
         }
     }
@@ -88,9 +97,15 @@ pub fn shrink_candidates(m: &Model, keep: &[String]) -> Vec<Model> {
         try_doc(d);
     }
     for pi in 0..n_ports {
-        for ai in 0..doc["ports"][pi]["allowed_address_pairs"].as_array().map_or(0, Vec::len) {
+        for ai in 0..doc["ports"][pi]["allowed_address_pairs"]
+            .as_array()
+            .map_or(0, Vec::len)
+        {
             let mut d = doc.clone();
-            d["ports"][pi]["allowed_address_pairs"].as_array_mut().unwrap().remove(ai);
+            d["ports"][pi]["allowed_address_pairs"]
+                .as_array_mut()
+                .unwrap()
+                .remove(ai);
             try_doc(d);
         }
     }
@@ -121,7 +136,11 @@ mod tests {
         let rules = |m: &Model| m.security_groups.iter().map(|s| s.rules.len()).sum::<usize>();
         for x in &c {
             assert!(x.ports.iter().any(|p| p.id == keep[0]), "the kept port stays");
-            assert!(rules(x) < rules(&m) || x.security_groups.len() < m.security_groups.len() || x.ports.len() < m.ports.len());
+            assert!(
+                rules(x) < rules(&m)
+                    || x.security_groups.len() < m.security_groups.len()
+                    || x.ports.len() < m.ports.len()
+            );
         }
     }
 }
