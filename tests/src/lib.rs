@@ -309,11 +309,17 @@ pub struct Agent {
     pub netns: String,
     pub log: std::path::PathBuf,
     pub host: String,
+    pub extra: Vec<String>,
 }
 
 impl Agent {
     /// Writes `input` and starts the agent on the taps of `netns`.
     pub fn start(netns: &str, input: &serde_json::Value) -> Result<Self> {
+        Self::start_with(netns, input, &[])
+    }
+
+    /// Like `start`, with extra `sg agent` arguments.
+    pub fn start_with(netns: &str, input: &serde_json::Value, extra: &[&str]) -> Result<Self> {
         let dir = std::env::temp_dir().join(unique("sg-agent-"));
         std::fs::create_dir_all(&dir)?;
         let mut a = Self {
@@ -324,6 +330,7 @@ impl Agent {
             netns: netns.to_string(),
             log: dir.join("agent.log"),
             host: "compute-1".into(),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
         };
         a.write_input(input)?;
         a.spawn()?;
@@ -353,6 +360,7 @@ impl Agent {
                 &self.netns,
             ])
             .args(["--gc-interval-ms", "500"])
+            .args(&self.extra)
             .env("NO_COLOR", "1")
             .stdout(log.try_clone()?)
             .stderr(log)

@@ -190,10 +190,11 @@ fn run_pass(
         let mut previous_delivered = true;
         for step in &sc.steps {
             match step {
-                Step::Change { model, .. } => {
+                Step::Change { edit, .. } => {
+                    let model = edit.apply(&cfg.model);
                     let old = current.as_ref().unwrap_or(&cfg.model);
-                    backend.apply(model, Some(old))?;
-                    current = Some((**model).clone());
+                    backend.apply(&model, Some(old))?;
+                    current = Some(model);
                     outcomes.push(None);
                 }
                 Step::Send(shot) => {
@@ -308,6 +309,18 @@ pub fn run_config(
     make: &MakeBackends,
     mismatches: &mut Vec<Mismatch>,
 ) -> Result<Summary> {
+    let (a, b) = run_passes(cfg, scenarios, tag, make)?;
+    Ok(compare(cfg, scenarios, &a, &b, mismatches))
+}
+
+/// Both passes of one configuration, without comparing: (iptables, eBPF) outcomes per
+/// scenario and step.
+pub fn run_passes(
+    cfg: &Config,
+    scenarios: &[Scenario],
+    tag: &str,
+    make: &MakeBackends,
+) -> Result<(Vec<Vec<Outcome>>, Vec<Vec<Outcome>>)> {
     let topo = Topology::build(&cfg.model, &cfg.host, tag)?;
     let sockets = Sockets::open(&topo)?;
     wire::pin_to_cpu(0)?;
@@ -316,7 +329,7 @@ pub fn run_config(
     ipt.teardown()?;
     let b = run_pass(ebpf.as_mut(), cfg, &sockets, scenarios)?;
     ebpf.teardown()?;
-    Ok(compare(cfg, scenarios, &a, &b, mismatches))
+    Ok((a, b))
 }
 
 /// Writes a reproduction of the mismatches of one configuration: the input, the scenarios
@@ -376,7 +389,7 @@ fn verdict(v: Option<bool>) -> &'static str {
 
 /// Make random configurations well defined for the comparison: ports on one Linux bridge
 /// network share one conntrack zone in Neutron, so a stateless and a stateful port there
-/// change each other's behaviour (documented difference D5). A port whose statefulness
+/// change each other's behaviour (documented differences D2 and D12). A port whose statefulness
 /// differs from the first port of its network moves to a network of its own.
 pub fn separate_mixed_networks(model: &mut Model, host: &str) -> usize {
     let mut first: BTreeMap<String, bool> = BTreeMap::new();
@@ -560,7 +573,7 @@ fn shrink(cfg: &Config, sc: &Scenario, m: &Mismatch, make: &BackendFactory) -> R
         let tag = format!("{}-k{n}", std::process::id() % 100_000);
         let make_here = |topo: &Topology, _h: &str| make(topo, &c, &tag);
         let mut found = Vec::new();
-        // The scenario's Change steps carry the full model; keep them as they are.
+        // Change steps are edits: they apply to the shrunk input as they did to the original.
         run_config(&c, std::slice::from_ref(sc), &tag, &make_here, &mut found)?;
         Ok(found.iter().any(|f| f.step == m.step && f.frame == m.frame))
     };

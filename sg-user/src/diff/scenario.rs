@@ -47,12 +47,35 @@ pub struct Shot {
 #[derive(Debug, Clone, serde::Serialize)]
 pub enum Step {
     Send(Shot),
-    /// Replace the input (a rule removed or added): both back ends apply it.
+    /// Change the input (a rule removed, or put back): both back ends apply it.
     Change {
         what: String,
-        #[serde(skip)]
-        model: Box<Model>,
+        edit: Edit,
     },
+}
+
+/// A change to the configuration a scenario runs on. An edit rather than a copy of the
+/// input, so that a shrunk input gets the same change.
+#[derive(Debug, Clone, serde::Serialize)]
+pub enum Edit {
+    RemoveRule {
+        group: String,
+        rule: String,
+    },
+    /// Back to the configuration as given.
+    Original,
+}
+
+impl Edit {
+    pub fn apply(&self, base: &Model) -> Model {
+        let mut m = base.clone();
+        if let Edit::RemoveRule { group, rule } = self
+            && let Some(sg) = m.security_groups.iter_mut().find(|s| &s.id == group)
+        {
+            sg.rules.retain(|r| &r.id != rule);
+        }
+        m
+    }
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -302,7 +325,7 @@ impl Ctx<'_> {
         }
         if rst {
             // In window for whichever side resets: Linux drops out-of-window RSTs as INVALID,
-            // sg does not track windows (D7), and a real stack sends its own next sequence.
+            // sg does not track windows (D14), and a real stack sends its own next sequence.
             if self.rng.random_bool(0.5) {
                 steps.push(seg(self, true, TCP_RST | TCP_ACK, c + 6, s + 6, b""));
             } else {
@@ -575,11 +598,11 @@ impl Ctx<'_> {
             let mut s = self.shot(self.vm(), self.uplink(), vec![f]);
             // Neutron's iptables has no spoof chain for a family without pairs, and never
             // sees the MAC except through a pair; sg checks the source MAC like Neutron's
-            // ebtables did (D2).
+            // ebtables did (D9).
             let allowed_mac =
                 mac == mac_of(self.port) || self.port.allowed_address_pairs.iter().any(|p| p.mac.0 == mac);
             if self.port.is_filtered() && !allowed_mac && !has_pairs {
-                s.documented = Some(("D2", false));
+                s.documented = Some(("D9", false));
             }
             steps.push(Step::Send(s));
         }
@@ -846,14 +869,22 @@ impl Ctx<'_> {
                     .map(move |(j, _)| (i, j))
             })
             .collect();
+        // Neutron cuts the flows of a removed rule by deleting conntrack entries of the port's
+        // fixed IPs; a flow on another address of the port (no fixed IP, an allowed pair)
+        // survives in iptables while sg re-checks it (D13, tested on its own).
+        let own = self.own(eth);
+        if !self.port.fixed_ips.iter().any(|f| f.ip == own) {
+            return None;
+        }
         let &(gi, ri) = candidates.choose(&mut self.rng)?;
         let rule = self.model.security_groups[gi].rules[ri].clone();
+        let remove = Edit::RemoveRule {
+            group: self.model.security_groups[gi].id.clone(),
+            rule: rule.id.clone(),
+        };
         let remote = self.remote(eth, Direction::Ingress);
-        let own = self.own(eth);
         let dport = rule.port_range_min.unwrap();
         let cport = self.rng.random_range(32768..60999u16);
-        let mut without = self.model.clone();
-        without.security_groups[gi].rules.remove(ri);
         let mk = |me: &mut Self, to_vm: bool, flags: u8, seq: u32, ack: u32| {
             let (src, dst, sp, dp) = if to_vm {
                 (remote, own, cport, dport)
@@ -887,23 +918,22 @@ impl Ctx<'_> {
                 mk(self, true, TCP_ACK, 101, 901),
                 Step::Change {
                     what: format!("remove rule {} ({})", rule.id, rule.describe()),
-                    model: Box::new(without),
+                    edit: remove.clone(),
                 },
                 mk(self, true, TCP_PSH | TCP_ACK, 101, 901),
                 mk(self, false, TCP_PSH | TCP_ACK, 901, 102),
                 mk(self, true, TCP_PSH | TCP_ACK, 102, 902),
             ])
         } else {
-            let with = self.model.clone();
             Some(vec![
                 Step::Change {
                     what: format!("remove rule {} ({})", rule.id, rule.describe()),
-                    model: Box::new(without),
+                    edit: remove.clone(),
                 },
                 mk(self, true, TCP_SYN, 100, 0),
                 Step::Change {
                     what: format!("add rule {} back", rule.id),
-                    model: Box::new(with),
+                    edit: Edit::Original,
                 },
                 mk(self, true, TCP_SYN, 100, 0),
                 mk(self, false, TCP_SYN | TCP_ACK, 900, 101),
@@ -912,8 +942,8 @@ impl Ctx<'_> {
     }
 
     /// Frames only sg filters, with their documented sg verdicts: a foreign ethertype and a
-    /// VLAN tag from the VM (D1), ARP with a sender the port does not own (D3), a fragment
-    /// whose first fragment never came (D4).
+    /// VLAN tag from the VM (D8), ARP with a sender the port does not own (D10), a fragment
+    /// whose first fragment never came (D11).
     fn documented_only(&mut self) -> Vec<Step> {
         let mut steps = Vec::new();
         let vm_mac = mac_of(self.port);
@@ -927,7 +957,7 @@ impl Ctx<'_> {
             },
         };
         let mut s = self.shot(self.vm(), self.uplink(), vec![other]);
-        s.documented = Some(("D1", false));
+        s.documented = Some(("D8", false));
         steps.push(Step::Send(s));
         let own = self.own(Ethertype::IPv4);
         let remote = self.remote(Ethertype::IPv4, Direction::Egress);
@@ -942,7 +972,7 @@ impl Ctx<'_> {
         let mut tagged = self.frame(false, p);
         tagged.vlans.push((0x8100, 100));
         let mut s = self.shot(self.vm(), self.uplink(), vec![tagged]);
-        s.documented = Some(("D1", false));
+        s.documented = Some(("D8", false));
         steps.push(Step::Send(s));
         let IpAddr::V4(spa) = IpAddr::V4(Ipv4Addr::new(198, 51, 100, 7)) else {
             unreachable!()
@@ -972,7 +1002,7 @@ impl Ctx<'_> {
             .iter()
             .any(|p| p.mac.0 == vm_mac && p.net.is_none_or(|n| n.trunc().contains(&IpAddr::V4(spa))));
         let mut s = self.shot(self.vm(), self.uplink(), vec![arp]);
-        s.documented = Some(("D3", arp_off || owned));
+        s.documented = Some(("D10", arp_off || owned));
         steps.push(Step::Send(s));
         let later = IpPacket::new(
             remote,
@@ -985,7 +1015,7 @@ impl Ctx<'_> {
         .fragment(3, false, self.id());
         let f = self.frame(true, later);
         let mut s = self.shot(self.uplink(), self.vm(), vec![f]);
-        s.documented = Some(("D4", false));
+        s.documented = Some(("D11", false));
         steps.push(Step::Send(s));
         steps
     }
