@@ -35,6 +35,9 @@ use crate::{
 /// the frame it answers never arrived there.
 pub type Outcome = Option<Vec<bool>>;
 
+/// The outcomes of one pass: per scenario, per step.
+pub type PassOutcomes = Vec<Vec<Outcome>>;
+
 #[derive(Debug, Default, Clone, Serialize)]
 pub struct Summary {
     pub configs: usize,
@@ -320,7 +323,7 @@ pub fn run_passes(
     scenarios: &[Scenario],
     tag: &str,
     make: &MakeBackends,
-) -> Result<(Vec<Vec<Outcome>>, Vec<Vec<Outcome>>)> {
+) -> Result<(PassOutcomes, PassOutcomes)> {
     let topo = Topology::build(&cfg.model, &cfg.host, tag)?;
     let sockets = Sockets::open(&topo)?;
     wire::pin_to_cpu(0)?;
