@@ -55,7 +55,7 @@ fn tcp(src: &str, dst: &str, sport: u16, dport: u16, flags: u8, seq: u32, ack: u
 }
 
 /// Runs `scenario` on `model` under both back ends; returns (iptables, ebpf) per step.
-fn run(model: Model, scenario: Scenario) -> (Vec<Option<Vec<bool>>>, Vec<Option<Vec<bool>>>) {
+fn run(model: Model, scenario: Scenario) -> (Vec<diff::Outcome>, Vec<diff::Outcome>) {
     let cfg = Config {
         name: "documented".into(),
         model,
@@ -102,7 +102,7 @@ fn d12_mixed_network_sg_keeps_each_ports_statefulness() {
             Frame::ip(
                 vm_mac,
                 REMOTE_MAC,
-                tcp("10.7.0.11", "203.0.113.9", 40000, 443, TCP_SYN, 1, 0, 1),
+                tcp(("10.7.0.11", "203.0.113.9", 40000, 443), TCP_SYN, 1, 0, 1),
             ),
         ),
         shot(
@@ -111,7 +111,13 @@ fn d12_mixed_network_sg_keeps_each_ports_statefulness() {
             Frame::ip(
                 REMOTE_MAC,
                 vm_mac,
-                tcp("203.0.113.9", "10.7.0.11", 443, 40000, TCP_SYN | TCP_ACK, 9, 2, 2),
+                tcp(
+                    ("203.0.113.9", "10.7.0.11", 443, 40000),
+                    TCP_SYN | TCP_ACK,
+                    9,
+                    2,
+                    2,
+                ),
             ),
         ),
     ];
@@ -160,7 +166,7 @@ fn d13_rule_removed_sg_cuts_a_flow_neutrons_cleanup_misses() {
             Frame::ip(
                 REMOTE_MAC,
                 vm_mac,
-                tcp("203.0.113.5", "10.9.9.9", 50000, 80, flags, seq, ack, id),
+                tcp(("203.0.113.5", "10.9.9.9", 50000, 80), flags, seq, ack, id),
             ),
         )
     };
