@@ -38,7 +38,10 @@ fn shot(from: Side, to: Side, frame: Frame) -> Step {
     })
 }
 
-fn tcp(src: &str, dst: &str, sport: u16, dport: u16, flags: u8, seq: u32, ack: u32, id: u32) -> IpPacket {
+/// (source, destination, source port, destination port)
+type Ends<'a> = (&'a str, &'a str, u16, u16);
+
+fn tcp((src, dst, sport, dport): Ends, flags: u8, seq: u32, ack: u32, id: u32) -> IpPacket {
     let mut p = IpPacket::new(
         src.parse().unwrap(),
         dst.parse().unwrap(),
@@ -179,10 +182,7 @@ fn d13_rule_removed_sg_cuts_a_flow_neutrons_cleanup_misses() {
                 vm_mac,
                 REMOTE_MAC,
                 tcp(
-                    "10.9.9.9",
-                    "203.0.113.5",
-                    80,
-                    50000,
+                    ("10.9.9.9", "203.0.113.5", 80, 50000),
                     TCP_SYN | TCP_ACK,
                     500,
                     101,
