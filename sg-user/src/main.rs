@@ -511,6 +511,7 @@ fn main() -> Result<()> {
                 Ok((ipt, ebpf))
             };
             let started = std::time::Instant::now();
+            diff::stop_on_interrupt();
             let summary = diff::run(&opts, &make, &mut |line| println!("{line}"))?;
             println!(
                 "

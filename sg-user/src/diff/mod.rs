@@ -31,6 +31,33 @@ use crate::{
     packet::{Body, Frame},
 };
 
+static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+extern "C" fn on_interrupt(_: libc::c_int) {
+    INTERRUPTED.store(true, std::sync::atomic::Ordering::SeqCst);
+}
+
+/// Makes SIGINT and SIGTERM stop the run at the next frame instead of killing the process:
+/// the run then returns an error and every namespace, pin and ruleset it made is removed on
+/// the way out.
+pub fn stop_on_interrupt() {
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: the handler only stores to an atomic.
+        unsafe {
+            let mut act: libc::sigaction = std::mem::zeroed();
+            act.sa_sigaction = on_interrupt as *const () as usize;
+            libc::sigaction(sig, &act, std::ptr::null_mut());
+        }
+    }
+}
+
+fn check_interrupted() -> Result<()> {
+    if INTERRUPTED.load(std::sync::atomic::Ordering::SeqCst) {
+        bail!("interrupted; cleaning up");
+    }
+    Ok(())
+}
+
 /// The outcome of one shot under one back end: which frames arrived, or not sent because
 /// the frame it answers never arrived there.
 pub type Outcome = Option<Vec<bool>>;
@@ -201,6 +228,7 @@ fn run_pass(
                     outcomes.push(None);
                 }
                 Step::Send(shot) => {
+                    check_interrupted()?;
                     if shot.needs_previous && !previous_delivered {
                         outcomes.push(None);
                         previous_delivered = false;
