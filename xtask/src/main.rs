@@ -1,4 +1,4 @@
-//! `cargo xtask`: one entry point for setup, build, test and the demo.
+//! `cargo xtask`: one entry point for setup, build, test, the demo and the benchmarks.
 //!
 //! xtask itself must build on a fresh machine before anything is installed, so it depends on
 //! nothing that needs bpf-linker (only anyhow and clap).
@@ -31,6 +31,15 @@ enum Cmd {
     Test,
     /// The demo compute node in network namespaces (needs root).
     Demo,
+    /// The benchmarks: writes bench/results.md and bench/*.svg (needs root; --quick: < 5 min).
+    Bench {
+        /// Fewer repeats and shorter runs.
+        #[arg(long)]
+        quick: bool,
+        /// Only these sections: classifier, forwarding, control, memory (repeatable).
+        #[arg(long)]
+        only: Vec<String>,
+    },
 }
 
 fn main() -> Result<()> {
@@ -47,6 +56,7 @@ fn main() -> Result<()> {
             build(false)?;
             demo::run()
         }
+        Cmd::Bench { quick, only } => bench(quick, &only),
     }
 }
 
@@ -144,6 +154,34 @@ fn test() -> Result<()> {
         ]),
     )?;
     eprintln!("\nall checks passed in {:.0?}", started.elapsed());
+    Ok(())
+}
+
+/// Builds `sg` and `sg-bench` in release and runs the benchmarks into `bench/`.
+fn bench(quick: bool, only: &[String]) -> Result<()> {
+    setup::run()?;
+    if !is_root() {
+        bail!("the benchmarks load eBPF programs and create network namespaces: run them as root");
+    }
+    step(
+        "build (release)",
+        cargo().args(["build", "--release", "-p", "sg-user", "-p", "sg-bench", "--bins"]),
+    )?;
+    let root = workspace_root();
+    let mut c = Command::new(root.join("target/release/sg-bench"));
+    c.args(["--out", "bench", "--sg", "target/release/sg"]);
+    if quick {
+        c.arg("--quick");
+    }
+    for o in only {
+        c.args(["--only", o]);
+    }
+    let started = std::time::Instant::now();
+    step("benchmarks", &mut c)?;
+    eprintln!(
+        "\nbench/results.md and bench/*.svg written in {:.0?}",
+        started.elapsed()
+    );
     Ok(())
 }
 

@@ -32,6 +32,11 @@ pub mod fixture;
 /// The eBPF object built by build.rs (sg-ebpf, bpfel-unknown-none).
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sg"));
 
+/// The benchmark floor (sg-ebpf's `sg-passthru`): one classifier, `sg_passthru`, that returns
+/// "next" without reading the frame. Only benchmarks load it, for BPF_PROG_TEST_RUN; nothing
+/// attaches it.
+pub static PASSTHRU_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sg-passthru"));
+
 /// Default pin root. The version component changes whenever a pinned layout changes.
 pub const DEFAULT_PIN_ROOT: &str = "/sys/fs/bpf/sg/v1";
 
