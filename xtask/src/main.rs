@@ -165,7 +165,7 @@ fn bench(quick: bool, only: &[String]) -> Result<()> {
     }
     step(
         "build (release)",
-        cargo().args(["build", "--release", "-p", "sg-user", "-p", "sg-bench", "--bins"]),
+        cargo().args(["build", "--release", "-p", "sg-user", "-p", "sg-tests", "--bins"]),
     )?;
     let root = workspace_root();
     let mut c = Command::new(root.join("target/release/sg-bench"));
