@@ -129,6 +129,9 @@ fn removable(t: &Table, live: &LiveTable, wrap: &str, chain: &str, rule: &str) -
     if !owned(wrap, chain, rule) {
         return false;
     }
+    if !is_top_hook(chain, rule) {
+        return true;
+    }
     let keep_hooks = !t.chains.iter().any(|c| c == FILTER_TOP)
         && live.chains.iter().any(|c| c == FILTER_TOP)
         && !stale_chains(t, live, wrap).iter().any(|c| c == FILTER_TOP);
@@ -142,9 +145,13 @@ fn edited_in_place(table: &str, chain: &str, live: &LiveTable) -> bool {
     is_builtin(table, chain) || (chain == FILTER_TOP && live.chains.iter().any(|c| c == FILTER_TOP))
 }
 
-/// The desired rules of a chain, in order.
-fn desired_rules<'a>(t: &'a Table, chain: &'a str) -> Vec<&'a str> {
-    t.chain_rules(chain).collect()
+/// Rules grouped by chain, in order (one pass: tables hold ~10^5 rules on a busy host).
+fn by_chain(rules: &[(String, String)]) -> HashMap<&str, Vec<&str>> {
+    let mut m: HashMap<&str, Vec<&str>> = HashMap::new();
+    for (c, r) in rules {
+        m.entry(c.as_str()).or_default().push(r.as_str());
+    }
+    m
 }
 
 /// Stale Neutron chains: live chains of this wrap that the render no longer has;
@@ -189,21 +196,23 @@ pub fn in_sync(t: &Table, live: &LiveTable, wrap: &str) -> bool {
         .chain(t.chains.iter().map(String::as_str))
         .chain(live.rules.iter().map(|(c, _)| c.as_str()))
         .collect();
+    let desired = by_chain(&t.rules);
+    let current = by_chain(&live.rules);
     for chain in chains {
-        let want: Vec<String> = desired_rules(t, chain).into_iter().map(kernel_form).collect();
-        let live_rules: Vec<&(String, String)> = live.rules.iter().filter(|(c, _)| c == chain).collect();
+        let want = desired.get(chain).map(Vec::as_slice).unwrap_or(&[]);
+        let have = current.get(chain).map(Vec::as_slice).unwrap_or(&[]);
         // Ours must be the first rules of the chain, and nothing of ours further down.
-        let head: Vec<String> = live_rules
-            .iter()
-            .take(want.len())
-            .map(|(_, r)| kernel_form(r))
-            .collect();
-        if head != want {
+        if have.len() < want.len()
+            || want
+                .iter()
+                .zip(have)
+                .any(|(w, h)| w != h && kernel_form(w) != kernel_form(h))
+        {
             return false;
         }
-        if live_rules[want.len().min(live_rules.len())..]
+        if have[want.len()..]
             .iter()
-            .any(|(c, r)| removable(t, live, wrap, c, r))
+            .any(|r| removable(t, live, wrap, chain, r))
         {
             return false;
         }
@@ -235,8 +244,9 @@ pub fn restore_input(t: &Table, live: &LiveTable, wrap: &str) -> String {
         .iter()
         .map(|c| c.to_string())
         .chain(t.chains.iter().cloned());
+    let desired = by_chain(&t.rules);
     for c in chains {
-        let rules = desired_rules(t, &c);
+        let rules = desired.get(c.as_str()).cloned().unwrap_or_default();
         if edited_in_place(t.name, &c, live) {
             for (i, r) in rules.iter().enumerate() {
                 s.push_str(&format!("-I {c} {} {r}\n", i + 1));
