@@ -661,3 +661,32 @@ fn agent_with_the_iptables_dataplane_applies_and_follows_the_input() {
     check("shared-group");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The differential harness applies from a thread that has `setns`'d into the compute node's
+/// namespace: the commands must act there, not in the test's namespace.
+#[test]
+fn apply_from_a_thread_inside_the_namespace() {
+    let ns = Netns::new("sgt").unwrap();
+    let r = iptables::render(
+        &model_of("spec12", &corpus_doc("spec12")),
+        &RenderOptions::new(LOCAL_HOST),
+    );
+    let r2 = r.clone();
+    sg_tests::spawn_in(&ns.name, move || {
+        IptablesDataplane::new(Backend::Nft)
+            .apply_rendered(&r2)
+            .map(|_| ())
+    })
+    .join()
+    .unwrap()
+    .unwrap()
+    .unwrap();
+    for family in Ethertype::ALL {
+        compare(&r, family, &save(&ns.name, Backend::Nft, family), &[]).unwrap();
+    }
+    let here = Command::new("ipset").args(["list", "-n"]).output().unwrap();
+    assert!(
+        !String::from_utf8_lossy(&here.stdout).contains("NIPv45e2b6c4d-1a2b-4c3d-8e9f-"),
+        "the sets went to the test's own namespace"
+    );
+}

@@ -715,8 +715,8 @@ impl ConntrackDelete {
 pub fn conntrack_cleanup(old: &Model, new: &Model, opts: &RenderOptions) -> Vec<ConntrackDelete> {
     let old_view = neutron::server_view(old, opts);
     let new_view = neutron::server_view(new, opts);
-    let old_zones = super::render(old, opts).zones;
-    let new_zones = super::render(new, opts).zones;
+    let old_zones = render::zones(&old_view, opts);
+    let new_zones = render::zones(&new_view, opts);
     let zone_of = |id: &str| old_zones.get(id).or(new_zones.get(id)).copied();
     let mut out: BTreeSet<ConntrackDelete> = BTreeSet::new();
 
