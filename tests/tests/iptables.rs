@@ -218,6 +218,8 @@ fn add_foreign(ns: &str, backend: Backend) {
         ns,
         &[
             &ipt(Ethertype::IPv4),
+            "-w",
+            "10",
             "-A",
             "FORWARD",
             "-s",
@@ -232,6 +234,8 @@ fn add_foreign(ns: &str, backend: Backend) {
         ns,
         &[
             &ipt(Ethertype::IPv6),
+            "-w",
+            "10",
             "-A",
             "FORWARD",
             "-s",
@@ -256,8 +260,12 @@ fn kernel_check(r: &Rendered, backend: Backend) -> Result<BTreeSet<&'static str>
     let ns = Netns::new("sgk")?;
     ns_run(&ns.name, &["bash", "-e", "-s"], Some(&r.ipset_text(None))).context("the # ipset section")?;
     for (family, text) in [(Ethertype::IPv4, &r.v4), (Ethertype::IPv6, &r.v6)] {
-        ns_run(&ns.name, &[&backend.restore_cmd(family), "--test"], Some(text))
-            .with_context(|| format!("{} --test", family.as_str()))?;
+        ns_run(
+            &ns.name,
+            &[&backend.restore_cmd(family), "--test", "-w", "10"],
+            Some(text),
+        )
+        .with_context(|| format!("{} --test", family.as_str()))?;
     }
     add_foreign(&ns.name, backend);
     let dp = IptablesDataplane::new(backend).in_netns(Some(ns.name.clone()));
@@ -345,7 +353,7 @@ fn apply_converges_across_inputs_and_keeps_foreign_rules() {
             &["-A", "neutron-filter-top", "-j", "neutron-l3-agent-local"],
             &["-A", "FORWARD", "-j", "neutron-filter-top"],
         ] {
-            let mut a = vec![ipt.as_str()];
+            let mut a = vec![ipt.as_str(), "-w", "10"];
             a.extend_from_slice(args);
             ns_run(&ns.name, &a, None).unwrap();
         }

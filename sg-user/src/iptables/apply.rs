@@ -105,6 +105,11 @@ pub fn parse_save(text: &str) -> BTreeMap<String, LiveTable> {
 
 const FILTER_TOP: &str = "neutron-filter-top";
 
+/// Seconds `iptables-restore` waits for the xtables lock (`-w`, as Neutron passes it):
+/// iptables-legacy holds one lock for all network namespaces, so concurrent writers elsewhere
+/// on the host would otherwise make a restore fail at once. iptables-nft ignores it.
+const LOCK_WAIT: &str = "10";
+
 fn is_builtin(table: &str, chain: &str) -> bool {
     render::BUILTIN
         .iter()
@@ -503,7 +508,7 @@ impl IptablesDataplane {
         // 4. dry run.
         for (family, input, _) in &inputs {
             let tool = self.backend.restore_cmd(*family);
-            let out = self.run(&[&tool, "--test", "--noflush"], Some(input))?;
+            let out = self.run(&[&tool, "--test", "--noflush", "-w", LOCK_WAIT], Some(input))?;
             if !out.ok {
                 undo_created(&created);
                 bail!(
@@ -541,7 +546,7 @@ impl IptablesDataplane {
         let mut done: Vec<Ethertype> = Vec::new();
         for (family, input, tables) in &inputs {
             let tool = self.backend.restore_cmd(*family);
-            let out = self.run(&[&tool, "--noflush"], Some(input))?;
+            let out = self.run(&[&tool, "--noflush", "-w", LOCK_WAIT], Some(input))?;
             if !out.ok {
                 // Put back what this apply changed: the families already restored get their
                 // previous tables (the full save text, without --noflush, replaces each table
@@ -550,7 +555,7 @@ impl IptablesDataplane {
                 for f in &done {
                     let prev = &before.iter().find(|(e, _)| e == f).expect("saved").1;
                     if !self
-                        .run(&[&self.backend.restore_cmd(*f)], Some(prev))
+                        .run(&[&self.backend.restore_cmd(*f), "-w", LOCK_WAIT], Some(prev))
                         .is_ok_and(|o| o.ok)
                     {
                         rolled_back = false;
