@@ -575,8 +575,15 @@ fn conntrack_cleanup_cuts_the_flows_of_a_removed_rule() {
     ct(
         "conntrack -I -p tcp -s 10.0.0.9 -d 10.0.0.5 --sport 40001 --dport 22 --state ESTABLISHED -u ASSURED -t 120 -w 4098",
     );
+    // The input change as the agent handles it: apply, then the cleanup.
     let dp = IptablesDataplane::new(Backend::Nft).in_netns(Some(ns.name.clone()));
-    dp.conntrack_delete(&deletes).unwrap();
+    let (old, new) = (model_of("old", &old_doc), model_of("new", &new_doc));
+    let change = dp.apply_change(Some(&old), &new, &o).unwrap();
+    assert!(
+        change.apply.changed() && change.conntrack_error.is_none(),
+        "{change:?}"
+    );
+    assert_eq!(change.conntrack, deletes);
     let left = ct("conntrack -L");
     assert!(
         !left.contains("sport=40000 dport=22"),

@@ -309,6 +309,16 @@ impl std::fmt::Display for ApplyReport {
     }
 }
 
+/// What [`IptablesDataplane::apply_change`] did.
+#[derive(Clone, Debug, Default)]
+pub struct ChangeReport {
+    pub apply: ApplyReport,
+    /// The conntrack deletions run.
+    pub conntrack: Vec<ConntrackDelete>,
+    /// Set when a deletion failed (the rules are applied all the same).
+    pub conntrack_error: Option<String>,
+}
+
 /// The iptables back end of sg: applies renders, runs conntrack cleanups.
 #[derive(Clone, Debug)]
 pub struct IptablesDataplane {
@@ -449,6 +459,26 @@ impl IptablesDataplane {
     /// Renders `model` and applies it (module docs).
     pub fn apply(&self, model: &Model, opts: &RenderOptions) -> Result<ApplyReport> {
         self.apply_rendered(&super::render(model, opts))
+    }
+
+    /// A change of input as Neutron's agent handles it: apply `new`, then delete the conntrack
+    /// entries of what went away since `old` ([`conntrack_cleanup`]), so that established
+    /// flows a removed rule or member allowed are cut as under Neutron. An error means nothing
+    /// was applied; a failed cleanup after a good apply is reported in the result.
+    pub fn apply_change(
+        &self,
+        old: Option<&Model>,
+        new: &Model,
+        opts: &RenderOptions,
+    ) -> Result<ChangeReport> {
+        let apply = self.apply(new, opts)?;
+        let conntrack = old.map(|o| conntrack_cleanup(o, new, opts)).unwrap_or_default();
+        let conntrack_error = self.conntrack_delete(&conntrack).err().map(|e| format!("{e:#}"));
+        Ok(ChangeReport {
+            apply,
+            conntrack,
+            conntrack_error,
+        })
     }
 
     /// Applies a render (module docs).

@@ -41,7 +41,7 @@ pub mod neutron;
 pub mod protocols;
 pub mod render;
 
-pub use apply::{ApplyReport, Backend, ConntrackDelete, IptablesDataplane, conntrack_cleanup};
+pub use apply::{ApplyReport, Backend, ChangeReport, ConntrackDelete, IptablesDataplane, conntrack_cleanup};
 
 use crate::model::{Ethertype, Model};
 
