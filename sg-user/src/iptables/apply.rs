@@ -1,4 +1,4 @@
-//! Step 4: make the kernel hold what [`super::render`] printed, in the current network
+//! Step 4: make the kernel hold what [`super::render()`] printed, in the current network
 //! namespace (or a named one), without touching what is not Neutron's.
 //!
 //! One apply:
