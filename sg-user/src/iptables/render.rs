@@ -824,35 +824,17 @@ pub(crate) fn run(
         d.trusted_ports();
         d.setup_chains();
     }
-    let ipsets: Vec<IpSet> = std::mem::take(&mut d.ipsets).into_values().collect();
-    let [v4, v6] = std::mem::replace(&mut d.tables, [mk(), mk()]);
-    let finish = |ts: [TableBuilder; 3]| -> Vec<Table> {
-        ts.into_iter()
-            .map(|t| {
-                if any_local {
-                    t.finish()
-                } else {
-                    TableBuilder::new(t.name, wrap).finish_empty()
-                }
-            })
-            .collect()
-    };
-    ([finish(v4), finish(v6)], ipsets, d.port_zones)
-}
-
-impl TableBuilder {
-    /// A table Neutron never wrote to: its builtin chains only.
-    fn finish_empty(self) -> Table {
-        let builtin: &[&str] = BUILTIN
-            .iter()
-            .find(|(t, _)| *t == self.name)
-            .map(|(_, c)| *c)
-            .unwrap_or(&[]);
-        Table {
-            name: self.name,
-            builtin: builtin.to_vec(),
-            chains: Vec::new(),
-            rules: Vec::new(),
-        }
-    }
+    // Tables Neutron never wrote to come out as their builtin chains only.
+    let Driver {
+        tables: [v4, v6],
+        ipsets,
+        port_zones,
+        ..
+    } = d;
+    let finish = |ts: [TableBuilder; 3]| ts.into_iter().map(TableBuilder::finish).collect();
+    (
+        [finish(v4), finish(v6)],
+        ipsets.into_values().collect(),
+        port_zones,
+    )
 }
