@@ -186,87 +186,96 @@ fn stale_chains(t: &Table, live: &LiveTable, wrap: &str) -> Vec<String> {
     out
 }
 
-/// Whether the live table already holds exactly the rendered Neutron part.
-pub fn in_sync(t: &Table, live: &LiveTable, wrap: &str) -> bool {
-    if !stale_chains(t, live, wrap).is_empty() {
-        return false;
-    }
-    if t.chains.iter().any(|c| !live.chains.contains(c)) {
-        return false;
-    }
-    let chains: BTreeSet<&str> = t
-        .builtin
-        .iter()
-        .copied()
-        .chain(t.chains.iter().map(String::as_str))
-        .chain(live.rules.iter().map(|(c, _)| c.as_str()))
-        .collect();
-    let desired = by_chain(&t.rules);
-    let current = by_chain(&live.rules);
-    for chain in chains {
-        let want = desired.get(chain).map(Vec::as_slice).unwrap_or(&[]);
-        let have = current.get(chain).map(Vec::as_slice).unwrap_or(&[]);
-        // Ours must be the first rules of the chain, and nothing of ours further down.
-        if have.len() < want.len()
-            || want
-                .iter()
-                .zip(have)
-                .any(|(w, h)| w != h && kernel_form(w) != kernel_form(h))
-        {
-            return false;
-        }
-        if have[want.len()..]
+/// Whether two rule lists are the same once in the kernel's canonical form.
+fn same_rules(want: &[&str], have: &[&str]) -> bool {
+    want.len() == have.len()
+        && want
             .iter()
-            .any(|r| removable(t, live, wrap, chain, r))
-        {
-            return false;
-        }
-    }
-    true
+            .zip(have)
+            .all(|(w, h)| w == h || kernel_form(w) == kernel_form(h))
 }
 
-/// `iptables-restore --noflush` input turning `live` into `t` (see module docs). With an empty
+/// Whether the live table already holds exactly the rendered Neutron part.
+pub fn in_sync(t: &Table, live: &LiveTable, wrap: &str) -> bool {
+    restore_plan(t, live, wrap).is_empty()
+}
+
+/// `iptables-restore --noflush` input turning `live` into `t` (see module docs); only the
+/// chains that differ are touched, so a one-rule change rewrites one chain. With an empty
 /// `live` this is what `sg iptables render --format restore` prints.
 pub fn restore_input(t: &Table, live: &LiveTable, wrap: &str) -> String {
     let mut s = format!("*{}\n", t.name);
-    let stale = stale_chains(t, live, wrap);
-    for c in &t.chains {
-        if !edited_in_place(t.name, c, live) {
-            s.push_str(&format!(":{c} - [0:0]\n"));
-        }
-    }
-    for c in &stale {
-        s.push_str(&format!(":{c} - [0:0]\n"));
-    }
-    // Previous Neutron lines of the chains kept in place.
-    for (c, r) in &live.rules {
-        if edited_in_place(t.name, c, live) && !stale.contains(c) && removable(t, live, wrap, c, r) {
-            s.push_str(&format!("-D {c} {r}\n"));
-        }
-    }
-    let chains = t
-        .builtin
-        .iter()
-        .map(|c| c.to_string())
-        .chain(t.chains.iter().cloned());
-    let desired = by_chain(&t.rules);
-    for c in chains {
-        let rules = desired.get(c.as_str()).cloned().unwrap_or_default();
-        if edited_in_place(t.name, &c, live) {
-            for (i, r) in rules.iter().enumerate() {
-                s.push_str(&format!("-I {c} {} {r}\n", i + 1));
-            }
-        } else {
-            for r in rules {
-                s.push_str(&format!("-A {c} {r}\n"));
-            }
-        }
-    }
-    for c in &stale {
-        s.push_str(&format!("-X {c}\n"));
+    for line in restore_plan(t, live, wrap) {
+        s.push_str(&line);
+        s.push('\n');
     }
     s.push_str("COMMIT\n");
     s
+}
+
+fn rules_of<'a>(m: &HashMap<&str, Vec<&'a str>>, chain: &str) -> Vec<&'a str> {
+    m.get(chain).cloned().unwrap_or_default()
+}
+
+/// The restore commands of [`restore_input`], empty when the table is in sync.
+fn restore_plan(t: &Table, live: &LiveTable, wrap: &str) -> Vec<String> {
+    let stale = stale_chains(t, live, wrap);
+    let desired = by_chain(&t.rules);
+    let current = by_chain(&live.rules);
+
+    // Chains sg declares (creating or flushing them) and fills: those missing or different.
+    let declared: Vec<&String> = t
+        .chains
+        .iter()
+        .filter(|c| !edited_in_place(t.name, c, live))
+        .filter(|c| !live.chains.contains(c) || !same_rules(&rules_of(&desired, c), &rules_of(&current, c)))
+        .collect();
+    // Chains edited in place whose Neutron part is not ours-first-and-only.
+    let in_place: Vec<String> = t
+        .builtin
+        .iter()
+        .map(|c| c.to_string())
+        .chain(t.chains.iter().cloned())
+        .chain(live.rules.iter().map(|(c, _)| c.clone()))
+        .collect::<BTreeSet<String>>()
+        .into_iter()
+        .filter(|c| edited_in_place(t.name, c, live) && !stale.contains(c))
+        .filter(|c| {
+            let want = rules_of(&desired, c);
+            let have = rules_of(&current, c);
+            let head = &have[..want.len().min(have.len())];
+            !same_rules(&want, head) || have[head.len()..].iter().any(|r| removable(t, live, wrap, c, r))
+        })
+        .collect();
+
+    let mut out = Vec::new();
+    for c in declared
+        .iter()
+        .map(|c| c.as_str())
+        .chain(stale.iter().map(String::as_str))
+    {
+        out.push(format!(":{c} - [0:0]"));
+    }
+    // Previous Neutron lines of the chains kept in place.
+    for (c, r) in &live.rules {
+        if in_place.contains(c) && removable(t, live, wrap, c, r) {
+            out.push(format!("-D {c} {r}"));
+        }
+    }
+    for c in &in_place {
+        for (i, r) in rules_of(&desired, c).iter().enumerate() {
+            out.push(format!("-I {c} {} {r}", i + 1));
+        }
+    }
+    for c in &declared {
+        for r in rules_of(&desired, c) {
+            out.push(format!("-A {c} {r}"));
+        }
+    }
+    for c in &stale {
+        out.push(format!("-X {c}"));
+    }
+    out
 }
 
 /// What an apply changed.
