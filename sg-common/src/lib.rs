@@ -229,7 +229,10 @@ pub struct ServiceVal {
 // SG_CONNTRACK: LRU hash, one entry per flow and port (the port is the zone, as the OVS
 // firewall does; Neutron's Linux bridge driver shares one zone per network). The 5-tuple is
 // normalised so that both directions find the same entry: (addr_a, port_a) <= (addr_b, port_b)
-// bytewise. ICMP/ICMPv6 queries use (id, request type) in the port fields.
+// bytewise. Protocols without ports (other than ICMP) have zero ports.
+// ICMP/ICMPv6 queries are keyed by role, not by byte order, because Linux keeps a request from
+// A and a request from B with the same id apart: addr_a is the requester, port_a the query id,
+// port_b (request type << 8 | code), and CT_F_ORIG_A is always set.
 // -------------------------------------------------------------------------------------------
 
 #[repr(C)]
@@ -294,6 +297,9 @@ pub mod timeout {
     pub const TCP_LAST_ACK: u64 = 30;
     pub const TCP_TIME_WAIT: u64 = 120;
     pub const TCP_CLOSE: u64 = 10;
+    pub const TCP_SYN_SENT2: u64 = 120;
+    /// Linux caps a flow that has not seen a reply (a mid-stream pickup) at this.
+    pub const TCP_UNACK: u64 = 300;
     pub const UDP_UNREPLIED: u64 = 30;
     pub const UDP_REPLIED: u64 = 120;
     pub const ICMP: u64 = 30;
@@ -437,6 +443,9 @@ pub struct Counter {
 // -------------------------------------------------------------------------------------------
 
 pub const TRACE_MARK: u32 = 0x5347_7472; // "SGtr"
+/// Like `TRACE_MARK`, and the packet writes nothing else: no conntrack or fragment state, no
+/// counters. `sg trace` uses it so that explaining a packet never changes the live tables.
+pub const TRACE_DRY_MARK: u32 = 0x5347_7464; // "SGtd"
 
 /// Conntrack state of a packet as iptables `-m state` would see it.
 pub const CT_STATE_NONE: u8 = 0;

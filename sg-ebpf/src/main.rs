@@ -1,20 +1,32 @@
-//! sg datapath: Neutron security groups at tcx on every VM tap.
+//! sg datapath: Neutron security groups at tcx on every VM tap (README.md is the behaviour spec).
 //!
-//! `sg_from_vm` runs at tcx ingress of the tap (frames the VM sends), `sg_to_vm` at tcx egress
-//! (frames towards the VM). A tap without an SG_PORTS entry is not ours: it passes untouched.
-//! Each packet goes parse, then policy, then verdict.
+//! `sg_from_vm` runs at tcx ingress of the tap (frames the VM sends, Neutron "egress"),
+//! `sg_to_vm` at tcx egress (frames towards the VM, Neutron "ingress"). A tap without an
+//! SG_PORTS entry is not ours: it passes untouched and uncounted.
+//!
+//! Every frame goes, top-down in this file: parse (`parse`), port security and fixed rules
+//! (`portsec` from the VM, `fixed` towards it), fragments (`frag`), conntrack (`conntrack`),
+//! policy (`policy`), then the verdict and its accounting (`verdict`). Nothing is logged on
+//! this path.
 #![no_std]
 #![no_main]
 
+mod conntrack;
+mod fixed;
+mod frag;
 mod maps;
 mod parse;
+mod policy;
+mod portsec;
+mod verdict;
 
 use aya_ebpf::{bindings::__sk_buff, macros::classifier, programs::TcContext};
 use sg_common::*;
 
 use crate::{
-    maps::{SG_CLASSES, SG_PORTS, SG_SERVICES, SG_STATS},
-    parse::Packet,
+    maps::SG_PORTS,
+    parse::{FRAG_FIRST, FRAG_LATER, L3_IP, Pkt},
+    verdict::{Decision, TRACED, TRACED_DRY, UNDECIDED},
 };
 
 #[classifier]
@@ -29,89 +41,141 @@ pub fn sg_to_vm(ctx: TcContext) -> i32 {
 
 #[inline(always)]
 fn classify(ctx: &TcContext, dir: u8) -> i32 {
+    // SAFETY: the context of a classifier is a valid __sk_buff for the whole run.
     let skb: &__sk_buff = unsafe { &*ctx.skb.skb };
-    let ifindex = skb.ifindex;
     // Copy the port entry once: the agent may replace it while this packet is in flight.
-    let port = match unsafe { SG_PORTS.get(ifindex) } {
+    let port = match unsafe { SG_PORTS.get(skb.ifindex) } {
         Some(p) => *p,
         None => return TC_ACT_UNSPEC,
     };
-    let reason = if port.flags & PORT_F_FILTERED == 0 {
+    let mut d = Decision {
+        dir,
+        // Only BPF_PROG_TEST_RUN sets these marks: the packet records its decision in
+        // SG_TRACE; with the dry mark (`sg trace`) it also writes no state and no counters.
+        traced: match skb.mark {
+            TRACE_MARK => TRACED,
+            TRACE_DRY_MARK => TRACED_DRY,
+            _ => 0,
+        },
+        ..Default::default()
+    };
+    d.reason = if port.flags & PORT_F_FILTERED == 0 {
         REASON_ALLOW_UNFILTERED
     } else {
-        match parse::parse(ctx) {
-            Ok(Some(pkt)) => policy(&port, dir, &pkt),
-            Ok(None) => REASON_ALLOW_NON_IP,
-            Err(()) => REASON_DROP_MALFORMED,
-        }
+        decide(ctx, skb, &port, &mut d)
     };
-    count(port.port_idx, dir, reason, ctx.len());
-    if reason_allows(reason) {
-        TC_ACT_UNSPEC
-    } else {
-        TC_ACT_SHOT
-    }
+    verdict::finish(&port, &d, skb.len)
 }
 
-/// Two-stage lookup: remote address -> class, then (class, protocol, port) -> rule.
+/// The decision for a filtered port.
 #[inline(always)]
-fn policy(port: &PortInfo, dir: u8, pkt: &Packet) -> u8 {
-    let remote = if dir == DIR_INGRESS { pkt.src } else { pkt.dst };
-    let ckey = aya_ebpf::maps::lpm_trie::Key::new(
-        CLASS_KEY_FIXED_BITS + 128,
-        ClassKey {
-            policy: port.policy,
-            dir,
-            family: pkt.family,
-            _pad: [0; 2],
-            addr: remote,
-        },
-    );
-    let class = match SG_CLASSES.get(&ckey) {
-        Some(c) => c.class,
-        None => return REASON_DROP_NO_RULE,
-    };
-    let skey = aya_ebpf::maps::lpm_trie::Key::new(
-        SERVICE_KEY_FULL_BITS,
-        ServiceKey {
-            policy: port.policy,
-            class,
-            dir,
-            family: pkt.family,
-            proto: pkt.proto,
-            port_be: pkt.service_port.to_be_bytes(),
-            _pad: [0; 3],
-        },
-    );
-    match SG_SERVICES.get(&skey) {
-        Some(_) => REASON_ALLOW_RULE,
-        None => REASON_DROP_NO_RULE,
+fn decide(ctx: &TcContext, skb: &__sk_buff, port: &PortInfo, d: &mut Decision) -> u8 {
+    // 1. Parse. The kernel moves a received frame's outer VLAN tag into skb->vlan_tci before
+    //    tcx ingress, and a frame towards the VM may carry its tag there too; a tag still in
+    //    the frame is the parser's business.
+    if skb.vlan_present != 0 {
+        return REASON_DROP_VLAN;
     }
+    let mut pkt = Pkt::EMPTY;
+    let reason = parse::parse(ctx, &mut pkt);
+    if reason != 0 {
+        return reason;
+    }
+    d.family = pkt.family;
+    d.proto = pkt.proto;
+
+    // 2. Frame-level checks. From the VM: ethertype, source MAC and ARP (ebtables' job on a
+    //    Neutron node); towards the VM, iptables lets every non-IP frame through.
+    if d.dir == DIR_EGRESS {
+        let reason = portsec::frame(ctx, port, &pkt);
+        if reason != 0 {
+            return reason;
+        }
+    } else if pkt.l3 != L3_IP {
+        return REASON_ALLOW_NON_IP;
+    }
+
+    // 3. A later fragment has no L4 header to decide on: it follows the first fragment.
+    if pkt.frag == FRAG_LATER {
+        return frag::follow(port, d.dir, &pkt, &mut d.rule);
+    }
+    let reason = decide_ip(ctx, port, &pkt, d);
+    if pkt.frag == FRAG_FIRST && d.traced != TRACED_DRY {
+        frag::remember(port, d.dir, &pkt, reason, d.rule);
+    }
+    reason
 }
 
+/// An IP packet with its L4 header: Neutron's chain order for its direction.
 #[inline(always)]
-fn count(port_idx: u32, dir: u8, reason: u8, bytes: u32) {
-    let key = StatKey {
-        port_idx,
-        dir,
-        reason,
-        _pad: [0; 2],
-    };
-    if let Some(c) = SG_STATS.get_ptr_mut(key) {
-        // SAFETY: per-CPU value, only this CPU writes it.
-        unsafe {
-            (*c).packets += 1;
-            (*c).bytes += bytes as u64;
-        }
+fn decide_ip(ctx: &TcContext, port: &PortInfo, pkt: &Pkt, d: &mut Decision) -> u8 {
+    // 4. Fixed rules ahead of the state rule: the egress chain's spoof, DHCP, RA and ICMPv6
+    //    rules; the ingress chain's ND/MLD rules. A drop ends here; an allow still goes
+    //    through conntrack so that the flow it starts is recorded.
+    let fixed = if d.dir == DIR_EGRESS {
+        portsec::ip(port, pkt)
     } else {
-        let _ = SG_STATS.insert(
-            key,
-            Counter {
-                packets: 1,
-                bytes: bytes as u64,
-            },
-            0,
-        );
+        fixed::before_conntrack(pkt)
+    };
+    if fixed != UNDECIDED && !reason_allows(fixed) {
+        return fixed;
+    }
+
+    // 5. Conntrack: the state `-m state` would see.
+    let mut ct = conntrack::Ct::NONE;
+    ct.dry = d.traced == TRACED_DRY;
+    conntrack::lookup(ctx, port, pkt, &mut ct);
+    d.ct_state = ct.state;
+
+    let reason = match fixed {
+        UNDECIDED => match ct.state {
+            CT_STATE_ESTABLISHED => {
+                d.rule = ct.rule;
+                REASON_ALLOW_ESTABLISHED
+            }
+            CT_STATE_RELATED => {
+                d.rule = ct.rule;
+                REASON_ALLOW_RELATED
+            }
+            _ => rules(port, pkt, d),
+        },
+        fixed => fixed,
+    };
+
+    // 6. State is written only for a packet every stage accepted.
+    if reason_allows(reason) && d.traced != TRACED_DRY {
+        conntrack::commit(&ct, d.dir, port.policy, d.rule);
+    }
+    reason
+}
+
+/// NEW, INVALID, UNTRACKED and stateless packets: the provider rules (towards the VM), then the
+/// security-group rules, then the INVALID drop, then the fallback drop. A rule that allows a
+/// packet allows it even when it is INVALID, as in iptables.
+#[inline(always)]
+fn rules(port: &PortInfo, pkt: &Pkt, d: &mut Decision) -> u8 {
+    if d.dir == DIR_INGRESS {
+        let reason = fixed::provider(port, pkt);
+        if reason != UNDECIDED {
+            return reason;
+        }
+    }
+    let hit = policy::lookup(&policy::Query {
+        policy: port.policy,
+        dir: d.dir,
+        family: pkt.family,
+        proto: pkt.proto,
+        port: pkt.service_port(),
+        remote: if d.dir == DIR_INGRESS { pkt.src } else { pkt.dst },
+    });
+    d.class = hit.class;
+    if hit.rule != 0 {
+        d.rule = hit.rule;
+        REASON_ALLOW_RULE
+    } else if d.ct_state == CT_STATE_INVALID {
+        REASON_DROP_INVALID
+    } else {
+        REASON_DROP_NO_RULE
     }
 }
 

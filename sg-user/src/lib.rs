@@ -9,6 +9,7 @@ pub mod compile;
 pub mod agent;
 pub mod datapath;
 pub mod diff;
+pub mod generator;
 pub mod inspect;
 pub mod netns;
 pub mod packet;

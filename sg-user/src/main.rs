@@ -6,7 +6,7 @@ use clap::{Parser, Subcommand};
 use sg_user::{
     agent, compile,
     datapath::{self, Datapath, Iface, LoadOptions, allowlist::Allow},
-    inspect, iptables, model, trace,
+    diff, inspect, iptables, model, trace,
 };
 
 #[derive(Parser)]
@@ -134,10 +134,39 @@ enum Cmd {
         /// `to-vm` (Neutron ingress) or `from-vm` (egress).
         direction: Direction,
         /// PROTO SRC DST [OPTIONS...]
-        #[arg(required = true, num_args = 3.., allow_hyphen_values = true)]
+        #[arg(required = true, num_args = 3..)]
         packet: Vec<String>,
         #[arg(long)]
         json: bool,
+    },
+    /// The differential test: the same frames through kernel iptables (loaded from the parity
+    /// render) and through the eBPF datapath, on a namespace compute node; every verdict must
+    /// agree. Exits non-zero on any mismatch and writes reproductions.
+    Diff {
+        /// Neutron input files (or directories); each is one configuration.
+        #[arg(long = "input")]
+        inputs: Vec<PathBuf>,
+        /// Random configurations from the seeded generator.
+        #[arg(long, default_value_t = 0)]
+        random: usize,
+        /// First seed (configuration i uses seed + i).
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Random scenarios per configuration (the documented-difference ones come on top).
+        #[arg(long, default_value_t = 40)]
+        scenarios: usize,
+        /// Host of --input files (the generated configurations use compute-1).
+        #[arg(long, default_value = "compute-1")]
+        host: String,
+        /// iptables flavour of the reference side.
+        #[arg(long, value_enum, default_value = "nft")]
+        iptables: IptablesFlavour,
+        /// Where reproductions of mismatches go.
+        #[arg(long, default_value = "target/sg-diff")]
+        out: PathBuf,
+        /// Do not shrink failing inputs.
+        #[arg(long)]
+        no_shrink: bool,
     },
     /// Remove sg's links and pins.
     Detach {
@@ -244,6 +273,12 @@ enum ConntrackWhat {
 enum DataplaneArg {
     Ebpf,
     Iptables,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum IptablesFlavour {
+    Nft,
+    Legacy,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -442,6 +477,50 @@ fn main() -> Result<()> {
             };
             let t = trace::trace(&src, netns.as_deref(), &port, dir, &packet)?;
             print_out(json, &t, trace::trace_text)?;
+        }
+        Cmd::Diff {
+            inputs,
+            random,
+            seed,
+            scenarios,
+            host,
+            iptables,
+            out,
+            no_shrink,
+        } => {
+            anyhow::ensure!(
+                !inputs.is_empty() || random > 0,
+                "give --input FILE or --random N"
+            );
+            let flavour = match iptables {
+                IptablesFlavour::Nft => iptables::Backend::Nft,
+                IptablesFlavour::Legacy => iptables::Backend::Legacy,
+            };
+            let opts = diff::DiffOptions {
+                inputs,
+                random,
+                seed,
+                scenarios,
+                host,
+                out,
+                shrink: !no_shrink,
+            };
+            let make = move |topo: &diff::topo::Topology, cfg: &diff::Config, tag: &str| {
+                let ipt: Box<dyn diff::backend::Backend> =
+                    Box::new(diff::backend::Iptables::new(topo, &cfg.host, flavour)?);
+                let ebpf: Box<dyn diff::backend::Backend> =
+                    Box::new(diff::backend::Ebpf::new(topo, &cfg.host, &cfg.model, tag)?);
+                Ok((ipt, ebpf))
+            };
+            let started = std::time::Instant::now();
+            diff::stop_on_interrupt();
+            let summary = diff::run(&opts, &make, &mut |line| println!("{line}"))?;
+            println!(
+                "
+TOTAL {summary} in {:.1?}",
+                started.elapsed()
+            );
+            diff::check(&summary)?;
         }
         Cmd::Detach { all } => {
             anyhow::ensure!(all, "only `sg detach --all` is supported");

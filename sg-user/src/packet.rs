@@ -86,6 +86,15 @@ pub struct IpPacket {
     pub ttl: u8,
     /// IPv4 identification / IPv6 fragment id.
     pub ident: u32,
+    /// IPv4 options (padded with zeros to a multiple of 4 bytes).
+    pub ipv4_options: Vec<u8>,
+    /// IPv6 extension headers before the L4 header (and before a fragment header): (next-header
+    /// number, total length in bytes). Hop-by-hop (0), routing (43) and destination options
+    /// (60) take multiples of 8; AH (51) multiples of 4 from 12.
+    pub ipv6_ext: Vec<(u8, usize)>,
+    /// Fragment (offset in 8-byte units, more fragments). IPv6 gets a fragment header after
+    /// `ipv6_ext`. A fragment with offset > 0 should carry `L4::Raw`.
+    pub frag: Option<(u16, bool)>,
 }
 
 impl IpPacket {
@@ -97,7 +106,26 @@ impl IpPacket {
             payload: Vec::new(),
             ttl: 64,
             ident: 1,
+            ipv4_options: Vec::new(),
+            ipv6_ext: Vec::new(),
+            frag: None,
         }
+    }
+
+    pub fn with_ipv4_options(mut self, opts: impl Into<Vec<u8>>) -> Self {
+        self.ipv4_options = opts.into();
+        self
+    }
+
+    pub fn with_ipv6_ext(mut self, kind: u8, len: usize) -> Self {
+        self.ipv6_ext.push((kind, len));
+        self
+    }
+
+    pub fn fragment(mut self, offset_units: u16, more: bool, ident: u32) -> Self {
+        self.frag = Some((offset_units, more));
+        self.ident = ident;
+        self
     }
 
     pub fn with_payload(mut self, payload: impl Into<Vec<u8>>) -> Self {
@@ -112,26 +140,69 @@ impl IpPacket {
         let l4 = self.l4_bytes(proto);
         match (self.src, self.dst) {
             (IpAddr::V4(s), IpAddr::V4(d)) => {
+                let mut opts = self.ipv4_options.clone();
+                while !opts.len().is_multiple_of(4) {
+                    opts.push(0);
+                }
+                let frag = self
+                    .frag
+                    .map(|(off, more)| off & 0x1fff | if more { 0x2000 } else { 0 })
+                    .unwrap_or(0);
                 let mut ip = ipv4_header(
                     s.octets(),
                     d.octets(),
                     proto,
-                    l4.len(),
+                    opts.len() + l4.len(),
                     self.ttl,
                     self.ident as u16,
-                    0,
+                    frag,
                 );
+                if !opts.is_empty() {
+                    ip[0] = 0x40 | ((20 + opts.len()) / 4) as u8;
+                    ip[10] = 0;
+                    ip[11] = 0;
+                    ip.splice(20..20, opts);
+                    let c = checksum_fold(checksum_add(0, &ip[..ip.len()]));
+                    ip[10..12].copy_from_slice(&c.to_be_bytes());
+                }
                 ip.extend_from_slice(&l4);
                 ip
             }
             (IpAddr::V6(s), IpAddr::V6(d)) => {
-                let mut ip = ipv6_header(s.octets(), d.octets(), proto, l4.len(), self.ttl);
+                // Extension headers, then the fragment header, then L4; each names the next.
+                let mut chain: Vec<(u8, Vec<u8>)> = Vec::new();
+                for &(kind, len) in &self.ipv6_ext {
+                    let mut h = vec![0u8; len.max(2)];
+                    h[1] = if kind == 51 {
+                        (len / 4).saturating_sub(2) as u8
+                    } else {
+                        (len / 8).saturating_sub(1) as u8
+                    };
+                    chain.push((kind, h));
+                }
+                if let Some((off, more)) = self.frag {
+                    let mut h = vec![0u8; 8];
+                    let fo = (off << 3) | more as u16;
+                    h[2..4].copy_from_slice(&fo.to_be_bytes());
+                    h[4..8].copy_from_slice(&self.ident.to_be_bytes());
+                    chain.push((44, h));
+                }
+                let first = chain.first().map(|(k, _)| *k).unwrap_or(proto);
+                let mut body = Vec::new();
+                for i in 0..chain.len() {
+                    let next = chain.get(i + 1).map(|(k, _)| *k).unwrap_or(proto);
+                    let mut h = chain[i].1.clone();
+                    h[0] = next;
+                    body.extend_from_slice(&h);
+                }
+                body.extend_from_slice(&l4);
+                let mut ip = ipv6_header(s.octets(), d.octets(), first, body.len(), self.ttl);
+                ip.extend_from_slice(&body);
                 // IPv6 has no identification field: the flow label tells frames apart.
                 let flow = (self.ident & 0x000f_ffff).to_be_bytes();
                 ip[1] = flow[1];
                 ip[2] = flow[2];
                 ip[3] = flow[3];
-                ip.extend_from_slice(&l4);
                 ip
             }
             _ => panic!("IpPacket with mixed address families"),

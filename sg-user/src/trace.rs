@@ -3,7 +3,7 @@
 //! The answer comes from the real program, not a model of it: a second instance of the
 //! object is loaded over the live pinned maps (not attached anywhere), and the packet is run
 //! through it with BPF_PROG_TEST_RUN as if it arrived on the port's tap. The skb mark
-//! `TRACE_MARK` makes the program record its decision in SG_TRACE and leave conntrack, the
+//! `TRACE_DRY_MARK` makes the program record its decision in SG_TRACE and leave conntrack, the
 //! fragment table and the counters untouched, so tracing never changes what it observes.
 
 use std::net::IpAddr;
@@ -262,7 +262,9 @@ pub fn trace(
     } else {
         PROG_TO_VM
     };
-    let verdict = netns::run_in(netns_name, || dp.test_run(program, &bytes, ifindex, TRACE_MARK))??;
+    let verdict = netns::run_in(netns_name, || {
+        dp.test_run(program, &bytes, ifindex, TRACE_DRY_MARK)
+    })??;
     let t: PerCpuArray<_, TraceRec> = PerCpuArray::try_from(dp.map_mut(MAP_TRACE)?)?;
     let rec = t
         .get(&0, 0)?

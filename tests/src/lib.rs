@@ -4,10 +4,11 @@
 //! These tests need root, a kernel with tcx (6.6+), bpffs and iproute2. They never skip: if
 //! the environment is missing something, they fail and say what.
 
-/// Seeded random Neutron configurations (`gen` is a reserved word in edition 2024, hence the
-/// module name).
-#[path = "gen.rs"]
-pub mod generator;
+/// Seeded random Neutron configurations (they live in sg-user, which `sg diff --random` uses).
+pub use sg_user::generator;
+
+/// Datapath test support: frame shorthands, the TEST_RUN case runner, raw sockets.
+pub mod dp;
 
 use std::{
     process::{Command, Output},
@@ -216,6 +217,10 @@ pub struct Vm {
 impl ComputeNode {
     pub fn new() -> Result<Self> {
         let host = Netns::new("sgc")?;
+        // The bridge's own IPv6 (router solicitations, MLD) would be traffic nobody sent.
+        for k in ["all", "default"] {
+            host.exec("sysctl", &["-qw", &format!("net.ipv6.conf.{k}.disable_ipv6=1")])?;
+        }
         let bridge = format!("brq{}", &unique("")[..])
             .chars()
             .filter(|c| c.is_ascii_alphanumeric())
@@ -304,11 +309,17 @@ pub struct Agent {
     pub netns: String,
     pub log: std::path::PathBuf,
     pub host: String,
+    pub extra: Vec<String>,
 }
 
 impl Agent {
     /// Writes `input` and starts the agent on the taps of `netns`.
     pub fn start(netns: &str, input: &serde_json::Value) -> Result<Self> {
+        Self::start_with(netns, input, &[])
+    }
+
+    /// Like `start`, with extra `sg agent` arguments.
+    pub fn start_with(netns: &str, input: &serde_json::Value, extra: &[&str]) -> Result<Self> {
         let dir = std::env::temp_dir().join(unique("sg-agent-"));
         std::fs::create_dir_all(&dir)?;
         let mut a = Self {
@@ -319,6 +330,7 @@ impl Agent {
             netns: netns.to_string(),
             log: dir.join("agent.log"),
             host: "compute-1".into(),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
         };
         a.write_input(input)?;
         a.spawn()?;
@@ -348,6 +360,7 @@ impl Agent {
                 &self.netns,
             ])
             .args(["--gc-interval-ms", "500"])
+            .args(&self.extra)
             .env("NO_COLOR", "1")
             .stdout(log.try_clone()?)
             .stderr(log)

@@ -273,7 +273,7 @@ pub fn run() -> Result<()> {
     println!("\n[4] sg status");
     indent(&d.sg(&["status"])?);
 
-    println!("[5] sg trace --port WEB1-port to-vm tcp {CLIENT_IP}:40000 {VM_IP}:80   (allowed)");
+    println!("[5] sg trace --port {TAP} to-vm tcp {CLIENT_IP}:40000 {VM_IP}:80   (allowed)");
     indent(&d.sg(&[
         "trace",
         "--port",
@@ -285,7 +285,7 @@ pub fn run() -> Result<()> {
         &format!("{CLIENT_IP}:40000"),
         &http,
     ])?);
-    println!("\n[6] sg trace --port WEB1-port to-vm tcp {CLIENT_IP}:40000 {VM_IP}:22   (dropped)");
+    println!("\n[6] sg trace --port {TAP} to-vm tcp {CLIENT_IP}:40000 {VM_IP}:22   (dropped)");
     indent(&d.sg(&[
         "trace",
         "--port",

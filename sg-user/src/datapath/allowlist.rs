@@ -1,6 +1,7 @@
 //! A fixed allow-list for one interface, written straight into the policy maps. This is what
 //! `sg attach --allow` installs before any Neutron model is involved: ingress allows only the
-//! listed protocol/ports, egress allows everything (like Neutron's default egress rules).
+//! listed protocol/ports, egress allows everything (like Neutron's default egress rules). The
+//! port is stateless and has no address checks (any source MAC, no IP/MAC pairs, no ARP check).
 
 use std::str::FromStr;
 
@@ -119,9 +120,24 @@ pub fn install(dp: &mut Datapath, ifindex: u32, port_idx: u32, allows: &[Allow])
             }
         }
     }
+    // No source-MAC restriction: an AddrKey prefix that stops before the MAC matches every
+    // MAC of address set `addr_id` (the allow-list knows nothing about the VM behind the tap).
+    let addr_id = port_idx;
+    dp.addrs()?.insert(
+        &Key::new(
+            ADDR_KEY_FIXED_BITS - 48,
+            AddrKey {
+                addr_id,
+                kind: ADDR_KIND_MAC,
+                ..Default::default()
+            },
+        ),
+        AddrVal { index: 0 },
+        0,
+    )?;
     let info = PortInfo {
         policy,
-        addr_id: 0,
+        addr_id,
         port_idx,
         flags: PORT_F_FILTERED,
         mac: [0; 6],

@@ -27,6 +27,7 @@ use sg_common::*;
 use crate::netns;
 
 pub mod allowlist;
+pub mod fixture;
 
 /// The eBPF object built by build.rs (sg-ebpf, bpfel-unknown-none).
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sg"));
@@ -350,6 +351,22 @@ impl Datapath {
         Ok(PerCpuHashMap::try_from(self.map_mut(MAP_STATS)?)?)
     }
 
+    pub fn conntrack(&mut self) -> Result<HashMap<&mut MapData, CtKey, CtVal>> {
+        Ok(HashMap::try_from(self.map_mut(MAP_CONNTRACK)?)?)
+    }
+
+    pub fn frags(&mut self) -> Result<HashMap<&mut MapData, FragKey, FragVal>> {
+        Ok(HashMap::try_from(self.map_mut(MAP_FRAGS)?)?)
+    }
+
+    pub fn rule_hits(&mut self) -> Result<PerCpuArray<&mut MapData, Counter>> {
+        Ok(PerCpuArray::try_from(self.map_mut(MAP_RULE_HITS)?)?)
+    }
+
+    pub fn trace_map(&mut self) -> Result<PerCpuArray<&mut MapData, TraceRec>> {
+        Ok(PerCpuArray::try_from(self.map_mut(MAP_TRACE)?)?)
+    }
+
     pub fn map_mut(&mut self, name: &str) -> Result<&mut aya::maps::Map> {
         self.ebpf
             .map_mut(name)
@@ -402,6 +419,58 @@ fn is_enolink(e: &aya::programs::ProgramError) -> bool {
         src = err.source();
     }
     e.to_string().contains("os error 67")
+}
+
+impl Datapath {
+    /// Runs one program on one frame with TRACE_MARK set and returns the verdict and the
+    /// SG_TRACE record the program wrote (the per-CPU slot whose sequence number moved).
+    pub fn trace_run(&mut self, program: &str, frame: &[u8], ifindex: u32) -> Result<(i32, TraceRec)> {
+        let before: Vec<TraceRec> = self.trace_map()?.get(&0, 0)?.iter().copied().collect();
+        let verdict = self.test_run(program, frame, ifindex, TRACE_MARK)?;
+        let after: Vec<TraceRec> = self.trace_map()?.get(&0, 0)?.iter().copied().collect();
+        let rec = after
+            .iter()
+            .zip(&before)
+            .find(|(a, b)| a.seq != b.seq)
+            .map(|(a, _)| *a)
+            .ok_or_else(|| anyhow!("{program} wrote no trace record (is the port in SG_PORTS?)"))?;
+        Ok((verdict, rec))
+    }
+
+    /// Forgets every connection and fragment (between independent test cases).
+    pub fn clear_flows(&mut self) -> Result<()> {
+        let mut ct = self.conntrack()?;
+        let keys: Vec<CtKey> = ct.keys().collect::<Result<_, _>>()?;
+        for k in keys {
+            let _ = ct.remove(&k);
+        }
+        let mut frags = self.frags()?;
+        let keys: Vec<FragKey> = frags.keys().collect::<Result<_, _>>()?;
+        for k in keys {
+            let _ = frags.remove(&k);
+        }
+        Ok(())
+    }
+
+    /// Packets counted under (port, direction, reason), summed over CPUs.
+    pub fn stat(&mut self, port_idx: u32, dir: u8, reason: u8) -> Result<u64> {
+        let key = StatKey {
+            port_idx,
+            dir,
+            reason,
+            _pad: [0; 2],
+        };
+        Ok(match self.stats()?.get(&key, 0) {
+            Ok(v) => v.iter().map(|c| c.packets).sum(),
+            Err(aya::maps::MapError::KeyNotFound) => 0,
+            Err(e) => return Err(e.into()),
+        })
+    }
+
+    /// Packets SG_RULE_HITS counted for `rule`, summed over CPUs.
+    pub fn rule_hit_count(&mut self, rule: u32) -> Result<u64> {
+        Ok(self.rule_hits()?.get(&rule, 0)?.iter().map(|c| c.packets).sum())
+    }
 }
 
 /// `struct __sk_buff` image for BPF_PROG_TEST_RUN: only mark and ifindex are set.

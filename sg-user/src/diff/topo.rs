@@ -25,6 +25,22 @@ fn ip(args: &[&str]) -> Result<()> {
     Ok(())
 }
 
+fn bridge(ns: &str, args: &[&str]) -> Result<()> {
+    let out = Command::new("bridge")
+        .args(["-n", ns])
+        .args(args)
+        .output()
+        .context("running bridge")?;
+    if !out.status.success() {
+        bail!(
+            "bridge {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
 fn sysctl(ns: &str, key: &str, value: &str) -> Result<()> {
     let path = format!("/proc/sys/{}", key.replace('.', "/"));
     let value = value.to_string();
@@ -140,21 +156,33 @@ impl Topology {
             );
             owned.push(ns);
         }
-        // Learning would make the bridge's forwarding depend on earlier scenarios: flood
-        // every frame instead (MACs are crafted freely, and a receiver's capture socket only
-        // counts frames for it anyway).
-        for br in networks.iter().map(|n| bridge_name(n)) {
-            ip(&[
-                "-n",
+        // Forwarding must not depend on earlier scenarios, nor flood unicast frames to other
+        // ports (an accepting port's copy would confirm conntrack for the whole zone): no
+        // learning, and static entries for every VM MAC on its tap and for the remote MAC on
+        // each uplink. Unknown destinations and broadcasts still flood, as on a real bridge.
+        let remote_mac = crate::packet::format_mac(&super::scenario::REMOTE_MAC);
+        for i in 0..networks.len() {
+            let uplink = format!("uplink{i}");
+            bridge(&node.0, &["link", "set", "dev", &uplink, "learning", "off"])?;
+            bridge(
                 &node.0,
-                "link",
-                "set",
-                &br,
-                "type",
-                "bridge",
-                "ageing_time",
-                "0",
-            ])?;
+                &["fdb", "add", &remote_mac, "dev", &uplink, "master", "static"],
+            )?;
+        }
+        for p in &ports {
+            bridge(&node.0, &["link", "set", "dev", &p.device, "learning", "off"])?;
+            bridge(
+                &node.0,
+                &[
+                    "fdb",
+                    "add",
+                    &p.mac.to_string(),
+                    "dev",
+                    &p.device,
+                    "master",
+                    "static",
+                ],
+            )?;
         }
         Ok(Self {
             node,
@@ -167,12 +195,17 @@ impl Topology {
     /// Turns bridged IP traffic through iptables on or off on the node (br_netfilter is
     /// per network namespace).
     pub fn bridge_netfilter(&self, on: bool) -> Result<()> {
-        for key in [
-            "net.bridge.bridge-nf-call-iptables",
-            "net.bridge.bridge-nf-call-ip6tables",
-        ] {
-            sysctl(&self.node.0, key, if on { "1" } else { "0" })?;
-        }
-        Ok(())
+        set_bridge_netfilter(&self.node.0, on)
     }
+}
+
+/// Bridged IP traffic through iptables (br_netfilter) on or off in namespace `ns`.
+pub fn set_bridge_netfilter(ns: &str, on: bool) -> Result<()> {
+    for key in [
+        "net.bridge.bridge-nf-call-iptables",
+        "net.bridge.bridge-nf-call-ip6tables",
+    ] {
+        sysctl(ns, key, if on { "1" } else { "0" })?;
+    }
+    Ok(())
 }

@@ -9,6 +9,7 @@
 
 pub mod addr;
 mod error;
+mod export;
 mod input;
 pub mod protocol;
 mod validate;
@@ -21,6 +22,7 @@ use ipnet::IpNet;
 
 pub use addr::MacAddr;
 pub use error::{ValidationError, ValidationErrors};
+pub use export::{shrink_candidates, to_json};
 
 /// Loads a JSON file, or the union of a directory's `*.json` files taken in name order, and
 /// validates it with Neutron's API semantics. Every problem is reported at once.

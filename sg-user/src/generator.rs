@@ -10,10 +10,10 @@
 //! `rand`'s range sampling may change between releases.
 //!
 //! ```
-//! let doc = sg_tests::generator::generate(7);
+//! let doc = sg_user::generator::generate(7);
 //! let json = serde_json::to_string(&doc).unwrap();
-//! assert_eq!(json, serde_json::to_string(&sg_tests::generator::generate(7)).unwrap());
-//! let cases = sg_tests::generator::batch(1000, 200); // seeds 1000..1200
+//! assert_eq!(json, serde_json::to_string(&sg_user::generator::generate(7)).unwrap());
+//! let cases = sg_user::generator::batch(1000, 200); // seeds 1000..1200
 //! assert_eq!(cases[3].seed, 1003);
 //! ```
 //!
