@@ -212,7 +212,9 @@ impl NeutronOpts {
 #[derive(Subcommand)]
 enum IptablesCmd {
     /// Print the iptables and ipset state Neutron's driver installs for the input, byte for
-    /// byte as Neutron writes it (kernel canonicalisations: see the module docs).
+    /// byte as Neutron writes it. (Loaded, the kernel lists a few rules in its own canonical
+    /// form: MAC addresses in lower case, host bits of prefixes cleared, `/0` and `-p ip`
+    /// omitted, ICMP type 255 as `any`.)
     ///
     /// Save format (default): `# IPv4` and `# IPv6` sections in iptables-save layout (filter,
     /// raw, nat), then `# ipset` with the ipset commands Neutron runs (a shell script).
