@@ -427,7 +427,7 @@ fn main() -> Result<()> {
                 pin_root: &cli.pin_root,
                 run_dir: &cli.run_dir,
             };
-            print_out(json, &inspect::status(&src)?, |v| inspect::status_table(v))?;
+            print_out(json, &inspect::status(&src)?, inspect::status_text)?;
         }
         Cmd::Show {
             what: ShowWhat::Port { id, json },
