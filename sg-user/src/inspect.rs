@@ -58,7 +58,38 @@ pub fn flag_names(flags: u32) -> Vec<&'static str> {
     .collect()
 }
 
-pub fn status(src: &Sources) -> Result<Vec<PortStatus>> {
+/// `sg status`: every port, and how full the conntrack table is.
+#[derive(Debug, Serialize)]
+pub struct Status {
+    pub ports: Vec<PortStatus>,
+    pub conntrack_entries: usize,
+    pub conntrack_capacity: u32,
+}
+
+pub fn status(src: &Sources) -> Result<Status> {
+    let ports = port_status(src)?;
+    let conntrack_entries = pinned::conntrack(src.pin_root)?.len();
+    let conntrack_capacity =
+        aya::maps::MapInfo::from_pin(src.pin_root.join("maps").join(MAP_CONNTRACK))?.max_entries();
+    Ok(Status {
+        ports,
+        conntrack_entries,
+        conntrack_capacity,
+    })
+}
+
+pub fn status_text(s: &Status) -> String {
+    let mut out = status_table(&s.ports);
+    let pct = 100.0 * s.conntrack_entries as f64 / s.conntrack_capacity.max(1) as f64;
+    let _ = writeln!(
+        out,
+        "conntrack: {} entries of {} ({pct:.1}%; a full table evicts the least recently used flow)",
+        s.conntrack_entries, s.conntrack_capacity
+    );
+    out
+}
+
+fn port_status(src: &Sources) -> Result<Vec<PortStatus>> {
     let rs = src.run_state()?;
     let entries: BTreeMap<u32, PortInfo> = pinned::ports(src.pin_root)?.into_iter().collect();
     let stats = pinned::stats(src.pin_root)?;
@@ -358,7 +389,7 @@ pub struct PortDetail {
 pub fn show_port(src: &Sources, id: &str) -> Result<PortDetail> {
     let rs = src.run_state()?;
     let p = find_port(&rs, id)?.clone();
-    let status = status(src)?
+    let status = port_status(src)?
         .into_iter()
         .find(|s| s.id == p.id)
         .expect("port listed by status");

@@ -212,7 +212,9 @@ impl NeutronOpts {
 #[derive(Subcommand)]
 enum IptablesCmd {
     /// Print the iptables and ipset state Neutron's driver installs for the input, byte for
-    /// byte as Neutron writes it (kernel canonicalisations: see the module docs).
+    /// byte as Neutron writes it. (Loaded, the kernel lists a few rules in its own canonical
+    /// form: MAC addresses in lower case, host bits of prefixes cleared, `/0` and `-p ip`
+    /// omitted, ICMP type 255 as `any`.)
     ///
     /// Save format (default): `# IPv4` and `# IPv6` sections in iptables-save layout (filter,
     /// raw, nat), then `# ipset` with the ipset commands Neutron runs (a shell script).
@@ -425,7 +427,7 @@ fn main() -> Result<()> {
                 pin_root: &cli.pin_root,
                 run_dir: &cli.run_dir,
             };
-            print_out(json, &inspect::status(&src)?, |v| inspect::status_table(v))?;
+            print_out(json, &inspect::status(&src)?, inspect::status_text)?;
         }
         Cmd::Show {
             what: ShowWhat::Port { id, json },

@@ -169,11 +169,13 @@ def check_one(text, backend):
             errors.append('ipset: ' + r.stderr.strip())
         for fam, restore, save in (('4', restore4, save4),
                                    ('6', restore6, save6)):
-            r = run([restore, '--test'], ns, sec[fam])
+            # -w: iptables-legacy's xtables lock is one for all namespaces; wait for it
+            # rather than fail when another test on the host holds it.
+            r = run([restore, '-w', '10', '--test'], ns, sec[fam])
             if r.returncode:
                 errors.append('%s --test: %s' % (restore, r.stderr.strip()))
                 continue
-            r = run([restore], ns, sec[fam])
+            r = run([restore, '-w', '10'], ns, sec[fam])
             if r.returncode:
                 errors.append('%s: %s' % (restore, r.stderr.strip()))
                 continue

@@ -270,10 +270,10 @@ fn tap_deleted_and_recreated_is_filtered_again() {
         loop {
             let status = agent.cli(&["status", "--json"]).unwrap();
             let v: Value = serde_json::from_str(&status).unwrap();
-            let ifindex = v[0]["ifindex"].as_u64();
+            let ifindex = v["ports"][0]["ifindex"].as_u64();
             let now = sg_tests::run("ip", &["-n", &node.host.name, "-j", "link", "show", TAP]).unwrap();
             let now: Value = serde_json::from_slice(&now.stdout).unwrap();
-            if v[0]["enforced"] == json!(true) && ifindex == now[0]["ifindex"].as_u64() {
+            if v["ports"][0]["enforced"] == json!(true) && ifindex == now[0]["ifindex"].as_u64() {
                 break;
             }
             assert!(
@@ -285,6 +285,19 @@ fn tap_deleted_and_recreated_is_filtered_again() {
         assert!(
             !tcp_reachable(&peer.name, vm_ip(), 22, t).unwrap(),
             "round {round}: 22 is open"
+        );
+        // The links of the deleted tap were unpinned: only the new ifindex has pins.
+        let now = sg_tests::run("ip", &["-n", &node.host.name, "-j", "link", "show", TAP]).unwrap();
+        let now: Value = serde_json::from_slice(&now.stdout).unwrap();
+        let pins: Vec<String> = std::fs::read_dir(agent.pins.path.join("links").join(&node.host.name))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        let current = format!("{TAP}@{}_", now[0]["ifindex"]);
+        assert_eq!(pins.len(), 2, "round {round}: {pins:?}");
+        assert!(
+            pins.iter().all(|p| p.starts_with(&current)),
+            "round {round}: stale pins {pins:?}"
         );
         assert!(
             tcp_reachable(&peer.name, vm_ip(), 80, t).unwrap(),
@@ -343,4 +356,69 @@ fn thousand_updates_under_traffic_no_drop_no_leak() {
     assert!(sent.load(Ordering::Relaxed) > 1000, "the denied flow barely ran");
     assert_eq!(leaked.load(Ordering::Relaxed), 0, "denied packets reached the VM");
     assert!(generation >= 1001);
+}
+
+#[test]
+fn pinned_map_of_another_shape_is_refused() {
+    // A pinned SG_PORTS whose values are 8 bytes (this build's are 24): reusing it would make
+    // the datapath read garbage, so loading must refuse and say what to do.
+    let pins = sg_tests::PinRoot::new().unwrap();
+    std::fs::create_dir_all(pins.path.join("maps")).unwrap();
+    let path = pins.path.join("maps/SG_PORTS");
+    sg_tests::run(
+        "bpftool",
+        &[
+            "map",
+            "create",
+            path.to_str().unwrap(),
+            "type",
+            "hash",
+            "key",
+            "4",
+            "value",
+            "8",
+            "entries",
+            "16",
+            "name",
+            "SG_PORTS",
+        ],
+    )
+    .unwrap();
+    let err = match sg_user::datapath::Datapath::load(&sg_user::datapath::LoadOptions {
+        pin_root: Some(pins.path.clone()),
+        ..Default::default()
+    }) {
+        Ok(_) => panic!("a pinned map of another shape was reused"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(
+        err.contains("SG_PORTS") && err.contains("does not match"),
+        "{err}"
+    );
+    assert!(err.contains("value 8") && err.contains("value 24"), "{err}");
+    assert!(err.contains("Refusing to reuse it"), "{err}");
+}
+
+#[test]
+fn detach_all_removes_every_link_and_pin() {
+    let (node, peer) = node();
+    sg_tests::tcp_servers(&node.vms[0].ns.name, vm_ip(), &[22]).unwrap();
+    let mut agent = Agent::start(&node.host.name, &input(true, &[])).unwrap();
+    let t = Duration::from_millis(500);
+    assert!(
+        !tcp_reachable(&peer.name, vm_ip(), 22, t).unwrap(),
+        "filtered while sg is attached"
+    );
+    agent.stop(false).unwrap();
+    assert!(
+        !tcp_reachable(&peer.name, vm_ip(), 22, t).unwrap(),
+        "still filtered after the agent stopped"
+    );
+    let out = agent.cli(&["detach", "--all"]).unwrap();
+    assert!(out.contains("removed 10 pins"), "2 links and 8 maps: {out}");
+    assert!(!agent.pins.path.exists(), "the pin root is gone");
+    assert!(
+        tcp_reachable(&peer.name, vm_ip(), 22, t).unwrap(),
+        "nothing filters the tap any more"
+    );
 }

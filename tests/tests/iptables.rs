@@ -218,6 +218,8 @@ fn add_foreign(ns: &str, backend: Backend) {
         ns,
         &[
             &ipt(Ethertype::IPv4),
+            "-w",
+            "10",
             "-A",
             "FORWARD",
             "-s",
@@ -232,6 +234,8 @@ fn add_foreign(ns: &str, backend: Backend) {
         ns,
         &[
             &ipt(Ethertype::IPv6),
+            "-w",
+            "10",
             "-A",
             "FORWARD",
             "-s",
@@ -256,8 +260,12 @@ fn kernel_check(r: &Rendered, backend: Backend) -> Result<BTreeSet<&'static str>
     let ns = Netns::new("sgk")?;
     ns_run(&ns.name, &["bash", "-e", "-s"], Some(&r.ipset_text(None))).context("the # ipset section")?;
     for (family, text) in [(Ethertype::IPv4, &r.v4), (Ethertype::IPv6, &r.v6)] {
-        ns_run(&ns.name, &[&backend.restore_cmd(family), "--test"], Some(text))
-            .with_context(|| format!("{} --test", family.as_str()))?;
+        ns_run(
+            &ns.name,
+            &[&backend.restore_cmd(family), "--test", "-w", "10"],
+            Some(text),
+        )
+        .with_context(|| format!("{} --test", family.as_str()))?;
     }
     add_foreign(&ns.name, backend);
     let dp = IptablesDataplane::new(backend).in_netns(Some(ns.name.clone()));
@@ -345,7 +353,7 @@ fn apply_converges_across_inputs_and_keeps_foreign_rules() {
             &["-A", "neutron-filter-top", "-j", "neutron-l3-agent-local"],
             &["-A", "FORWARD", "-j", "neutron-filter-top"],
         ] {
-            let mut a = vec![ipt.as_str()];
+            let mut a = vec![ipt.as_str(), "-w", "10"];
             a.extend_from_slice(args);
             ns_run(&ns.name, &a, None).unwrap();
         }
@@ -567,8 +575,15 @@ fn conntrack_cleanup_cuts_the_flows_of_a_removed_rule() {
     ct(
         "conntrack -I -p tcp -s 10.0.0.9 -d 10.0.0.5 --sport 40001 --dport 22 --state ESTABLISHED -u ASSURED -t 120 -w 4098",
     );
+    // The input change as the agent handles it: apply, then the cleanup.
     let dp = IptablesDataplane::new(Backend::Nft).in_netns(Some(ns.name.clone()));
-    dp.conntrack_delete(&deletes).unwrap();
+    let (old, new) = (model_of("old", &old_doc), model_of("new", &new_doc));
+    let change = dp.apply_change(Some(&old), &new, &o).unwrap();
+    assert!(
+        change.apply.changed() && change.conntrack_error.is_none(),
+        "{change:?}"
+    );
+    assert_eq!(change.conntrack, deletes);
     let left = ct("conntrack -L");
     assert!(
         !left.contains("sport=40000 dport=22"),
@@ -660,4 +675,33 @@ fn agent_with_the_iptables_dataplane_applies_and_follows_the_input() {
     // The rules stay after the agent exits.
     check("shared-group");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The differential harness applies from a thread that has `setns`'d into the compute node's
+/// namespace: the commands must act there, not in the test's namespace.
+#[test]
+fn apply_from_a_thread_inside_the_namespace() {
+    let ns = Netns::new("sgt").unwrap();
+    let r = iptables::render(
+        &model_of("spec12", &corpus_doc("spec12")),
+        &RenderOptions::new(LOCAL_HOST),
+    );
+    let r2 = r.clone();
+    sg_tests::spawn_in(&ns.name, move || {
+        IptablesDataplane::new(Backend::Nft)
+            .apply_rendered(&r2)
+            .map(|_| ())
+    })
+    .join()
+    .unwrap()
+    .unwrap()
+    .unwrap();
+    for family in Ethertype::ALL {
+        compare(&r, family, &save(&ns.name, Backend::Nft, family), &[]).unwrap();
+    }
+    let here = Command::new("ipset").args(["list", "-n"]).output().unwrap();
+    assert!(
+        !String::from_utf8_lossy(&here.stdout).contains("NIPv45e2b6c4d-1a2b-4c3d-8e9f-"),
+        "the sets went to the test's own namespace"
+    );
 }

@@ -623,6 +623,16 @@ pub fn log_report(report: &ApplyReport, compiled: &Compiled) {
         debug!("no change");
         return;
     }
+    // The security groups of the ports whose policy changed: what an operator asks first.
+    let mut groups: Vec<&str> = compiled
+        .ports
+        .iter()
+        .filter(|p| report.ports_switched.contains(&p.device))
+        .filter_map(|p| compiled.policies.iter().find(|pol| pol.id == p.info.policy))
+        .flat_map(|pol| pol.security_groups.iter().map(String::as_str))
+        .collect();
+    groups.sort();
+    groups.dedup();
     info!(
         ports = compiled.ports.len(),
         policies_written = report.policies_written,
@@ -630,6 +640,7 @@ pub fn log_report(report: &ApplyReport, compiled: &Compiled) {
         entries_written = report.entries_written,
         entries_deleted = report.entries_deleted,
         switched = ?report.ports_switched,
+        groups = ?groups,
         attached = ?report.taps_attached,
         took_over = ?report.taps_taken_over,
         removed = ?report.ports_removed,

@@ -155,20 +155,17 @@ struct Iptables {
 impl Dataplane for Iptables {
     fn apply(&mut self, model: &model::Model, _links: &LinkTable, generation: u64) -> Result<()> {
         let t = Instant::now();
-        let report = self.dp.apply(model, &self.render)?;
-        if report.changed() {
-            info!(elapsed_us = t.elapsed().as_micros() as u64, generation, %report, "apply done");
-        }
         // Established flows survive a rule removal under iptables (RELATED,ESTABLISHED comes
-        // first) until Neutron's agent deletes their conntrack entries: do the same.
-        if let Some(old) = &self.current {
-            let deletes = iptables::conntrack_cleanup(old, model, &self.render);
-            if !deletes.is_empty() {
-                info!(commands = deletes.len(), "conntrack cleanup");
-                if let Err(e) = self.dp.conntrack_delete(&deletes) {
-                    warn!("conntrack cleanup: {e:#}");
-                }
-            }
+        // first) until Neutron's agent deletes their conntrack entries: apply_change does too.
+        let change = self.dp.apply_change(self.current.as_ref(), model, &self.render)?;
+        if change.apply.changed() {
+            info!(elapsed_us = t.elapsed().as_micros() as u64, generation, report = %change.apply, "apply done");
+        }
+        if !change.conntrack.is_empty() {
+            info!(commands = change.conntrack.len(), "conntrack cleanup");
+        }
+        if let Some(e) = change.conntrack_error {
+            warn!("conntrack cleanup: {e}");
         }
         self.current = Some(model.clone());
         RunState {

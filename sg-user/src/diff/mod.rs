@@ -627,3 +627,26 @@ fn shrink(cfg: &Config, sc: &Scenario, m: &Mismatch, make: &BackendFactory) -> R
     }
     Ok(best)
 }
+
+#[cfg(test)]
+mod tests {
+    /// Every difference the harness asserts sg's side of, or a dedicated test covers, has its
+    /// section (reason and test) in the one list of deliberate differences.
+    #[test]
+    fn documented_differences_are_listed() {
+        let list = include_str!("../../../tests/DIFFERENCES.md");
+        let scenario = include_str!("scenario.rs");
+        let mut ids: Vec<String> = scenario
+            .match_indices("Some((\"D")
+            .map(|(i, _)| scenario[i + 7..].split('"').next().unwrap().to_string())
+            .collect();
+        ids.extend(["D12", "D13", "D18"].map(String::from));
+        assert!(ids.len() >= 7, "{ids:?}");
+        for id in ids {
+            assert!(
+                list.contains(&format!("## {id}: ")),
+                "{id} is used but has no section in tests/DIFFERENCES.md"
+            );
+        }
+    }
+}

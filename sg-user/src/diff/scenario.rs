@@ -260,6 +260,15 @@ impl Ctx<'_> {
         }
     }
 
+    /// A shot towards the VM (from the uplink) or from it (to the uplink).
+    fn shot_dir(&self, to_vm: bool, frames: Vec<Frame>) -> Shot {
+        if to_vm {
+            self.shot(self.uplink(), self.vm(), frames)
+        } else {
+            self.shot(self.vm(), self.uplink(), frames)
+        }
+    }
+
     fn frame(&self, to_vm: bool, p: IpPacket) -> Frame {
         let (src, dst) = if to_vm {
             (REMOTE_MAC, mac_of(self.port))
@@ -367,11 +376,7 @@ impl Ctx<'_> {
             },
         );
         let f = self.frame(to_vm, p);
-        let first = if to_vm {
-            self.shot(self.uplink(), self.vm(), vec![f])
-        } else {
-            self.shot(self.vm(), self.uplink(), vec![f])
-        };
+        let first = self.shot_dir(to_vm, vec![f]);
         let p = self.ip(
             dst,
             src,
@@ -384,11 +389,7 @@ impl Ctx<'_> {
             },
         );
         let f = self.frame(!to_vm, p);
-        let mut answer = if to_vm {
-            self.shot(self.vm(), self.uplink(), vec![f])
-        } else {
-            self.shot(self.uplink(), self.vm(), vec![f])
-        };
+        let mut answer = self.shot_dir(!to_vm, vec![f]);
         answer.needs_previous = true;
         vec![Step::Send(first), Step::Send(answer)]
     }
@@ -417,11 +418,7 @@ impl Ctx<'_> {
                 .ip(src, dst, L4::Udp { sport: sp, dport: dp })
                 .with_payload(b"sg".to_vec());
             let f = self.frame(towards_vm, p);
-            let mut s = if towards_vm {
-                self.shot(self.uplink(), self.vm(), vec![f])
-            } else {
-                self.shot(self.vm(), self.uplink(), vec![f])
-            };
+            let mut s = self.shot_dir(towards_vm, vec![f]);
             s.needs_previous = i == 1;
             steps.push(Step::Send(s));
         }
@@ -459,11 +456,7 @@ impl Ctx<'_> {
                 },
             );
             let f = self.frame(to_vm, p);
-            let s = if to_vm {
-                self.shot(self.uplink(), self.vm(), vec![f])
-            } else {
-                self.shot(self.vm(), self.uplink(), vec![f])
-            };
+            let s = self.shot_dir(to_vm, vec![f]);
             return vec![Step::Send(s)];
         }
         let p = self.ip(
@@ -476,11 +469,7 @@ impl Ctx<'_> {
             },
         );
         let f = self.frame(to_vm, p);
-        let s1 = if to_vm {
-            self.shot(self.uplink(), self.vm(), vec![f])
-        } else {
-            self.shot(self.vm(), self.uplink(), vec![f])
-        };
+        let s1 = self.shot_dir(to_vm, vec![f]);
         let p = self.ip(
             b,
             a,
@@ -491,11 +480,7 @@ impl Ctx<'_> {
             },
         );
         let f = self.frame(!to_vm, p);
-        let mut s2 = if to_vm {
-            self.shot(self.vm(), self.uplink(), vec![f])
-        } else {
-            self.shot(self.uplink(), self.vm(), vec![f])
-        };
+        let mut s2 = self.shot_dir(!to_vm, vec![f]);
         s2.needs_previous = true;
         vec![Step::Send(s1), Step::Send(s2)]
     }
@@ -626,11 +611,7 @@ impl Ctx<'_> {
                     (mac_of(me.port), dst_mac)
                 };
                 let f = Frame::ip(smac, dmac, p);
-                let s = if to_vm {
-                    me.shot(me.uplink(), me.vm(), vec![f])
-                } else {
-                    me.shot(me.vm(), me.uplink(), vec![f])
-                };
+                let s = me.shot_dir(to_vm, vec![f]);
                 steps.push(Step::Send(s));
             };
         let vm_mac = mac_of(self.port);
@@ -655,11 +636,7 @@ impl Ctx<'_> {
         let mut send = |me: &mut Self, src: IpAddr, dst: IpAddr, l4: L4, to_vm: bool| {
             let p = me.ip(src, dst, l4);
             let f = me.frame(to_vm, p);
-            let s = if to_vm {
-                me.shot(me.uplink(), me.vm(), vec![f])
-            } else {
-                me.shot(me.vm(), me.uplink(), vec![f])
-            };
+            let s = me.shot_dir(to_vm, vec![f]);
             steps.push(Step::Send(s));
         };
         let icmp = |t: u8| L4::Icmp {
@@ -758,11 +735,7 @@ impl Ctx<'_> {
         )
         .fragment(3, false, ident);
         let frames = vec![self.frame(to_vm, first), self.frame(to_vm, later)];
-        let mut s = if to_vm {
-            self.shot(self.uplink(), self.vm(), frames)
-        } else {
-            self.shot(self.vm(), self.uplink(), frames)
-        };
+        let mut s = self.shot_dir(to_vm, frames);
         s.datagram = true;
         vec![Step::Send(s)]
     }
@@ -795,11 +768,7 @@ impl Ctx<'_> {
             },
         );
         let f = self.frame(to_vm, p);
-        let s = if to_vm {
-            self.shot(self.uplink(), self.vm(), vec![f])
-        } else {
-            self.shot(self.vm(), self.uplink(), vec![f])
-        };
+        let s = self.shot_dir(to_vm, vec![f]);
         vec![Step::Send(s)]
     }
 
@@ -836,11 +805,7 @@ impl Ctx<'_> {
             };
             let p = self.ip(src, dst, l4);
             let f = self.frame(to_vm, p);
-            let s = if to_vm {
-                self.shot(self.uplink(), self.vm(), vec![f])
-            } else {
-                self.shot(self.vm(), self.uplink(), vec![f])
-            };
+            let s = self.shot_dir(to_vm, vec![f]);
             steps.push(Step::Send(s));
         }
         steps
@@ -905,11 +870,7 @@ impl Ctx<'_> {
                 )
                 .with_payload(b"x".to_vec());
             let f = me.frame(to_vm, p);
-            Step::Send(if to_vm {
-                me.shot(me.uplink(), me.vm(), vec![f])
-            } else {
-                me.shot(me.vm(), me.uplink(), vec![f])
-            })
+            Step::Send(me.shot_dir(to_vm, vec![f]))
         };
         if self.rng.random_bool(0.5) {
             Some(vec![

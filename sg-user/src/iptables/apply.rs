@@ -1,4 +1,4 @@
-//! Step 4: make the kernel hold what [`super::render`] printed, in the current network
+//! Step 4: make the kernel hold what [`super::render()`] printed, in the current network
 //! namespace (or a named one), without touching what is not Neutron's.
 //!
 //! One apply:
@@ -105,6 +105,11 @@ pub fn parse_save(text: &str) -> BTreeMap<String, LiveTable> {
 
 const FILTER_TOP: &str = "neutron-filter-top";
 
+/// Seconds `iptables-restore` waits for the xtables lock (`-w`, as Neutron passes it):
+/// iptables-legacy holds one lock for all network namespaces, so concurrent writers elsewhere
+/// on the host would otherwise make a restore fail at once. iptables-nft ignores it.
+const LOCK_WAIT: &str = "10";
+
 fn is_builtin(table: &str, chain: &str) -> bool {
     render::BUILTIN
         .iter()
@@ -129,6 +134,9 @@ fn removable(t: &Table, live: &LiveTable, wrap: &str, chain: &str, rule: &str) -
     if !owned(wrap, chain, rule) {
         return false;
     }
+    if !is_top_hook(chain, rule) {
+        return true;
+    }
     let keep_hooks = !t.chains.iter().any(|c| c == FILTER_TOP)
         && live.chains.iter().any(|c| c == FILTER_TOP)
         && !stale_chains(t, live, wrap).iter().any(|c| c == FILTER_TOP);
@@ -142,9 +150,13 @@ fn edited_in_place(table: &str, chain: &str, live: &LiveTable) -> bool {
     is_builtin(table, chain) || (chain == FILTER_TOP && live.chains.iter().any(|c| c == FILTER_TOP))
 }
 
-/// The desired rules of a chain, in order.
-fn desired_rules<'a>(t: &'a Table, chain: &'a str) -> Vec<&'a str> {
-    t.chain_rules(chain).collect()
+/// Rules grouped by chain, in order (one pass: tables hold ~10^5 rules on a busy host).
+fn by_chain(rules: &[(String, String)]) -> HashMap<&str, Vec<&str>> {
+    let mut m: HashMap<&str, Vec<&str>> = HashMap::new();
+    for (c, r) in rules {
+        m.entry(c.as_str()).or_default().push(r.as_str());
+    }
+    m
 }
 
 /// Stale Neutron chains: live chains of this wrap that the render no longer has;
@@ -174,84 +186,96 @@ fn stale_chains(t: &Table, live: &LiveTable, wrap: &str) -> Vec<String> {
     out
 }
 
-/// Whether the live table already holds exactly the rendered Neutron part.
-pub fn in_sync(t: &Table, live: &LiveTable, wrap: &str) -> bool {
-    if !stale_chains(t, live, wrap).is_empty() {
-        return false;
-    }
-    if t.chains.iter().any(|c| !live.chains.contains(c)) {
-        return false;
-    }
-    let chains: BTreeSet<&str> = t
-        .builtin
-        .iter()
-        .copied()
-        .chain(t.chains.iter().map(String::as_str))
-        .chain(live.rules.iter().map(|(c, _)| c.as_str()))
-        .collect();
-    for chain in chains {
-        let want: Vec<String> = desired_rules(t, chain).into_iter().map(kernel_form).collect();
-        let live_rules: Vec<&(String, String)> = live.rules.iter().filter(|(c, _)| c == chain).collect();
-        // Ours must be the first rules of the chain, and nothing of ours further down.
-        let head: Vec<String> = live_rules
+/// Whether two rule lists are the same once in the kernel's canonical form.
+fn same_rules(want: &[&str], have: &[&str]) -> bool {
+    want.len() == have.len()
+        && want
             .iter()
-            .take(want.len())
-            .map(|(_, r)| kernel_form(r))
-            .collect();
-        if head != want {
-            return false;
-        }
-        if live_rules[want.len().min(live_rules.len())..]
-            .iter()
-            .any(|(c, r)| removable(t, live, wrap, c, r))
-        {
-            return false;
-        }
-    }
-    true
+            .zip(have)
+            .all(|(w, h)| w == h || kernel_form(w) == kernel_form(h))
 }
 
-/// `iptables-restore --noflush` input turning `live` into `t` (see module docs). With an empty
+/// Whether the live table already holds exactly the rendered Neutron part.
+pub fn in_sync(t: &Table, live: &LiveTable, wrap: &str) -> bool {
+    restore_plan(t, live, wrap).is_empty()
+}
+
+/// `iptables-restore --noflush` input turning `live` into `t` (see module docs); only the
+/// chains that differ are touched, so a one-rule change rewrites one chain. With an empty
 /// `live` this is what `sg iptables render --format restore` prints.
 pub fn restore_input(t: &Table, live: &LiveTable, wrap: &str) -> String {
     let mut s = format!("*{}\n", t.name);
-    let stale = stale_chains(t, live, wrap);
-    for c in &t.chains {
-        if !edited_in_place(t.name, c, live) {
-            s.push_str(&format!(":{c} - [0:0]\n"));
-        }
-    }
-    for c in &stale {
-        s.push_str(&format!(":{c} - [0:0]\n"));
-    }
-    // Previous Neutron lines of the chains kept in place.
-    for (c, r) in &live.rules {
-        if edited_in_place(t.name, c, live) && !stale.contains(c) && removable(t, live, wrap, c, r) {
-            s.push_str(&format!("-D {c} {r}\n"));
-        }
-    }
-    let chains = t
-        .builtin
-        .iter()
-        .map(|c| c.to_string())
-        .chain(t.chains.iter().cloned());
-    for c in chains {
-        let rules = desired_rules(t, &c);
-        if edited_in_place(t.name, &c, live) {
-            for (i, r) in rules.iter().enumerate() {
-                s.push_str(&format!("-I {c} {} {r}\n", i + 1));
-            }
-        } else {
-            for r in rules {
-                s.push_str(&format!("-A {c} {r}\n"));
-            }
-        }
-    }
-    for c in &stale {
-        s.push_str(&format!("-X {c}\n"));
+    for line in restore_plan(t, live, wrap) {
+        s.push_str(&line);
+        s.push('\n');
     }
     s.push_str("COMMIT\n");
     s
+}
+
+fn rules_of<'a>(m: &HashMap<&str, Vec<&'a str>>, chain: &str) -> Vec<&'a str> {
+    m.get(chain).cloned().unwrap_or_default()
+}
+
+/// The restore commands of [`restore_input`], empty when the table is in sync.
+fn restore_plan(t: &Table, live: &LiveTable, wrap: &str) -> Vec<String> {
+    let stale = stale_chains(t, live, wrap);
+    let desired = by_chain(&t.rules);
+    let current = by_chain(&live.rules);
+
+    // Chains sg declares (creating or flushing them) and fills: those missing or different.
+    let declared: Vec<&String> = t
+        .chains
+        .iter()
+        .filter(|c| !edited_in_place(t.name, c, live))
+        .filter(|c| !live.chains.contains(c) || !same_rules(&rules_of(&desired, c), &rules_of(&current, c)))
+        .collect();
+    // Chains edited in place whose Neutron part is not ours-first-and-only.
+    let in_place: Vec<String> = t
+        .builtin
+        .iter()
+        .map(|c| c.to_string())
+        .chain(t.chains.iter().cloned())
+        .chain(live.rules.iter().map(|(c, _)| c.clone()))
+        .collect::<BTreeSet<String>>()
+        .into_iter()
+        .filter(|c| edited_in_place(t.name, c, live) && !stale.contains(c))
+        .filter(|c| {
+            let want = rules_of(&desired, c);
+            let have = rules_of(&current, c);
+            let head = &have[..want.len().min(have.len())];
+            !same_rules(&want, head) || have[head.len()..].iter().any(|r| removable(t, live, wrap, c, r))
+        })
+        .collect();
+
+    let mut out = Vec::new();
+    for c in declared
+        .iter()
+        .map(|c| c.as_str())
+        .chain(stale.iter().map(String::as_str))
+    {
+        out.push(format!(":{c} - [0:0]"));
+    }
+    // Previous Neutron lines of the chains kept in place.
+    for (c, r) in &live.rules {
+        if in_place.contains(c) && removable(t, live, wrap, c, r) {
+            out.push(format!("-D {c} {r}"));
+        }
+    }
+    for c in &in_place {
+        for (i, r) in rules_of(&desired, c).iter().enumerate() {
+            out.push(format!("-I {c} {} {r}", i + 1));
+        }
+    }
+    for c in &declared {
+        for r in rules_of(&desired, c) {
+            out.push(format!("-A {c} {r}"));
+        }
+    }
+    for c in &stale {
+        out.push(format!("-X {c}"));
+    }
+    out
 }
 
 /// What an apply changed.
@@ -292,6 +316,16 @@ impl std::fmt::Display for ApplyReport {
             self.sets_destroyed.len()
         )
     }
+}
+
+/// What [`IptablesDataplane::apply_change`] did.
+#[derive(Clone, Debug, Default)]
+pub struct ChangeReport {
+    pub apply: ApplyReport,
+    /// The conntrack deletions run.
+    pub conntrack: Vec<ConntrackDelete>,
+    /// Set when a deletion failed (the rules are applied all the same).
+    pub conntrack_error: Option<String>,
 }
 
 /// The iptables back end of sg: applies renders, runs conntrack cleanups.
@@ -436,6 +470,26 @@ impl IptablesDataplane {
         self.apply_rendered(&super::render(model, opts))
     }
 
+    /// A change of input as Neutron's agent handles it: apply `new`, then delete the conntrack
+    /// entries of what went away since `old` ([`conntrack_cleanup`]), so that established
+    /// flows a removed rule or member allowed are cut as under Neutron. An error means nothing
+    /// was applied; a failed cleanup after a good apply is reported in the result.
+    pub fn apply_change(
+        &self,
+        old: Option<&Model>,
+        new: &Model,
+        opts: &RenderOptions,
+    ) -> Result<ChangeReport> {
+        let apply = self.apply(new, opts)?;
+        let conntrack = old.map(|o| conntrack_cleanup(o, new, opts)).unwrap_or_default();
+        let conntrack_error = self.conntrack_delete(&conntrack).err().map(|e| format!("{e:#}"));
+        Ok(ChangeReport {
+            apply,
+            conntrack,
+            conntrack_error,
+        })
+    }
+
     /// Applies a render (module docs).
     pub fn apply_rendered(&self, r: &Rendered) -> Result<ApplyReport> {
         let wrap = r.agent.wrap();
@@ -493,7 +547,7 @@ impl IptablesDataplane {
         // 4. dry run.
         for (family, input, _) in &inputs {
             let tool = self.backend.restore_cmd(*family);
-            let out = self.run(&[&tool, "--test", "--noflush"], Some(input))?;
+            let out = self.run(&[&tool, "--test", "--noflush", "-w", LOCK_WAIT], Some(input))?;
             if !out.ok {
                 undo_created(&created);
                 bail!(
@@ -531,7 +585,7 @@ impl IptablesDataplane {
         let mut done: Vec<Ethertype> = Vec::new();
         for (family, input, tables) in &inputs {
             let tool = self.backend.restore_cmd(*family);
-            let out = self.run(&[&tool, "--noflush"], Some(input))?;
+            let out = self.run(&[&tool, "--noflush", "-w", LOCK_WAIT], Some(input))?;
             if !out.ok {
                 // Put back what this apply changed: the families already restored get their
                 // previous tables (the full save text, without --noflush, replaces each table
@@ -540,7 +594,7 @@ impl IptablesDataplane {
                 for f in &done {
                     let prev = &before.iter().find(|(e, _)| e == f).expect("saved").1;
                     if !self
-                        .run(&[&self.backend.restore_cmd(*f)], Some(prev))
+                        .run(&[&self.backend.restore_cmd(*f), "-w", LOCK_WAIT], Some(prev))
                         .is_ok_and(|o| o.ok)
                     {
                         rolled_back = false;
@@ -705,8 +759,8 @@ impl ConntrackDelete {
 pub fn conntrack_cleanup(old: &Model, new: &Model, opts: &RenderOptions) -> Vec<ConntrackDelete> {
     let old_view = neutron::server_view(old, opts);
     let new_view = neutron::server_view(new, opts);
-    let old_zones = super::render(old, opts).zones;
-    let new_zones = super::render(new, opts).zones;
+    let old_zones = render::zones(&old_view, opts);
+    let new_zones = render::zones(&new_view, opts);
     let zone_of = |id: &str| old_zones.get(id).or(new_zones.get(id)).copied();
     let mut out: BTreeSet<ConntrackDelete> = BTreeSet::new();
 

@@ -6,7 +6,7 @@
 //! The code reads top-down:
 //! 1. [`neutron`]: the model as Neutron's server hands it to the agent (port dicts with
 //!    provider rules, reduced rule dicts, remote-group member lists);
-//! 2. [`render`]: the driver and its `IptablesManager`: chains and rules in the order they end
+//! 2. [`mod@render`]: the driver and its `IptablesManager`: chains and rules in the order they end
 //!    up in the kernel, the ipset commands;
 //! 3. this module: the text (the oracle's format, `iptables-restore` input);
 //! 4. [`apply`]: ipsets, `iptables-restore --noflush`, conntrack cleanup.
@@ -41,7 +41,7 @@ pub mod neutron;
 pub mod protocols;
 pub mod render;
 
-pub use apply::{ApplyReport, Backend, ConntrackDelete, IptablesDataplane, conntrack_cleanup};
+pub use apply::{ApplyReport, Backend, ChangeReport, ConntrackDelete, IptablesDataplane, conntrack_cleanup};
 
 use crate::model::{Ethertype, Model};
 

@@ -204,8 +204,6 @@ struct Driver<'v, 'm> {
     tables: [[TableBuilder; 3]; 2],
     /// Sets the ipset manager knows, by name.
     ipsets: BTreeMap<String, IpSet>,
-    /// Conntrack zone per zone key.
-    zones: HashMap<String, u32>,
     /// Zone per filtered port id.
     port_zones: BTreeMap<String, u32>,
 }
@@ -367,14 +365,7 @@ impl<'v, 'm> Driver<'v, 'm> {
     /// `_setup_chains_apply`.
     fn setup_chains(&mut self) {
         self.add_chain_v4v6(SG_CHAIN);
-        let mut filtered: Vec<&PortDict> = self
-            .view
-            .devices
-            .iter()
-            .filter(|p| p.port.port_security_enabled)
-            .collect();
-        filtered.sort_by(|a, b| a.device.cmp(&b.device));
-        for port in filtered {
+        for port in filtered_sorted(self.view) {
             self.conntrack_jump(port);
             let dev = self.physdev(&port.device);
             self.nat_short_circuit(&dev);
@@ -406,25 +397,8 @@ impl<'v, 'm> Driver<'v, 'm> {
 
     /// `_get_jump_rules` / `_add_conntrack_jump`: three CT rules in raw PREROUTING.
     fn conntrack_jump(&mut self, port: &PortDict) {
-        let key_src = match self.opts.agent {
-            Agent::LinuxBridge => &port.port.network_id,
-            Agent::OvsHybrid => &port.device,
-        };
-        let key = first_chars(key_src, 11).to_string();
-        let zone = match self.zones.get(&key) {
-            Some(&z) => z,
-            None => {
-                // `_find_open_zone` on a fresh host: one above the highest in use.
-                let z = self
-                    .zones
-                    .values()
-                    .max()
-                    .map_or(ZONE_START, |m| (m + 1).max(ZONE_START));
-                self.zones.insert(key, z);
-                z
-            }
-        };
-        self.port_zones.insert(port.port.id.clone(), zone);
+        // Allocated up front, in this same order (`zones`).
+        let zone = self.port_zones[&port.port.id];
         let br = match self.opts.agent {
             Agent::LinuxBridge => first_chars(&format!("brq{}", port.port.network_id), 14).to_string(),
             Agent::OvsHybrid => first_chars(&format!("qvb{}", port.device), 14).to_string(),
@@ -785,6 +759,39 @@ fn spoof_pairs(port: &PortDict, e: Ethertype) -> Vec<(String, Option<String>)> {
         .collect()
 }
 
+/// The filtered devices in the order the driver sets them up (`sorted(filtered_ports)`).
+fn filtered_sorted<'a, 'm>(view: &'a ServerView<'m>) -> Vec<&'a PortDict<'m>> {
+    let mut filtered: Vec<&PortDict> = view
+        .devices
+        .iter()
+        .filter(|p| p.port.port_security_enabled)
+        .collect();
+    filtered.sort_by(|a, b| a.device.cmp(&b.device));
+    filtered
+}
+
+/// The conntrack zone of each filtered port, by port id, as `IpConntrackManager` hands them
+/// out on a fresh host: keyed by network (Linux bridge) or device (hybrid), first 11
+/// characters; a new key gets one above the highest zone in use (`_find_open_zone`), from 4097.
+pub(crate) fn zones(view: &ServerView, opts: &RenderOptions) -> BTreeMap<String, u32> {
+    let mut by_key: HashMap<String, u32> = HashMap::new();
+    let mut out = BTreeMap::new();
+    for port in filtered_sorted(view) {
+        let key_src = match opts.agent {
+            Agent::LinuxBridge => &port.port.network_id,
+            Agent::OvsHybrid => &port.device,
+        };
+        let key = first_chars(key_src, 11).to_string();
+        let next = by_key
+            .values()
+            .max()
+            .map_or(ZONE_START, |m| (m + 1).max(ZONE_START));
+        let zone = *by_key.entry(key).or_insert(next);
+        out.insert(port.port.id.clone(), zone);
+    }
+    out
+}
+
 /// The whole driver run; see the module docs.
 pub(crate) fn run(
     view: &ServerView,
@@ -804,8 +811,7 @@ pub(crate) fn run(
         protocols: protocols::host_map(),
         tables: [mk(), mk()],
         ipsets: BTreeMap::new(),
-        zones: HashMap::new(),
-        port_zones: BTreeMap::new(),
+        port_zones: zones(view, opts),
     };
     // `prepare_devices_filter` returns at once when there is no local device: nothing is
     // applied, not even the skeleton.
@@ -818,35 +824,17 @@ pub(crate) fn run(
         d.trusted_ports();
         d.setup_chains();
     }
-    let ipsets: Vec<IpSet> = std::mem::take(&mut d.ipsets).into_values().collect();
-    let [v4, v6] = std::mem::replace(&mut d.tables, [mk(), mk()]);
-    let finish = |ts: [TableBuilder; 3]| -> Vec<Table> {
-        ts.into_iter()
-            .map(|t| {
-                if any_local {
-                    t.finish()
-                } else {
-                    TableBuilder::new(t.name, wrap).finish_empty()
-                }
-            })
-            .collect()
-    };
-    ([finish(v4), finish(v6)], ipsets, d.port_zones)
-}
-
-impl TableBuilder {
-    /// A table Neutron never wrote to: its builtin chains only.
-    fn finish_empty(self) -> Table {
-        let builtin: &[&str] = BUILTIN
-            .iter()
-            .find(|(t, _)| *t == self.name)
-            .map(|(_, c)| *c)
-            .unwrap_or(&[]);
-        Table {
-            name: self.name,
-            builtin: builtin.to_vec(),
-            chains: Vec::new(),
-            rules: Vec::new(),
-        }
-    }
+    // Tables Neutron never wrote to come out as their builtin chains only.
+    let Driver {
+        tables: [v4, v6],
+        ipsets,
+        port_zones,
+        ..
+    } = d;
+    let finish = |ts: [TableBuilder; 3]| ts.into_iter().map(TableBuilder::finish).collect();
+    (
+        [finish(v4), finish(v6)],
+        ipsets.into_values().collect(),
+        port_zones,
+    )
 }

@@ -194,6 +194,9 @@ mod tests {
         assert!(convert_protocol(&json!("foo")).is_err());
         assert!(convert_protocol(&json!(-1)).is_err());
         assert!(convert_protocol(&json!(true)).is_err());
+        // Deliberate differences (tests/DIFFERENCES.md D7).
+        assert!(convert_protocol(&json!("06")).is_err());
+        assert_eq!(convert_protocol(&json!("ANY")), Ok(None));
     }
 
     #[test]
