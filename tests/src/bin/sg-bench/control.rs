@@ -503,6 +503,21 @@ fn restart(sg: &Path, repeats: usize) -> Result<Restart> {
     Ok(r)
 }
 
+/// The full-sync inputs of `run_all`, as files.
+pub fn dump_inputs(dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir)?;
+    for (name, doc) in [
+        ("sync-200x422-shared.json", node_doc(200, 400, 21, 20, 1_000)),
+        ("sync-200x422-per-port.json", node_doc(200, 400, 21, 200, 1_000)),
+        ("sync-1000x50.json", node_doc(1_000, 40, 9, 50, 1_000)),
+    ] {
+        let path = dir.join(name);
+        std::fs::write(&path, serde_json::to_vec_pretty(&doc.build())?)?;
+        eprintln!("wrote {}", path.display());
+    }
+    Ok(())
+}
+
 pub struct Config {
     pub sync_repeats: usize,
     pub change_repeats: usize,

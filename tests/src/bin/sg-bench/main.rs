@@ -48,6 +48,10 @@ struct Args {
     /// Redraw results.md and the plots from a raw results file, measuring nothing.
     #[arg(long)]
     from_raw: Option<PathBuf>,
+    /// Write the control-plane inputs as Neutron JSON into this directory and exit, so that a
+    /// figure can be reproduced (or profiled) with `sg compile --input FILE`.
+    #[arg(long)]
+    dump_inputs: Option<PathBuf>,
 }
 
 const SECTIONS: [&str; 4] = ["classifier", "forwarding", "control", "memory"];
@@ -58,6 +62,9 @@ fn main() -> Result<()> {
         if !SECTIONS.contains(&o.as_str()) {
             bail!("unknown section {o}: one of {}", SECTIONS.join(", "));
         }
+    }
+    if let Some(dir) = &args.dump_inputs {
+        return control::dump_inputs(dir);
     }
     std::fs::create_dir_all(args.out.join("raw"))?;
     let all = match &args.from_raw {
