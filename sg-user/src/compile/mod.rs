@@ -34,7 +34,11 @@ mod eval;
 pub mod lpm;
 mod render;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
+
+/// The compiler's lookups are its hot loop (a prefix's ancestors, up to 129 probes each);
+/// SipHash's resistance to flooding buys nothing on the operator's own input.
+type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 use std::fmt;
 
 use ipnet::IpNet;
@@ -162,16 +166,16 @@ pub struct Stats {
 pub fn compile(model: &Model, host: &str) -> Compiled {
     let mut c = Compiler {
         model,
-        selectors: HashMap::new(),
+        selectors: HashMap::default(),
         selector_list: Vec::new(),
-        class_ids: HashMap::new(),
+        class_ids: HashMap::default(),
         classes: Vec::new(),
-        rule_index: HashMap::new(),
+        rule_index: HashMap::default(),
         rules: Vec::new(),
     };
     let local = model.local_ports(host);
 
-    let mut policy_of: HashMap<&[String], u32> = HashMap::new();
+    let mut policy_of: HashMap<&[String], u32> = HashMap::default();
     let mut policy_groups: Vec<&[String]> = Vec::new();
     for port in local.iter().filter(|p| p.is_filtered()) {
         policy_of
@@ -368,7 +372,7 @@ impl<'m> Compiler<'m> {
     ) {
         // Each rule's selector, and the prefixes each selector is made of.
         let rule_sel: Vec<u32> = chain.iter().map(|(_, r)| self.selector_id(selector(r))).collect();
-        let mut owners: HashMap<([u8; 16], u8), Vec<u32>> = HashMap::new();
+        let mut owners: HashMap<([u8; 16], u8), Vec<u32>> = HashMap::default();
         for &sel in BTreeSet::from_iter(rule_sel.iter().copied()).iter() {
             for net in self.selector_nets(sel, eth) {
                 let owned = owners.entry(addr::net_key(net)).or_default();
@@ -383,7 +387,7 @@ impl<'m> Compiler<'m> {
         prefixes.sort_unstable_by_key(|&(key, len)| (len, key));
         let mut class_rules: Vec<(u32, Vec<usize>)> = Vec::new();
         let mut seen_classes: BTreeSet<u32> = BTreeSet::new();
-        let mut kept: HashMap<([u8; 16], u8), u32> = HashMap::new();
+        let mut kept: HashMap<([u8; 16], u8), u32> = HashMap::default();
         for &(key, len) in &prefixes {
             let mut set: Vec<u32> = Vec::new();
             for l in 0..=len {
@@ -420,7 +424,7 @@ impl<'m> Compiler<'m> {
 
         for (class, positions) in class_rules {
             // The earliest chain position owning each service prefix.
-            let mut first: HashMap<ServicePrefix, usize> = HashMap::new();
+            let mut first: HashMap<ServicePrefix, usize> = HashMap::default();
             for &pos in &positions {
                 for p in service_prefixes(chain[pos].1) {
                     first.entry(p).and_modify(|f| *f = (*f).min(pos)).or_insert(pos);
@@ -428,7 +432,7 @@ impl<'m> Compiler<'m> {
             }
             let mut own: Vec<ServicePrefix> = first.keys().copied().collect();
             own.sort_unstable_by_key(|&(value, len)| (len, value));
-            let mut kept: HashMap<ServicePrefix, usize> = HashMap::new();
+            let mut kept: HashMap<ServicePrefix, usize> = HashMap::default();
             for (value, len) in own {
                 let best = (0..=len)
                     .filter_map(|l| first.get(&(value & mask24(l), l)))
