@@ -128,3 +128,46 @@ fn namespace_pair_one_flow_delivered_one_dropped() {
         "tcp/81 is dropped"
     );
 }
+
+/// The applier writes and deletes policies with BPF_MAP_*_BATCH: every entry lands with its
+/// value, and a delete list naming absent entries still deletes all the others.
+#[test]
+fn lpm_batches_write_every_entry_and_delete_past_absent_ones() {
+    use aya::maps::{LpmTrie, lpm_trie::Key};
+    use sg_user::datapath::batch;
+
+    let mut dp = Datapath::load(&LoadOptions::default()).expect("load");
+    let entry = |i: u32| {
+        let mut addr = [0u8; 16];
+        addr[..4].copy_from_slice(&(0x0a00_0000 + (i << 8)).to_be_bytes());
+        let key = ClassKey {
+            policy: 7,
+            dir: DIR_INGRESS,
+            family: 4,
+            _pad: [0; 2],
+            addr,
+        };
+        (CLASS_KEY_FIXED_BITS + 24, key, ClassVal { class: i + 1 })
+    };
+    let written: Vec<_> = (0..3000).map(entry).collect();
+    batch::lpm_update(dp.lpm_map(MAP_CLASSES).unwrap(), &written).expect("batch update");
+    let count = |dp: &mut Datapath| {
+        let m: LpmTrie<_, ClassKey, ClassVal> = LpmTrie::try_from(dp.map_mut(MAP_CLASSES).unwrap()).unwrap();
+        m.keys().count()
+    };
+    assert_eq!(count(&mut dp), 3000);
+    {
+        let m: LpmTrie<_, ClassKey, ClassVal> = LpmTrie::try_from(dp.map_mut(MAP_CLASSES).unwrap()).unwrap();
+        for (p, k, v) in [&written[0], &written[1234], &written[2999]] {
+            assert_eq!(m.get(&Key::new(*p, *k), 0).unwrap(), *v);
+        }
+    }
+    // Delete entries 0..2000 plus three never written (4000..4003) in the middle and at the end.
+    let mut doomed: Vec<_> = (0..1000).map(entry).collect();
+    doomed.extend((4000..4002).map(entry));
+    doomed.extend((1000..2000).map(entry));
+    doomed.push(entry(4002));
+    let deleted = batch::lpm_delete(dp.lpm_map(MAP_CLASSES).unwrap(), &doomed).expect("batch delete");
+    assert_eq!(deleted, 2000);
+    assert_eq!(count(&mut dp), 1000);
+}

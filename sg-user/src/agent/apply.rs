@@ -19,14 +19,13 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
-use aya::maps::lpm_trie::Key;
 use serde::{Deserialize, Serialize};
 use sg_common::*;
 use tracing::{debug, info};
 
 use crate::{
     compile::{Compiled, LpmEntry},
-    datapath::{Attached, Datapath, Iface},
+    datapath::{Attached, Datapath, Iface, batch},
 };
 
 type Entries<K, V> = Vec<(u32, K, V)>;
@@ -495,49 +494,62 @@ impl Applier {
         }
     }
 
+    // A policy is written and deleted in batches (datapath::batch): one syscall per map rather
+    // than per entry. Entries are stored without their id, which is set here.
+
     fn write_policy(&mut self, id: u32, c: &PolicyContent) -> Result<usize> {
-        let mut classes = self.dp.classes()?;
-        for (p, k, v) in &c.classes {
-            classes
-                .insert(&Key::new(*p, ClassKey { policy: id, ..*k }), *v, 0)
-                .context("SG_CLASSES is full or refused an entry")?;
-        }
-        let mut services = self.dp.services()?;
-        for (p, k, v) in &c.services {
-            services
-                .insert(&Key::new(*p, ServiceKey { policy: id, ..*k }), *v, 0)
-                .context("SG_SERVICES is full or refused an entry")?;
-        }
+        let classes: Entries<ClassKey, ClassVal> = c
+            .classes
+            .iter()
+            .map(|(p, k, v)| (*p, ClassKey { policy: id, ..*k }, *v))
+            .collect();
+        batch::lpm_update(self.dp.lpm_map(MAP_CLASSES)?, &classes)
+            .context("SG_CLASSES is full or refused an entry")?;
+        let services: Entries<ServiceKey, ServiceVal> = c
+            .services
+            .iter()
+            .map(|(p, k, v)| (*p, ServiceKey { policy: id, ..*k }, *v))
+            .collect();
+        batch::lpm_update(self.dp.lpm_map(MAP_SERVICES)?, &services)
+            .context("SG_SERVICES is full or refused an entry")?;
         Ok(c.classes.len() + c.services.len())
     }
 
     fn delete_policy(&mut self, id: u32, c: &PolicyContent) -> Result<usize> {
-        let mut classes = self.dp.classes()?;
-        for (p, k, _) in &c.classes {
-            let _ = classes.remove(&Key::new(*p, ClassKey { policy: id, ..*k }));
-        }
-        let mut services = self.dp.services()?;
-        for (p, k, _) in &c.services {
-            let _ = services.remove(&Key::new(*p, ServiceKey { policy: id, ..*k }));
-        }
+        let classes: Entries<ClassKey, ClassVal> = c
+            .classes
+            .iter()
+            .map(|(p, k, v)| (*p, ClassKey { policy: id, ..*k }, *v))
+            .collect();
+        let services: Entries<ServiceKey, ServiceVal> = c
+            .services
+            .iter()
+            .map(|(p, k, v)| (*p, ServiceKey { policy: id, ..*k }, *v))
+            .collect();
+        // Both maps are attempted even if the first fails, as the per-entry loop did.
+        let a = batch::lpm_delete(self.dp.lpm_map(MAP_CLASSES)?, &classes).context("SG_CLASSES");
+        let b = batch::lpm_delete(self.dp.lpm_map(MAP_SERVICES)?, &services).context("SG_SERVICES");
+        a?;
+        b?;
         Ok(c.classes.len() + c.services.len())
     }
 
     fn write_addrs(&mut self, id: u32, set: &Entries<AddrKey, AddrVal>) -> Result<usize> {
-        let mut addrs = self.dp.addrs()?;
-        for (p, k, v) in set {
-            addrs
-                .insert(&Key::new(*p, AddrKey { addr_id: id, ..*k }), *v, 0)
-                .context("SG_ADDRS is full or refused an entry")?;
-        }
+        let entries: Entries<AddrKey, AddrVal> = set
+            .iter()
+            .map(|(p, k, v)| (*p, AddrKey { addr_id: id, ..*k }, *v))
+            .collect();
+        batch::lpm_update(self.dp.lpm_map(MAP_ADDRS)?, &entries)
+            .context("SG_ADDRS is full or refused an entry")?;
         Ok(set.len())
     }
 
     fn delete_addrs(&mut self, id: u32, set: &Entries<AddrKey, AddrVal>) -> Result<usize> {
-        let mut addrs = self.dp.addrs()?;
-        for (p, k, _) in set {
-            let _ = addrs.remove(&Key::new(*p, AddrKey { addr_id: id, ..*k }));
-        }
+        let entries: Entries<AddrKey, AddrVal> = set
+            .iter()
+            .map(|(p, k, v)| (*p, AddrKey { addr_id: id, ..*k }, *v))
+            .collect();
+        batch::lpm_delete(self.dp.lpm_map(MAP_ADDRS)?, &entries).context("SG_ADDRS")?;
         Ok(set.len())
     }
 }

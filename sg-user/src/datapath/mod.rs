@@ -27,6 +27,7 @@ use sg_common::*;
 use crate::netns;
 
 pub mod allowlist;
+pub mod batch;
 pub mod fixture;
 
 /// The eBPF object built by build.rs (sg-ebpf, bpfel-unknown-none).
@@ -370,6 +371,15 @@ impl Datapath {
 
     pub fn trace_map(&mut self) -> Result<PerCpuArray<&mut MapData, TraceRec>> {
         Ok(PerCpuArray::try_from(self.map_mut(MAP_TRACE)?)?)
+    }
+
+    /// An LPM trie's map, for the batch operations of `batch`.
+    pub fn lpm_map(&self, name: &str) -> Result<&MapData> {
+        match self.ebpf.map(name) {
+            Some(aya::maps::Map::LpmTrie(m)) => Ok(m),
+            Some(_) => bail!("map {name} is not an LPM trie"),
+            None => bail!("map {name} missing from the object"),
+        }
     }
 
     pub fn map_mut(&mut self, name: &str) -> Result<&mut aya::maps::Map> {
