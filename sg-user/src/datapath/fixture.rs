@@ -4,7 +4,7 @@
 //! (MACs, IP/MAC pairs as Neutron builds them, fixed IPs) and a policy's `SG_CLASSES` and
 //! `SG_SERVICES`.
 //!
-//! ```ignore
+//! ```text
 //! let port = PortSpec::new(ifindex, 1, mac).fixed_ip("10.0.0.5").stateful();
 //! let rules = [Rule::ingress_v4().tcp(22, 22), Rule::egress_v4()];
 //! fixture::install(&mut dp, &port, &rules)?;
