@@ -1,6 +1,7 @@
 //! The benchmark floor: a classifier that returns "next" without looking at the packet. Built
 //! as its own object (`sg-passthru`) so that it can never be attached by the agent; only
-//! `sg-user/examples/datapath_bench.rs` loads it, for BPF_PROG_TEST_RUN.
+//! the classifier section of `cargo xtask bench` (tests/src/bin/sg-bench) loads it, for
+//! BPF_PROG_TEST_RUN.
 #![no_std]
 #![no_main]
 
