@@ -79,72 +79,49 @@ fn line_chart(
         .x_label_area_size(45)
         .y_label_area_size(70);
     let x = (x_range.0..x_range.1).log_scale();
+    // The two y axes are different coordinate types, so the drawing is spelled once here
+    // and expanded for each.
+    macro_rules! draw {
+        ($c:ident, $legend:expr) => {{
+            $c.configure_mesh()
+                .x_desc(x_desc)
+                .y_desc(y_desc)
+                .x_label_formatter(&|v| format!("{v:.0}"))
+                .y_label_formatter(&|v| human(*v))
+                .draw()
+                .map_err(e)?;
+            for s in lines {
+                let col = s.color;
+                $c.draw_series(LineSeries::new(
+                    s.points.iter().map(|p| (p.0, p.2)),
+                    col.stroke_width(2),
+                ))
+                .map_err(e)?
+                .label(s.label.clone())
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], col.stroke_width(2)));
+                $c.draw_series(s.points.iter().map(|p| Circle::new((p.0, p.2), 3, col.filled())))
+                    .map_err(e)?;
+                $c.draw_series(
+                    s.points
+                        .iter()
+                        .map(|p| PathElement::new(vec![(p.0, p.1), (p.0, p.3)], col.stroke_width(1))),
+                )
+                .map_err(e)?;
+            }
+            $c.configure_series_labels()
+                .background_style(WHITE.mix(0.85))
+                .border_style(BLACK)
+                .position($legend)
+                .draw()
+                .map_err(e)?;
+        }};
+    }
     if log_y {
         let mut c = chart.build_cartesian_2d(x, (ymin..ymax).log_scale()).map_err(e)?;
-        c.configure_mesh()
-            .x_desc(x_desc)
-            .y_desc(y_desc)
-            .x_label_formatter(&|v| format!("{v:.0}"))
-            .y_label_formatter(&|v| human(*v))
-            .draw()
-            .map_err(e)?;
-        for s in lines {
-            let col = s.color;
-            c.draw_series(LineSeries::new(
-                s.points.iter().map(|p| (p.0, p.2)),
-                col.stroke_width(2),
-            ))
-            .map_err(e)?
-            .label(s.label.clone())
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], col.stroke_width(2)));
-            c.draw_series(s.points.iter().map(|p| Circle::new((p.0, p.2), 3, col.filled())))
-                .map_err(e)?;
-            c.draw_series(
-                s.points
-                    .iter()
-                    .map(|p| PathElement::new(vec![(p.0, p.1), (p.0, p.3)], col.stroke_width(1))),
-            )
-            .map_err(e)?;
-        }
-        c.configure_series_labels()
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK)
-            .position(SeriesLabelPosition::LowerLeft)
-            .draw()
-            .map_err(e)?;
+        draw!(c, SeriesLabelPosition::LowerLeft);
     } else {
         let mut c = chart.build_cartesian_2d(x, 0.0..ymax).map_err(e)?;
-        c.configure_mesh()
-            .x_desc(x_desc)
-            .y_desc(y_desc)
-            .x_label_formatter(&|v| format!("{v:.0}"))
-            .y_label_formatter(&|v| human(*v))
-            .draw()
-            .map_err(e)?;
-        for s in lines {
-            let col = s.color;
-            c.draw_series(LineSeries::new(
-                s.points.iter().map(|p| (p.0, p.2)),
-                col.stroke_width(2),
-            ))
-            .map_err(e)?
-            .label(s.label.clone())
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], col.stroke_width(2)));
-            c.draw_series(s.points.iter().map(|p| Circle::new((p.0, p.2), 3, col.filled())))
-                .map_err(e)?;
-            c.draw_series(
-                s.points
-                    .iter()
-                    .map(|p| PathElement::new(vec![(p.0, p.1), (p.0, p.3)], col.stroke_width(1))),
-            )
-            .map_err(e)?;
-        }
-        c.configure_series_labels()
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK)
-            .position(SeriesLabelPosition::UpperLeft)
-            .draw()
-            .map_err(e)?;
+        draw!(c, SeriesLabelPosition::UpperLeft);
     }
     root.present().map_err(e)?;
     Ok(())
