@@ -160,6 +160,16 @@ impl Ctx<'_> {
     }
 
     /// The port's own address of a family (its link-local for IPv6 when it has no IPv6).
+    /// A remote address and a service port that the rules of the shot's direction name, and
+    /// the VM's own address (the remote and the port drawn in this order, so that a seed keeps
+    /// giving the same scenarios).
+    fn ends(&mut self, eth: Ethertype, to_vm: bool) -> (IpAddr, u16, IpAddr) {
+        let dir = direction(to_vm);
+        let remote = self.remote(eth, dir);
+        let (_, dport) = self.service(eth, dir);
+        (remote, dport, self.own(eth))
+    }
+
     fn own(&self, eth: Ethertype) -> IpAddr {
         match eth {
             Ethertype::IPv4 => IpAddr::V4(v4_of(self.port).unwrap_or(Ipv4Addr::new(10, 250, 0, 5))),
@@ -281,14 +291,7 @@ impl Ctx<'_> {
     /// A TCP conversation: handshake, data each way, FIN each way, last ACK; or ending in a
     /// RST. `to_vm`: the remote opens it.
     fn tcp_conversation(&mut self, eth: Ethertype, to_vm: bool, rst: bool) -> Vec<Step> {
-        let dir = if to_vm {
-            Direction::Ingress
-        } else {
-            Direction::Egress
-        };
-        let remote = self.remote(eth, dir);
-        let (_, dport) = self.service(eth, dir);
-        let own = self.own(eth);
+        let (remote, dport, own) = self.ends(eth, to_vm);
         let (client, server) = if to_vm { (remote, own) } else { (own, remote) };
         let cport = self.rng.random_range(32768..60999u16);
         let (c, s) = (1_000u32, 5_000u32);
@@ -351,14 +354,7 @@ impl Ctx<'_> {
     /// A packet that is not the start of anything: a bare ACK (Linux picks it up as NEW), a
     /// SYN-ACK or a FIN without state (INVALID); then the other side's answer.
     fn tcp_without_state(&mut self, eth: Ethertype, to_vm: bool) -> Vec<Step> {
-        let dir = if to_vm {
-            Direction::Ingress
-        } else {
-            Direction::Egress
-        };
-        let remote = self.remote(eth, dir);
-        let (_, dport) = self.service(eth, dir);
-        let own = self.own(eth);
+        let (remote, dport, own) = self.ends(eth, to_vm);
         let flags = *[TCP_ACK, TCP_SYN | TCP_ACK, TCP_FIN | TCP_ACK, TCP_PSH | TCP_ACK]
             .choose(&mut self.rng)
             .unwrap();
@@ -395,14 +391,7 @@ impl Ctx<'_> {
     }
 
     fn udp_exchange(&mut self, eth: Ethertype, to_vm: bool) -> Vec<Step> {
-        let dir = if to_vm {
-            Direction::Ingress
-        } else {
-            Direction::Egress
-        };
-        let remote = self.remote(eth, dir);
-        let (_, dport) = self.service(eth, dir);
-        let own = self.own(eth);
+        let (remote, dport, own) = self.ends(eth, to_vm);
         let sport = self.rng.random_range(32768..60999u16);
         let (a, b) = if to_vm { (remote, own) } else { (own, remote) };
         let mut steps = Vec::new();
@@ -426,11 +415,7 @@ impl Ctx<'_> {
     }
 
     fn echo(&mut self, eth: Ethertype, to_vm: bool, unsolicited_reply: bool) -> Vec<Step> {
-        let dir = if to_vm {
-            Direction::Ingress
-        } else {
-            Direction::Egress
-        };
+        let dir = direction(to_vm);
         let remote = self.remote(eth, dir);
         let own = self.own(eth);
         let (req, rep) = if eth == Ethertype::IPv4 {
@@ -698,14 +683,7 @@ impl Ctx<'_> {
 
     /// A datagram in two fragments, in order, in the direction a UDP rule allows or not.
     fn fragments(&mut self, eth: Ethertype, to_vm: bool) -> Vec<Step> {
-        let dir = if to_vm {
-            Direction::Ingress
-        } else {
-            Direction::Egress
-        };
-        let remote = self.remote(eth, dir);
-        let (_, dport) = self.service(eth, dir);
-        let own = self.own(eth);
+        let (remote, dport, own) = self.ends(eth, to_vm);
         let (src, dst) = if to_vm { (remote, own) } else { (own, remote) };
         let ident = self.id();
         let payload = vec![0x5au8; 24];
@@ -742,11 +720,7 @@ impl Ctx<'_> {
 
     /// Another protocol: GRE, VRRP, or a protocol number a rule names.
     fn other_protocol(&mut self, eth: Ethertype, to_vm: bool) -> Vec<Step> {
-        let dir = if to_vm {
-            Direction::Ingress
-        } else {
-            Direction::Egress
-        };
+        let dir = direction(to_vm);
         let mut protos: Vec<u8> = self
             .model
             .port_rules(self.port)
@@ -774,11 +748,7 @@ impl Ctx<'_> {
 
     /// ICMP probes on the types and codes the rules name (and their neighbours).
     fn icmp_types(&mut self, eth: Ethertype, to_vm: bool) -> Vec<Step> {
-        let dir = if to_vm {
-            Direction::Ingress
-        } else {
-            Direction::Egress
-        };
+        let dir = direction(to_vm);
         let icmp_proto = if eth == Ethertype::IPv4 { 1 } else { 58 };
         let mut probes: Vec<(u8, u8)> = vec![(13, 0), (if eth == Ethertype::IPv4 { 8 } else { 128 }, 0)];
         for (_, r) in self.model.port_rules(self.port) {
@@ -1188,4 +1158,13 @@ fn tcp_flags(f: u8) -> String {
         }
     }
     s
+}
+
+/// The rules' direction for a shot towards the VM (ingress) or from it (egress).
+fn direction(to_vm: bool) -> Direction {
+    if to_vm {
+        Direction::Ingress
+    } else {
+        Direction::Egress
+    }
 }
