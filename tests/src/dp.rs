@@ -4,7 +4,7 @@
 
 use std::{
     net::IpAddr,
-    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    os::fd::{AsRawFd as _, OwnedFd},
     time::{Duration, Instant},
 };
 
@@ -293,31 +293,7 @@ impl RawSock {
         let ifname = ifname.to_string();
         let fd = spawn_in(ns, move || -> Result<OwnedFd> {
             let ifindex = sg_user::netns::ifindex(&ifname)?;
-            let proto = (libc::ETH_P_ALL as u16).to_be();
-            // SAFETY: plain socket(2); the fd is owned right away.
-            let raw = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, proto as i32) };
-            if raw < 0 {
-                bail!("AF_PACKET socket: {}", std::io::Error::last_os_error());
-            }
-            // SAFETY: `raw` is a fresh descriptor we own.
-            let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-            // SAFETY: zeroed sockaddr_ll is valid; the fields set are the ones bind needs.
-            let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-            sll.sll_family = libc::AF_PACKET as u16;
-            sll.sll_protocol = proto;
-            sll.sll_ifindex = ifindex as i32;
-            // SAFETY: valid sockaddr of the given length.
-            let r = unsafe {
-                libc::bind(
-                    fd.as_raw_fd(),
-                    &sll as *const _ as *const libc::sockaddr,
-                    std::mem::size_of::<libc::sockaddr_ll>() as u32,
-                )
-            };
-            if r != 0 {
-                bail!("bind AF_PACKET to {ifname}: {}", std::io::Error::last_os_error());
-            }
-            Ok(fd)
+            sg_user::netns::packet_socket(ifindex).with_context(|| format!("AF_PACKET socket on {ifname}"))
         })
         .join()
         .map_err(|_| anyhow::anyhow!("socket thread panicked"))???;

@@ -8,11 +8,11 @@
 //! timeout only means the run is broken.
 
 use std::{
-    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    os::fd::{AsRawFd as _, OwnedFd},
     time::{Duration, Instant},
 };
 
-use anyhow::{Result, bail};
+use anyhow::{Context as _, Result, bail};
 
 use crate::netns;
 
@@ -23,45 +23,14 @@ pub struct RawSocket {
     pub name: String,
 }
 
-const ETH_P_ALL: u16 = 0x0003;
-
 impl RawSocket {
     /// Opens and binds a socket to `dev` in netns `ns`; it stays in that namespace.
     pub fn open(ns: &str, dev: &str) -> Result<Self> {
         let dev_name = dev.to_string();
         let (fd, ifindex) = netns::run_in(Some(ns), move || -> Result<(OwnedFd, u32)> {
             let ifindex = netns::ifindex(&dev_name)?;
-            // SAFETY: plain socket(2); the fd is owned right away.
-            let raw = unsafe {
-                libc::socket(
-                    libc::AF_PACKET,
-                    libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-                    (ETH_P_ALL).to_be() as i32,
-                )
-            };
-            if raw < 0 {
-                bail!("socket(AF_PACKET): {}", std::io::Error::last_os_error());
-            }
-            // SAFETY: raw is a fresh valid fd.
-            let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-            let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-            sll.sll_family = libc::AF_PACKET as u16;
-            sll.sll_protocol = ETH_P_ALL.to_be();
-            sll.sll_ifindex = ifindex as i32;
-            // SAFETY: sll is a valid sockaddr_ll of the given size.
-            let r = unsafe {
-                libc::bind(
-                    fd.as_raw_fd(),
-                    &sll as *const _ as *const libc::sockaddr,
-                    std::mem::size_of::<libc::sockaddr_ll>() as u32,
-                )
-            };
-            if r != 0 {
-                bail!(
-                    "bind AF_PACKET to {dev_name}: {}",
-                    std::io::Error::last_os_error()
-                );
-            }
+            let fd =
+                netns::packet_socket(ifindex).with_context(|| format!("AF_PACKET socket on {dev_name}"))?;
             Ok((fd, ifindex))
         })??;
         Ok(Self {

@@ -12,16 +12,15 @@
 //! the backlog cannot take are dropped there and show up as offered but not delivered.
 
 use std::{
-    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    os::fd::{AsRawFd as _, OwnedFd},
     time::{Duration, Instant},
 };
 
-use anyhow::{Result, bail};
+use anyhow::{Context as _, Result, bail};
 use sg_user::netns;
 
 const BATCH: usize = 64;
 const FRAME_LEN: usize = 60;
-const ETH_P_ALL: u16 = 0x0003;
 
 pub struct Flow {
     pub src_mac: [u8; 6],
@@ -92,19 +91,7 @@ impl Sender {
         let dev = dev.to_string();
         let fd = netns::run_in(Some(ns), move || -> Result<OwnedFd> {
             let ifindex = netns::ifindex(&dev)?;
-            // SAFETY: plain socket(2); the fd is owned right away.
-            let raw = unsafe {
-                libc::socket(
-                    libc::AF_PACKET,
-                    libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-                    ETH_P_ALL.to_be() as i32,
-                )
-            };
-            if raw < 0 {
-                bail!("socket(AF_PACKET): {}", std::io::Error::last_os_error());
-            }
-            // SAFETY: raw is a fresh valid fd.
-            let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+            let fd = netns::packet_socket(ifindex).with_context(|| format!("AF_PACKET socket on {dev}"))?;
             let one: libc::c_int = 1;
             // SAFETY: valid option pointer and size. Skips the qdisc layer (veth has none).
             unsafe {
@@ -116,22 +103,6 @@ impl Sender {
                     std::mem::size_of::<libc::c_int>() as u32,
                 )
             };
-            // A send-only socket: receive nothing, so nothing queues up on it.
-            let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-            sll.sll_family = libc::AF_PACKET as u16;
-            sll.sll_protocol = 0;
-            sll.sll_ifindex = ifindex as i32;
-            // SAFETY: sll is a valid sockaddr_ll of the given size.
-            let r = unsafe {
-                libc::bind(
-                    fd.as_raw_fd(),
-                    &sll as *const _ as *const libc::sockaddr,
-                    std::mem::size_of::<libc::sockaddr_ll>() as u32,
-                )
-            };
-            if r != 0 {
-                bail!("bind AF_PACKET to {dev}: {}", std::io::Error::last_os_error());
-            }
             Ok(fd)
         })??;
         Ok(Self { fd, next: 0 })
