@@ -287,8 +287,10 @@ pub struct Port {
     pub binding_host_id: Option<String>,
     /// The tap: `device` if given, else `"tap" + id[:11]`.
     pub device: String,
-    /// From an agent RPC-shaped document ([`rpc`]): a group it names without rules has none.
-    pub rpc: bool,
+    /// From an agent RPC-shaped document ([`rpc`]): the device name Neutron's agent uses for
+    /// it (the tap, or the port id with hybrid plugging). A group such a port names without
+    /// rules has none.
+    pub rpc_device: Option<String>,
 }
 
 /// One entry of a port's IP/MAC pair list (spec §6), in order.
@@ -448,6 +450,11 @@ impl Model {
         self.rpc_members
             .get(id)
             .map(|m| m.get(&ethertype).map(Vec::as_slice).unwrap_or(&[]))
+    }
+
+    /// Every member list an RPC-shaped document gave, by remote id.
+    pub fn rpc_member_lists(&self) -> impl Iterator<Item = (&String, &BTreeMap<Ethertype, Vec<Member>>)> {
+        self.rpc_members.iter()
     }
 
     /// Every (remote, ethertype) member list, in a stable order.

@@ -74,6 +74,9 @@ impl Plug {
     }
 }
 
+/// The field under which the conversion hands the validator Neutron's device name.
+pub(crate) const RPC_DEVICE: &str = " rpc device";
+
 /// A document is in the RPC shape when it has one of the RPC-only keys, or `security_groups`
 /// as an object (the API shape has a list there).
 pub(crate) fn is_rpc_document(map: &Map<String, Value>) -> bool {
@@ -207,6 +210,7 @@ pub(crate) fn objects(
                     Value::String(device) if !device.is_empty() => {
                         let mut fields = Map::new();
                         fields.insert("device".into(), Value::String(plug.tap(&device)));
+                        fields.insert(RPC_DEVICE.into(), Value::String(device.clone()));
                         fields.insert("id".into(), Value::String(device));
                         out.push(RawObject {
                             kind: Kind::TrustedPort,
@@ -282,6 +286,7 @@ fn device(
         fields.insert("id".into(), Value::String(device.clone()));
     }
     fields.insert("device".into(), Value::String(plug.tap(&device)));
+    fields.insert(RPC_DEVICE.into(), Value::String(device));
     // The server's provider rules; sg derives them itself (module docs).
     fields.remove("security_group_rules");
     out.push(RawObject {

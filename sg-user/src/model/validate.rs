@@ -832,8 +832,15 @@ fn port(raw: &RawObject, errs: &mut ValidationErrors) -> Port {
         device_owner,
         binding_host_id,
         device,
-        rpc: raw.rpc,
+        rpc_device: rpc_device(raw),
     }
+}
+
+fn rpc_device(raw: &RawObject) -> Option<String> {
+    raw.fields
+        .get(super::rpc::RPC_DEVICE)
+        .and_then(Value::as_str)
+        .map(str::to_string)
 }
 
 /// A device of `process_trusted_ports`: Neutron's driver accepts everything on its tap. As a
@@ -862,7 +869,7 @@ fn trusted_port(raw: &RawObject, errs: &mut ValidationErrors) -> Port {
         device_owner: TRUSTED_OWNER.to_string(),
         binding_host_id: None,
         device,
-        rpc: true,
+        rpc_device: rpc_device(raw),
     }
 }
 
@@ -1146,7 +1153,7 @@ fn cross_check(p: &Parsed, errs: &mut ValidationErrors) {
         // The agent may name a port's groups before their rules arrive, and the API already
         // refused mixed statefulness; Neutron's driver decides by the first rule (as
         // `Model::port_stateful` does).
-        if port.rpc {
+        if port.rpc_device.is_some() {
             continue;
         }
         for id in &port.security_groups {
