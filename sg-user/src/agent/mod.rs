@@ -2,9 +2,13 @@
 //!
 //! The loop drives one of two back ends (`--dataplane`): sg's eBPF datapath, or Neutron's own
 //! iptables ruleset ([`crate::iptables`], for hosts without eBPF and as the reference side of
-//! the differential test). One loop, three sources of change:
+//! the differential test). The input is a file (`--state`), what the Neutron driver pushes
+//! through the local API (`--api-socket`, [`api`]), or both (the union of the two). One loop,
+//! four sources of change:
 //! - the input file or directory changed (inotify): validate, compile, apply; a rejected input
 //!   is logged and the running policy stays as it is;
+//! - a driver call arrived on the API: validated with the model's rules, applied, persisted
+//!   (`neutron-state.json` in the run directory), answered; a rejected call changes nothing;
 //! - an interface appeared, disappeared or was renamed (rtnetlink): re-apply the last good
 //!   compilation against the new name → ifindex table;
 //! - a timer: collect expired conntrack entries and pins of vanished interfaces.
@@ -12,20 +16,31 @@
 //! Exiting (SIGTERM, SIGINT, or a crash) leaves maps and links pinned: enforcement stays, and
 //! the next agent takes the links over with an atomic program swap.
 
+pub mod api;
 pub mod apply;
 pub mod links;
+pub mod pushed;
 mod watch;
 
 use std::{
+    collections::{BTreeSet, HashMap},
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, Result};
-use tokio::signal::unix::{SignalKind, signal};
-use tracing::{error, info, warn};
+use anyhow::{Context as _, Result, bail};
+use serde_json::{Map, Value, json};
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::{mpsc, watch as tokio_watch},
+};
+use tracing::{debug, error, info, warn};
 
-use self::apply::{Applier, RunState, log_report};
+use self::{
+    api::{ApiError, ApiOptions, Call, Enforced, Event, Reply, Request},
+    apply::{Applier, RunState, log_report},
+    pushed::{Op, Pushed},
+};
 use crate::{
     compile::{self, Compiled},
     datapath::{Datapath, LoadOptions},
@@ -35,7 +50,9 @@ use crate::{
 #[derive(Debug, Clone)]
 pub struct AgentOptions {
     /// Neutron input: a JSON file or a directory of them.
-    pub state: PathBuf,
+    pub state: Option<PathBuf>,
+    /// The local API for the Neutron driver.
+    pub api: Option<ApiOptions>,
     pub host: String,
     pub pin_root: PathBuf,
     /// Where the run-state file for the CLI goes.
@@ -88,6 +105,8 @@ trait Dataplane {
     ) -> Result<()>;
     /// Periodic housekeeping.
     fn gc(&mut self);
+    /// The taps whose port's policy is in force now (what `prepare_port_filter` waits for).
+    fn enforced_taps(&self) -> BTreeSet<String>;
     fn describe_exit(&self) -> String;
 }
 
@@ -133,6 +152,16 @@ impl Dataplane for Ebpf {
         {
             warn!("pin GC: {e:#}");
         }
+    }
+
+    /// A tap is enforced once its SG_PORTS entry holds the port's policy and both programs are
+    /// attached: what a successful apply leaves for every port whose tap exists.
+    fn enforced_taps(&self) -> BTreeSet<String> {
+        self.applier
+            .ports()
+            .filter(|p| p.ifindex.is_some())
+            .map(|p| p.device.clone())
+            .collect()
     }
 
     fn describe_exit(&self) -> String {
@@ -185,6 +214,16 @@ impl Dataplane for Iptables {
     /// The kernel's conntrack expires its own entries.
     fn gc(&mut self) {}
 
+    /// The rules match taps by name (physdev), whether the tap exists yet or not.
+    fn enforced_taps(&self) -> BTreeSet<String> {
+        let host = &self.render.host;
+        self.current
+            .iter()
+            .flat_map(|m| m.local_ports(host))
+            .map(|p| p.device.clone())
+            .collect()
+    }
+
     fn describe_exit(&self) -> String {
         "exiting; the iptables rules and ipsets stay, so enforcement continues".to_string()
     }
@@ -192,8 +231,32 @@ impl Dataplane for Iptables {
 
 pub async fn run(opts: AgentOptions) -> Result<()> {
     let started = Instant::now();
+    if opts.state.is_none() && opts.api.is_none() {
+        bail!("the agent needs an input: --state FILE, --api-socket PATH, or both");
+    }
+    // The socket is bound first, so that a driver connecting while the agent starts waits for
+    // its answer instead of failing.
+    let api = match &opts.api {
+        Some(a) => Some(api::listen(a)?),
+        None => None,
+    };
+    let pushed = match &opts.api {
+        None => None,
+        Some(_) => Some(
+            Pushed::load(&opts.run_dir)
+                .with_context(|| {
+                    format!(
+                        "the state the Neutron driver pushed ({}) cannot be read: move it away to \
+                         start empty (Neutron's agent then resends everything on its next resync)",
+                        Pushed::path(&opts.run_dir).display()
+                    )
+                })?
+                .unwrap_or_default(),
+        ),
+    };
+
     let mut generation = 0;
-    let mut dp: Box<dyn Dataplane> = match &opts.dataplane {
+    let dp: Box<dyn Dataplane> = match &opts.dataplane {
         DataplaneOptions::Ebpf => {
             let dp = Datapath::load(&LoadOptions {
                 pin_root: Some(opts.pin_root.clone()),
@@ -235,23 +298,33 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
         }
     };
     let mut links = links::Links::open(opts.netns.as_deref())?;
-    let mut watcher = watch::Watcher::new(&opts.state)?;
-
-    let initial = match load(&opts.state) {
-        Ok(m) => {
-            info!(input = %opts.state.display(), model = %m.summary(), "input loaded");
-            Some(m)
-        }
-        Err(e) => {
-            error!("{e:#}");
-            None
-        }
+    let mut watcher = opts.state.as_deref().map(watch::Watcher::new).transpose()?;
+    let (enforced_tx, enforced_rx) = tokio_watch::channel(Enforced::default());
+    let mut agent = Agent {
+        table: links.dump().await?,
+        dp,
+        generation,
+        pushed,
+        batches: HashMap::new(),
+        enforced: enforced_tx,
+        opts: opts.clone(),
     };
-    let mut table = links.dump().await?;
-    if let Some(m) = &initial {
-        generation += 1;
-        dp.apply(m, &table, generation)?;
+
+    match agent.model(agent.pushed.as_ref()) {
+        Ok(m) => {
+            info!(model = %m.summary(), input = %agent.describe_input(), "input loaded");
+            agent.generation += 1;
+            let generation = agent.generation;
+            agent.dp.apply(&m, &agent.table, generation)?;
+        }
+        Err(e) => error!("{} rejected:\n{e}", agent.describe_input()),
     }
+    agent.publish();
+    let mut api_events = api.map(|(listener, gid)| {
+        let (tx, rx) = mpsc::channel(64);
+        tokio::spawn(api::serve(listener, gid, tx, enforced_rx.clone()));
+        rx
+    });
     info!(elapsed_ms = started.elapsed().as_millis() as u64, "ready");
 
     let mut sigterm = signal(SignalKind::terminate())?;
@@ -270,30 +343,298 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
                 tokio::time::sleep(Duration::from_millis(20)).await;
                 deleted.extend(links.drain());
                 let new_table = links.dump().await?;
-                let changed = new_table != table;
-                table = new_table;
-                if let Err(e) = dp.links_changed(&deleted, &table, changed, generation) {
+                let changed = new_table != agent.table;
+                agent.table = new_table;
+                let generation = agent.generation;
+                if let Err(e) = agent.dp.links_changed(&deleted, &agent.table, changed, generation) {
                     error!("re-applying after an interface change: {e:#}");
                 }
+                agent.publish();
             }
-            changed = watcher.changed() => {
+            changed = async {
+                match &mut watcher {
+                    Some(w) => w.changed().await,
+                    None => std::future::pending().await,
+                }
+            } => {
                 changed?;
-                match load(&opts.state) {
+                match agent.model(agent.pushed.as_ref()) {
                     Ok(m) => {
                         info!(model = %m.summary(), "input changed");
-                        generation += 1;
-                        if let Err(e) = dp.apply(&m, &table, generation) {
+                        agent.generation += 1;
+                        let generation = agent.generation;
+                        if let Err(e) = agent.dp.apply(&m, &agent.table, generation) {
                             error!("{e:#}");
                         }
+                        agent.publish();
                     }
-                    Err(e) => error!("{e:#}\nthe running policy is unchanged"),
+                    Err(e) => error!("{} rejected:\n{e}\nthe running policy is unchanged", agent.describe_input()),
                 }
             }
-            _ = gc.tick() => dp.gc(),
+            ev = async {
+                match &mut api_events {
+                    Some(rx) => rx.recv().await,
+                    None => std::future::pending().await,
+                }
+            } => match ev {
+                Some(Event::Call(call)) => agent.call(call),
+                Some(Event::Closed(conn)) => {
+                    if agent.batches.remove(&conn).is_some() {
+                        warn!(conn, "a driver connection closed in the middle of a batch: its calls are dropped");
+                    }
+                }
+                None => bail!("the API server stopped"),
+            },
+            _ = gc.tick() => agent.dp.gc(),
         }
     }
-    info!("{}", dp.describe_exit());
+    info!("{}", agent.dp.describe_exit());
     Ok(())
+}
+
+/// A deferred batch of one connection (`filter_defer_apply_on` .. `_off`).
+struct Batch {
+    ops: Vec<Op>,
+    /// The groups and remote ids known when it began: the end of the batch forgets those no
+    /// port needs any more, as Neutron's driver does.
+    groups: BTreeSet<String>,
+    remotes: BTreeSet<String>,
+}
+
+/// The loop's state.
+struct Agent {
+    opts: AgentOptions,
+    dp: Box<dyn Dataplane>,
+    /// Interface name → ifindex, now.
+    table: LinkTable,
+    generation: u64,
+    /// What the driver pushed; None without `--api-socket`.
+    pushed: Option<Pushed>,
+    batches: HashMap<u64, Batch>,
+    enforced: tokio_watch::Sender<Enforced>,
+}
+
+impl Agent {
+    /// The input: the file's documents, then the pushed one.
+    fn model(&self, pushed: Option<&Pushed>) -> Result<model::Model, model::ValidationErrors> {
+        let extra = pushed
+            .map(|p| {
+                vec![(
+                    Pushed::path(&self.opts.run_dir).display().to_string(),
+                    p.to_document(),
+                )]
+            })
+            .unwrap_or_default();
+        model::load_with(self.opts.state.as_deref(), extra)
+    }
+
+    fn describe_input(&self) -> String {
+        match (&self.opts.state, &self.pushed) {
+            (Some(f), None) => f.display().to_string(),
+            (None, _) => "the state pushed by the Neutron driver".to_string(),
+            (Some(f), Some(_)) => format!("{} with the state pushed by the Neutron driver", f.display()),
+        }
+    }
+
+    fn publish(&self) {
+        let e = Enforced {
+            taps: self.dp.enforced_taps(),
+            plug: self.pushed.as_ref().map(|p| p.plug),
+        };
+        self.enforced.send_if_modified(|cur| {
+            let changed = *cur != e;
+            *cur = e;
+            changed
+        });
+    }
+
+    /// One driver call.
+    fn call(&mut self, call: Call) {
+        let Call { conn, request, reply } = call;
+        let name = request.name();
+        let t = Instant::now();
+        let answer = self.handle(conn, request);
+        match &answer.result {
+            Ok(_) => debug!(
+                conn,
+                op = name,
+                elapsed_us = t.elapsed().as_micros() as u64,
+                "API call"
+            ),
+            Err(e) if e.kind == "invalid" => warn!(
+                conn,
+                op = name,
+                "API call rejected, nothing changed:\n{}",
+                e.message
+            ),
+            Err(e) => warn!(conn, op = name, kind = e.kind, "API call failed: {}", e.message),
+        }
+        let _ = reply.send(answer);
+    }
+
+    fn handle(&mut self, conn: u64, request: Request) -> Reply {
+        let Some(pushed) = &self.pushed else {
+            return Reply::err(ApiError::new("protocol", "the agent serves no pushed state"));
+        };
+        let plug = pushed.plug;
+        match request {
+            Request::Hello {
+                plug: new_plug,
+                client,
+            } => {
+                info!(conn, client = %client, plug = ?new_plug, "Neutron driver connected");
+                if let Some(p) = new_plug
+                    && p != plug
+                    && let Err(e) = self.commit(vec![Op::Plug(p)], None)
+                {
+                    return Reply::err(e);
+                }
+                let mut body = self.body();
+                body.insert("versions".into(), json!([api::PROTOCOL_VERSION]));
+                body.insert("agent".into(), json!(format!("sg {}", env!("CARGO_PKG_VERSION"))));
+                body.insert("host".into(), json!(self.opts.host));
+                Reply::ok(body)
+            }
+            Request::SecurityGroupUpdated => Reply::ok(self.body()),
+            Request::State => {
+                let mut body = self.body();
+                body.insert("document".into(), pushed.to_document());
+                Reply::ok(body)
+            }
+            Request::Enforcement { devices, wait } => {
+                let taps: Vec<(String, String)> = devices.iter().map(|d| (d.clone(), plug.tap(d))).collect();
+                let now = self.dp.enforced_taps();
+                let state: Map<String, Value> = taps
+                    .iter()
+                    .map(|(d, t)| (d.clone(), Value::Bool(now.contains(t))))
+                    .collect();
+                let mut body = self.body();
+                body.insert("enforced".into(), Value::Object(state));
+                Reply {
+                    result: Ok(body),
+                    wait: wait.map(|w| (taps, w)),
+                }
+            }
+            Request::DeferOn => {
+                self.batches.entry(conn).or_insert_with(|| Batch {
+                    ops: Vec::new(),
+                    groups: pushed.security_groups.keys().cloned().collect(),
+                    remotes: pushed.sg_member_ips.keys().cloned().collect(),
+                });
+                Reply::ok(self.body())
+            }
+            Request::DeferOff { wait } => {
+                let Some(batch) = self.batches.remove(&conn) else {
+                    return Reply::ok(self.body());
+                };
+                let waits = waited_devices(&batch.ops);
+                match self.commit(batch.ops, Some((&batch.groups, &batch.remotes))) {
+                    Ok(()) => self.wait_reply(waits, wait),
+                    Err(e) => Reply::err(e),
+                }
+            }
+            Request::Change { op, wait } => {
+                // Each call is checked alone first, so that its errors name only its objects.
+                if let Some(doc) = op.alone(plug)
+                    && let Err(errs) = model::from_values(vec![(format!("{} call", op_name(&op)), doc)])
+                {
+                    return Reply::err(ApiError::invalid(&errs));
+                }
+                if let Some(batch) = self.batches.get_mut(&conn) {
+                    batch.ops.push(op);
+                    let mut body = self.body();
+                    body.insert("deferred".into(), json!(true));
+                    return Reply::ok(body);
+                }
+                let waits = waited_devices(std::slice::from_ref(&op));
+                match self.commit(vec![op], None) {
+                    Ok(()) => self.wait_reply(waits, wait),
+                    Err(e) => Reply::err(e),
+                }
+            }
+        }
+    }
+
+    fn body(&self) -> Map<String, Value> {
+        let mut body = Map::new();
+        body.insert("generation".into(), json!(self.generation));
+        body
+    }
+
+    fn wait_reply(&self, devices: Vec<String>, wait: Option<Duration>) -> Reply {
+        let plug = self.pushed.as_ref().map_or(model::rpc::Plug::Direct, |p| p.plug);
+        let devices: Vec<(String, String)> = devices
+            .into_iter()
+            .filter(|d| self.pushed.as_ref().is_some_and(|p| p.devices.contains_key(d)))
+            .map(|d| {
+                let tap = plug.tap(&d);
+                (d, tap)
+            })
+            .collect();
+        Reply {
+            result: Ok(self.body()),
+            wait: wait.filter(|_| !devices.is_empty()).map(|w| (devices, w)),
+        }
+    }
+
+    /// Applies `ops` to the pushed state as one change: validated as a whole with the model's
+    /// rules, applied, persisted. On any error nothing changed.
+    fn commit(
+        &mut self,
+        ops: Vec<Op>,
+        collect: Option<(&BTreeSet<String>, &BTreeSet<String>)>,
+    ) -> Result<(), ApiError> {
+        let current = self.pushed.as_ref().expect("API calls come with a pushed state");
+        let mut candidate = current.clone();
+        let mut changed = false;
+        for op in &ops {
+            changed |= candidate.apply(op);
+        }
+        if let Some((groups, remotes)) = collect {
+            candidate.collect_unused(groups, remotes);
+        }
+        if !changed && candidate == *current {
+            return Ok(());
+        }
+        let model = self.model(Some(&candidate)).map_err(|e| ApiError::invalid(&e))?;
+        let generation = self.generation + 1;
+        self.dp
+            .apply(&model, &self.table, generation)
+            .map_err(|e| ApiError::new("apply", format!("{e:#}")))?;
+        self.generation = generation;
+        let saved = candidate.save(&self.opts.run_dir);
+        self.pushed = Some(candidate);
+        self.publish();
+        saved.map_err(|e| {
+            ApiError::new(
+                "persist",
+                format!(
+                    "applied, but the state could not be saved ({e:#}): a restarted agent would not have it"
+                ),
+            )
+        })
+    }
+}
+
+fn op_name(op: &Op) -> &'static str {
+    Request::Change {
+        op: op.clone(),
+        wait: None,
+    }
+    .name()
+}
+
+/// The devices a batch prepared or updated, whose enforcement its answer waits for.
+fn waited_devices(ops: &[Op]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for op in ops {
+        if let Op::Port { device, .. } = op
+            && !out.contains(device)
+        {
+            out.push(device.clone());
+        }
+    }
+    out
 }
 
 fn apply_and_record(

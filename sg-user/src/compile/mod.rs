@@ -278,6 +278,14 @@ struct Compiler<'m> {
 /// A (protocol, port) prefix over the 24 bits `proto << 16 | port`.
 type ServicePrefix = (u32, u8);
 
+/// The entries of one policy, as the compiler collects them.
+#[derive(Default)]
+struct PolicyEntries {
+    classes: Vec<LpmEntry<ClassKey, ClassVal>>,
+    services: Vec<LpmEntry<ServiceKey, ServiceVal>>,
+    src_ports: Vec<LpmEntry<SrcPortKey, ServiceVal>>,
+}
+
 /// A (protocol, source port, destination port) prefix over the 40 bits
 /// `proto << 32 | sport << 16 | dport`.
 type SrcPortPrefix = (u64, u8);
@@ -349,9 +357,7 @@ impl<'m> Compiler<'m> {
     }
 
     fn policy(&mut self, id: u32, groups: &'m [String]) -> CompiledPolicy {
-        let mut classes = Vec::new();
-        let mut services = Vec::new();
-        let mut src_ports = Vec::new();
+        let mut out = PolicyEntries::default();
         for dir in Direction::ALL {
             for eth in Ethertype::ALL {
                 let chain: Vec<(u32, &'m Rule)> = self
@@ -361,10 +367,15 @@ impl<'m> Compiler<'m> {
                     .map(|(sg, r)| (self.rule_index[&(sg.id.as_str(), r.id.as_str())], r))
                     .collect();
                 if !chain.is_empty() {
-                    self.context(id, dir, eth, &chain, &mut classes, &mut services, &mut src_ports);
+                    self.context(id, dir, eth, &chain, &mut out);
                 }
             }
         }
+        let PolicyEntries {
+            mut classes,
+            mut services,
+            mut src_ports,
+        } = out;
         classes.sort_by(|a: &LpmEntry<ClassKey, ClassVal>, b| {
             (bytemuck::bytes_of(&a.key), a.prefix_len).cmp(&(bytemuck::bytes_of(&b.key), b.prefix_len))
         });
@@ -391,10 +402,13 @@ impl<'m> Compiler<'m> {
         dir: Direction,
         eth: Ethertype,
         chain: &[(u32, &'m Rule)],
-        class_out: &mut Vec<LpmEntry<ClassKey, ClassVal>>,
-        service_out: &mut Vec<LpmEntry<ServiceKey, ServiceVal>>,
-        src_port_out: &mut Vec<LpmEntry<SrcPortKey, ServiceVal>>,
+        out: &mut PolicyEntries,
     ) {
+        let PolicyEntries {
+            classes: class_out,
+            services: service_out,
+            src_ports: src_port_out,
+        } = out;
         // Each rule's selector, and the prefixes each selector is made of.
         let rule_sel: Vec<u32> = chain.iter().map(|(_, r)| self.selector_id(selector(r))).collect();
         let mut owners: HashMap<([u8; 16], u8), Vec<u32>> = HashMap::default();

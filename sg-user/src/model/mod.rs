@@ -33,6 +33,21 @@ pub fn load(path: impl AsRef<Path>) -> Result<Model, ValidationErrors> {
     validate::build(docs, errs)
 }
 
+/// Like [`load`], with more documents after the file's (the agent's pushed state); without a
+/// path, only those.
+pub fn load_with(
+    path: Option<&Path>,
+    extra: Vec<(String, serde_json::Value)>,
+) -> Result<Model, ValidationErrors> {
+    let mut errs = ValidationErrors::default();
+    let mut docs = match path {
+        Some(p) => input::read_path(p, &mut errs),
+        None => Vec::new(),
+    };
+    docs.extend(extra);
+    validate::build(docs, errs)
+}
+
 /// Same as [`load`] for a document held in memory (`origin` names it in messages).
 pub fn from_json_str(origin: &str, text: &str) -> Result<Model, ValidationErrors> {
     let mut errs = ValidationErrors::default();

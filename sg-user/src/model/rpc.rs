@@ -222,7 +222,7 @@ pub(crate) fn objects(
                     other => errs.push(
                         "document",
                         origin,
-                        &format!("trusted_ports[{i}]"),
+                        format!("trusted_ports[{i}]"),
                         show(&other),
                         "expected a device name",
                     ),
@@ -324,7 +324,7 @@ fn security_group(
             errs.push(
                 "security_group",
                 &sg_id,
-                &format!("rules[{i}]"),
+                format!("rules[{i}]"),
                 show(&item),
                 "expected a rule dict",
             );

@@ -781,7 +781,10 @@ fn port(raw: &RawObject, errs: &mut ValidationErrors) -> Port {
 
     // The API reads a missing or null port_security_enabled as true.
     let port_security_enabled = f.opt_bool("port_security_enabled", true);
-    if !port_security_enabled && !security_groups.is_empty() {
+    // The API refuses groups or pairs on a port without port security; an agent's driver
+    // may still be handed both (Neutron's functional suite does it), and then filters nothing.
+    let rpc = raw.rpc;
+    if !port_security_enabled && !security_groups.is_empty() && !rpc {
         let v = Value::from(security_groups.clone());
         f.err(
             sg_key,
@@ -789,7 +792,7 @@ fn port(raw: &RawObject, errs: &mut ValidationErrors) -> Port {
             "port security must be enabled in order to use security groups",
         );
     }
-    if !port_security_enabled && !pairs.is_empty() {
+    if !port_security_enabled && !pairs.is_empty() && !rpc {
         let v = Value::from(pairs.iter().map(|p| p.ip_address.clone()).collect::<Vec<_>>());
         f.err(
             "allowed_address_pairs",
