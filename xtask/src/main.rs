@@ -4,6 +4,7 @@
 //! nothing that needs bpf-linker (only anyhow and clap).
 
 mod demo;
+mod neutron;
 mod setup;
 
 use std::process::Command;
@@ -30,7 +31,18 @@ enum Cmd {
     /// Setup, builds, both clippy runs, rustfmt check, and every test (needs root).
     Test,
     /// The demo compute node in network namespaces (needs root).
-    Demo,
+    Demo {
+        /// Neutron drives the story: its SecurityGroupAgentRpc loads the sg driver by alias
+        /// and feeds an `sg agent --api-socket`.
+        #[arg(long)]
+        neutron: bool,
+    },
+    /// Neutron's own functional firewall suite (test_firewall.py, unmodified) against sg, or
+    /// against Neutron's iptables driver for comparison (needs root).
+    Neutron {
+        #[arg(long, value_enum, default_value = "sg")]
+        driver: neutron::Driver,
+    },
     /// The benchmarks: writes bench/results.md and bench/*.svg (needs root; --quick: < 5 min).
     Bench {
         /// Fewer repeats and shorter runs.
@@ -51,10 +63,20 @@ fn main() -> Result<()> {
             build(release)
         }
         Cmd::Test => test(),
-        Cmd::Demo => {
+        Cmd::Demo { neutron } => {
             setup::run()?;
             build(false)?;
-            demo::run()
+            if neutron { demo::run_neutron() } else { demo::run() }
+        }
+        Cmd::Neutron { driver } => {
+            setup::run()?;
+            if !is_root() {
+                bail!("Neutron's functional tests create namespaces and bridges: run them as root");
+            }
+            if driver == neutron::Driver::Sg {
+                build(false)?;
+            }
+            neutron::run(driver)
         }
         Cmd::Bench { quick, only } => bench(quick, &only),
     }
@@ -153,6 +175,10 @@ fn test() -> Result<()> {
             "2",
         ]),
     )?;
+    // The Neutron driver: its unit tests, then Neutron's functional suite with sg.
+    let t = std::time::Instant::now();
+    neutron::run(neutron::Driver::Sg)?;
+    eprintln!("    Neutron's functional suite with sg took {:.0?}", t.elapsed());
     eprintln!("\nall checks passed in {:.0?}", started.elapsed());
     Ok(())
 }
