@@ -42,6 +42,25 @@ pub fn run(cmd: &str, args: &[&str]) -> Result<Output> {
     Ok(out)
 }
 
+/// Waits until `cond` holds, checking every few milliseconds, and fails with `what` after
+/// `timeout`. For effects that happen asynchronously (softirq processing that ksoftirqd may
+/// defer under load, an agent's reaction to an event): the deadline is only ever reached when
+/// the effect never comes, so it can be generous without slowing a passing test.
+pub fn wait_until(what: &str, timeout: std::time::Duration, mut cond: impl FnMut() -> bool) -> Result<()> {
+    let deadline = std::time::Instant::now() + timeout;
+    while !cond() {
+        if std::time::Instant::now() > deadline {
+            bail!("{what}: not true after {timeout:?}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    Ok(())
+}
+
+/// How long a test waits for something that must happen (a connection that must succeed, a
+/// counter that must move, an agent's new generation). Only a failing test waits this long.
+pub const MUST_HAPPEN: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// `ip -n NS ...`
 pub fn ip_in(ns: &str, args: &[&str]) -> Result<Output> {
     let mut a = vec!["-n", ns];
@@ -226,7 +245,10 @@ impl ComputeNode {
             .filter(|c| c.is_ascii_alphanumeric())
             .take(14)
             .collect::<String>();
-        host.ip(&["link", "add", &bridge, "type", "bridge"])?;
+        // With multicast snooping on, the bridge joins the all-snoopers group 224.0.0.106 and
+        // sends IGMPv3 reports for it (from 0.0.0.0, about a second after it comes up) out of
+        // every port: a real frame towards each VM that no test sent (issue 12).
+        host.ip(&["link", "add", &bridge, "type", "bridge", "mcast_snooping", "0"])?;
         host.ip(&["link", "set", &bridge, "up"])?;
         for f in ["bridge-nf-call-iptables", "bridge-nf-call-ip6tables"] {
             host.exec("sysctl", &["-qw", &format!("net.bridge.{f}=0")])?;
@@ -254,6 +276,12 @@ impl ComputeNode {
 
     /// (Re)creates the veth between the bridge and `ns`'s eth0.
     pub fn plug(&self, ns: &Netns, tap: &str, mac: &str, cidr: &str) -> Result<()> {
+        // No IPv6 DAD, MLD reports or router solicitations from the VM stacks: tests send what
+        // they mean. Set before eth0 arrives in the namespace, since a device moved in takes
+        // the namespace's defaults; set after it comes up, it would already have sent them.
+        for k in ["all", "default"] {
+            ns.exec("sysctl", &["-qw", &format!("net.ipv6.conf.{k}.disable_ipv6=1")])?;
+        }
         self.host.ip(&[
             "link", "add", tap, "type", "veth", "peer", "name", "eth0", "address", mac, "netns", &ns.name,
         ])?;
@@ -261,14 +289,15 @@ impl ComputeNode {
             .ip(&["link", "set", tap, "master", &self.bridge, "up"])?;
         ns.ip(&["addr", "add", cidr, "dev", "eth0"])?;
         ns.ip(&["link", "set", "eth0", "up"])?;
-        // No IPv6 DAD or router solicitations from the VM stacks: tests send what they mean.
-        let _ = ns.exec("sysctl", &["-qw", "net.ipv6.conf.all.disable_ipv6=1"]);
         Ok(())
     }
 
     /// A peer namespace on the bridge that sg does not filter (a "remote" host).
     pub fn add_peer(&self, cidr: &str) -> Result<Netns> {
         let ns = Netns::new("sgpeer")?;
+        for k in ["all", "default"] {
+            ns.exec("sysctl", &["-qw", &format!("net.ipv6.conf.{k}.disable_ipv6=1")])?;
+        }
         let dev = unique("pv");
         self.host.ip(&[
             "link", "add", &dev, "type", "veth", "peer", "name", "eth0", "netns", &ns.name,
@@ -277,7 +306,6 @@ impl ComputeNode {
             .ip(&["link", "set", &dev, "master", &self.bridge, "up"])?;
         ns.ip(&["addr", "add", cidr, "dev", "eth0"])?;
         ns.ip(&["link", "set", "eth0", "up"])?;
-        let _ = ns.exec("sysctl", &["-qw", "net.ipv6.conf.all.disable_ipv6=1"]);
         Ok(ns)
     }
 }
@@ -385,7 +413,7 @@ impl Agent {
 
     /// Waits until the agent has applied generation `g` (or later).
     pub fn wait_generation(&self, g: u64) -> Result<u64> {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let deadline = std::time::Instant::now() + 3 * MUST_HAPPEN;
         loop {
             if let Some(cur) = self.generation()
                 && cur >= g
