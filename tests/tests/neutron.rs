@@ -15,7 +15,9 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 use serde_json::{Value, json};
-use sg_tests::{ComputeNode, PinRoot, tcp_reachable, tcp_servers, unique, workspace_bin, workspace_root};
+use sg_tests::{
+    ComputeNode, MUST_HAPPEN, PinRoot, tcp_reachable, tcp_servers, unique, workspace_bin, workspace_root,
+};
 
 const TAP: &str = "tapadcc4b66-c1";
 const PORT_ID: &str = "adcc4b66-c1e2-4b9a-9d3f-5a7c2e8b1f04";
@@ -249,8 +251,19 @@ fn web1_node() -> Result<(ComputeNode, sg_tests::Netns)> {
     Ok((node, client))
 }
 
-fn reachable(client: &sg_tests::Netns, port: u16) -> Result<bool> {
-    tcp_reachable(&client.name, VM_IP.parse::<IpAddr>()?, port, SHORT)
+/// A connection that must succeed: the timeout only elapses when it fails.
+fn open(client: &sg_tests::Netns, port: u16) -> Result<bool> {
+    tcp_reachable(&client.name, VM_IP.parse::<IpAddr>()?, port, MUST_HAPPEN)
+}
+
+/// A connection that must not succeed within `SHORT` (a dropped SYN is never answered).
+fn closed(client: &sg_tests::Netns, port: u16) -> Result<bool> {
+    Ok(!tcp_reachable(
+        &client.name,
+        VM_IP.parse::<IpAddr>()?,
+        port,
+        SHORT,
+    )?)
 }
 
 /// Neutron's agent, the alias `driver`, the WEB1 story.
@@ -269,34 +282,30 @@ fn web1_story_through_neutron(driver: &str, device: &str) -> Result<()> {
 
     // Nothing filters the tap yet.
     assert!(
-        reachable(&client, 22)?,
+        open(&client, 22)?,
         "the tap is not filtered before Neutron prepares it"
     );
     neutron.ok(&format!("load {}", example("web1-default-only.json")))?;
     neutron.ok(&format!("prepare {device}"))?;
     // prepare_port_filter returned: the tap is enforced now, not some time later.
     assert!(
-        !reachable(&client, 22)?,
+        closed(&client, 22)?,
         "22 open right after prepare returned\n{}",
         agent.log()
     );
-    assert!(!reachable(&client, 80)?, "80 open with the default group only");
-    assert!(!reachable(&client, 443)?, "443 open with the default group only");
+    assert!(closed(&client, 80)?, "80 open with the default group only");
+    assert!(closed(&client, 443)?, "443 open with the default group only");
     assert_eq!(neutron.ok("ports")?, json!([device]));
 
     // WEB1 joins WEB_SERVERS: a port update, as the OVS agent handles it.
     neutron.ok(&format!("load {}", example("web1.json")))?;
     neutron.ok(&format!("port_updated {device}"))?;
-    assert!(
-        reachable(&client, 80)?,
-        "80 closed after WEB_SERVERS\n{}",
-        agent.log()
-    );
-    assert!(reachable(&client, 443)?, "443 closed after WEB_SERVERS");
-    assert!(!reachable(&client, 22)?, "22 open after WEB_SERVERS");
+    assert!(open(&client, 80)?, "80 closed after WEB_SERVERS\n{}", agent.log());
+    assert!(open(&client, 443)?, "443 closed after WEB_SERVERS");
+    assert!(closed(&client, 22)?, "22 open after WEB_SERVERS");
     // A rule update of the group reaches the port too.
     neutron.ok(&format!("rule_updated {WEB_SERVERS}"))?;
-    assert!(reachable(&client, 443)?);
+    assert!(open(&client, 443)?);
 
     // What the agent holds is what Neutron said, in the agent's RPC shape.
     let status = agent.sg(&["status"])?;
@@ -307,7 +316,8 @@ fn web1_story_through_neutron(driver: &str, device: &str) -> Result<()> {
 
     neutron.ok(&format!("remove {device}"))?;
     assert_eq!(neutron.ok("ports")?, json!([]));
-    assert!(reachable(&client, 22)?, "the removed port is no longer filtered");
+    let doc = std::fs::read_to_string(&pushed)?;
+    assert!(!doc.contains(TAP) && !doc.contains(PORT_ID), "{doc}");
     Ok(())
 }
 
@@ -396,8 +406,8 @@ fn a_bad_call_fails_alone_with_its_field_and_changes_nothing() {
     // Nothing changed: same document, same generation, same traffic.
     let after = c.ok("state", json!({})).unwrap();
     assert_eq!(before, after);
-    assert!(reachable(&client, 80).unwrap());
-    assert!(!reachable(&client, 22).unwrap());
+    assert!(open(&client, 80).unwrap());
+    assert!(closed(&client, 22).unwrap());
 
     // Each call is checked alone: a bad port names the port's field.
     let mut p = port("tap2", &["web"]);
@@ -440,7 +450,7 @@ fn a_batch_is_one_apply_and_waits_for_the_ports_it_prepared() {
     assert_eq!(mid["generation"].as_u64().unwrap(), g0);
     assert_eq!(mid["document"]["devices"], json!({}));
     assert!(
-        reachable(&client, 22).unwrap(),
+        open(&client, 22).unwrap(),
         "the tap is filtered before the batch ended"
     );
     let r = c.ok("filter_defer_apply_off", json!({"wait_ms": 5000})).unwrap();
@@ -450,8 +460,8 @@ fn a_batch_is_one_apply_and_waits_for_the_ports_it_prepared() {
         "one apply for the batch: {r}"
     );
     assert_eq!(r["enforced"][TAP], true, "{r}");
-    assert!(reachable(&client, 80).unwrap());
-    assert!(!reachable(&client, 22).unwrap());
+    assert!(open(&client, 80).unwrap());
+    assert!(closed(&client, 22).unwrap());
 
     // A batch whose connection drops is not applied.
     c.ok("filter_defer_apply_on", json!({})).unwrap();
@@ -462,7 +472,7 @@ fn a_batch_is_one_apply_and_waits_for_the_ports_it_prepared() {
     let r = c.ok("state", json!({})).unwrap();
     assert_eq!(r["generation"].as_u64().unwrap(), g0 + 1);
     assert!(r["document"]["devices"].get(TAP).is_some());
-    assert!(!reachable(&client, 22).unwrap());
+    assert!(closed(&client, 22).unwrap());
 }
 
 #[test]
@@ -550,8 +560,8 @@ fn the_pushed_state_survives_a_restart_without_neutron_resending() {
         .ok("enforcement", json!({"devices": [TAP], "wait_ms": 5000}))
         .unwrap();
     assert_eq!(r["enforced"][TAP], true);
-    assert!(reachable(&client, 443).unwrap());
-    assert!(!reachable(&client, 22).unwrap());
+    assert!(open(&client, 443).unwrap());
+    assert!(closed(&client, 22).unwrap());
 
     // A state the agent cannot read stops it with the file's name and the way out.
     drop(c);
