@@ -445,6 +445,16 @@ fn a_batch_is_one_apply_and_waits_for_the_ports_it_prepared() {
     assert_eq!(r["deferred"], true);
     c.ok("prepare_port_filter", json!({"port": port(TAP, &["web"])}))
         .unwrap();
+    // A bad call in the batch fails alone, when it arrives; the batch goes on.
+    let bad = json!([{"direction": "sideways", "ethertype": "IPv4"}]);
+    let r = c
+        .call(
+            "update_security_group_rules",
+            json!({"sg_id": "other", "rules": bad}),
+        )
+        .unwrap();
+    assert_eq!(r["error"]["kind"], "invalid", "{r}");
+    assert_eq!(r["error"]["errors"][0]["field"], "direction", "{r}");
     // Nothing applied in the middle of the batch.
     let mid = c.ok("state", json!({})).unwrap();
     assert_eq!(mid["generation"].as_u64().unwrap(), g0);
@@ -460,6 +470,8 @@ fn a_batch_is_one_apply_and_waits_for_the_ports_it_prepared() {
         "one apply for the batch: {r}"
     );
     assert_eq!(r["enforced"][TAP], true, "{r}");
+    let doc = c.ok("state", json!({})).unwrap()["document"].clone();
+    assert!(doc["security_groups"].get("other").is_none(), "{doc}");
     assert!(open(&client, 80).unwrap());
     assert!(closed(&client, 22).unwrap());
 

@@ -534,18 +534,21 @@ impl Agent {
                 }
             }
             Request::Change { op, wait } => {
-                // Each call is checked alone first, so that its errors name only its objects.
-                if let Some(doc) = op.alone(plug)
-                    && let Err(errs) = model::from_values(vec![(format!("{} call", op_name(&op)), doc)])
-                {
-                    return Reply::err(ApiError::invalid(&errs));
-                }
                 if let Some(batch) = self.batches.get_mut(&conn) {
+                    // A call in a batch is checked alone when it arrives, so that a bad one
+                    // fails by itself (its errors name only its objects) and the batch goes on.
+                    if let Some(doc) = op.alone(plug)
+                        && let Err(errs) = model::from_values(vec![(format!("{} call", op_name(&op)), doc)])
+                    {
+                        return Reply::err(ApiError::invalid(&errs));
+                    }
                     batch.ops.push(op);
                     let mut body = self.body();
                     body.insert("deferred".into(), json!(true));
                     return Reply::ok(body);
                 }
+                // Outside a batch the call is validated with the whole input it makes, which
+                // was valid before it: the errors are this call's.
                 let waits = waited_devices(std::slice::from_ref(&op));
                 match self.commit(vec![op], None) {
                     Ok(()) => self.wait_reply(waits, wait),
