@@ -48,9 +48,13 @@ enum Cmd {
         /// Fewer repeats and shorter runs.
         #[arg(long)]
         quick: bool,
-        /// Only these sections: classifier, forwarding, control, memory (repeatable).
+        /// Only these sections: classifier, forwarding, control, memory, driver (repeatable).
         #[arg(long)]
         only: Vec<String>,
+        /// Where results.md and the plots go (a part run belongs beside the full one, e.g.
+        /// `--only driver --out bench/neutron-driver`).
+        #[arg(long, default_value = "bench")]
+        out: String,
     },
 }
 
@@ -89,7 +93,7 @@ fn run(cli: Cli) -> Result<()> {
             }
             neutron::run(driver)
         }
-        Cmd::Bench { quick, only } => bench(quick, &only),
+        Cmd::Bench { quick, only, out } => bench(quick, &only, &out),
     }
 }
 
@@ -195,7 +199,7 @@ fn test() -> Result<()> {
 }
 
 /// Builds `sg` and `sg-bench` in release and runs the benchmarks into `bench/`.
-fn bench(quick: bool, only: &[String]) -> Result<()> {
+fn bench(quick: bool, only: &[String], out: &str) -> Result<()> {
     setup::run()?;
     if !is_root() {
         bail!("the benchmarks load eBPF programs and create network namespaces: run them as root");
@@ -206,7 +210,7 @@ fn bench(quick: bool, only: &[String]) -> Result<()> {
     )?;
     let root = workspace_root();
     let mut c = Command::new(root.join("target/release/sg-bench"));
-    c.args(["--out", "bench", "--sg", "target/release/sg"]);
+    c.args(["--out", out, "--sg", "target/release/sg"]);
     if quick {
         c.arg("--quick");
     }
@@ -216,7 +220,7 @@ fn bench(quick: bool, only: &[String]) -> Result<()> {
     let started = std::time::Instant::now();
     step("benchmarks", &mut c)?;
     eprintln!(
-        "\nbench/results.md and bench/*.svg written in {:.0?}",
+        "\n{out}/results.md and {out}/*.svg written in {:.0?}",
         started.elapsed()
     );
     Ok(())
