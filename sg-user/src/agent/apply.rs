@@ -124,7 +124,6 @@ pub struct Applier {
     next_policy: u32,
     next_addr: u32,
     next_port_idx: u32,
-    next_rule: u32,
 }
 
 impl Applier {
@@ -169,7 +168,6 @@ impl Applier {
             next_policy: policies.keys().max().copied().unwrap_or(0) + 1,
             next_addr: addr_sets.keys().max().copied().unwrap_or(0) + 1,
             next_port_idx: port_entries.iter().map(|(_, p)| p.port_idx).max().unwrap_or(0) + 1,
-            next_rule: 1,
             dp,
             netns,
             policies: HashMap::new(),
@@ -205,7 +203,6 @@ impl Applier {
                 a.rule_idx
                     .insert((r.security_group_id.clone(), r.rule_id.clone()), r.index);
                 a.rules.insert(r.index, r.clone());
-                a.next_rule = a.next_rule.max(r.index + 1);
             }
             for p in &prev.ports {
                 // Trust the previous state only where the maps agree with it.
@@ -239,26 +236,8 @@ impl Applier {
     pub fn apply(&mut self, compiled: &Compiled, links: &BTreeMap<String, u32>) -> Result<ApplyReport> {
         let mut report = ApplyReport::default();
 
-        // Rules: stable live indexes.
-        let mut rule_map: HashMap<u32, u32> = HashMap::new();
-        let mut live_rules = BTreeMap::new();
-        for r in &compiled.rules {
-            let key = (r.security_group_id.clone(), r.rule_id.clone());
-            let idx = match self.rule_idx.get(&key) {
-                Some(i) => *i,
-                None => self.alloc_rule()?,
-            };
-            rule_map.insert(r.index, idx);
-            live_rules.insert(
-                idx,
-                LiveRule {
-                    index: idx,
-                    security_group_id: r.security_group_id.clone(),
-                    rule_id: r.rule_id.clone(),
-                    text: r.text.clone(),
-                },
-            );
-        }
+        // Rules: stable live indexes, checked against the limit before anything is written.
+        let (rule_map, live_rules, reused) = self.assign_rule_indexes(compiled)?;
 
         // Desired contents.
         let mut policy_fp: HashMap<u32, (u64, PolicyContent)> = HashMap::new();
@@ -312,6 +291,12 @@ impl Applier {
                 }
             }
             return Err(e.context("writing the new policy; the running policy is unchanged"));
+        }
+        // An index taken over from a rule this change removes starts its new rule at zero. No
+        // port uses the new policy yet; hits the old rule gets until its ports switch below are
+        // counted under the new one (only when the free indexes ran out).
+        for idx in reused {
+            self.dp.reset_rule_hits(idx)?;
         }
 
         // Phase 2: switch each port with one SG_PORTS update, attaching taps that appeared.
@@ -481,17 +466,67 @@ impl Applier {
         any
     }
 
-    fn alloc_rule(&mut self) -> Result<u32> {
-        let used: BTreeSet<u32> = self.rule_idx.values().copied().collect();
-        if self.next_rule < MAX_RULES {
-            let i = self.next_rule;
-            self.next_rule += 1;
-            return Ok(i);
+    /// Live rule indexes for `compiled`'s rules: a rule keeps its index across applies (its
+    /// SG_RULE_HITS counter carries on); a new rule takes the lowest index that no rule held
+    /// before this apply, and only when none is left, the index of a rule this apply removes
+    /// (returned as `reused`). Returns compiled index → live index, and the live rules. Refuses
+    /// more rules than SG_RULE_HITS has indexes, before anything is written.
+    #[allow(clippy::type_complexity)]
+    fn assign_rule_indexes(
+        &self,
+        compiled: &Compiled,
+    ) -> Result<(HashMap<u32, u32>, BTreeMap<u32, LiveRule>, Vec<u32>)> {
+        let limit = MAX_RULES - 1;
+        if compiled.rules.len() > limit as usize {
+            bail!(
+                "the ports of this host use {} security-group rules; sg counts each rule under an \
+                 index of SG_RULE_HITS and has {} of them (index 0 means no rule); the running \
+                 policy is unchanged",
+                thousands(compiled.rules.len()),
+                thousands(limit as usize)
+            );
         }
-        match (1..MAX_RULES).find(|i| !used.contains(i)) {
-            Some(i) => Ok(i),
-            None => bail!("more than {} security-group rules on this host", MAX_RULES - 1),
+        let wanted: BTreeSet<(&str, &str)> = compiled
+            .rules
+            .iter()
+            .map(|r| (r.security_group_id.as_str(), r.rule_id.as_str()))
+            .collect();
+        let held: BTreeSet<u32> = self.rule_idx.values().copied().collect();
+        let mut free = (1..MAX_RULES).filter(|i| !held.contains(i));
+        let mut leaving = self
+            .rule_idx
+            .iter()
+            .filter(|((g, r), _)| !wanted.contains(&(g.as_str(), r.as_str())))
+            .map(|(_, i)| *i);
+        let mut rule_map = HashMap::new();
+        let mut live = BTreeMap::new();
+        let mut reused = Vec::new();
+        for r in &compiled.rules {
+            let key = (r.security_group_id.clone(), r.rule_id.clone());
+            let idx = match self.rule_idx.get(&key) {
+                Some(i) => *i,
+                None => match free.next() {
+                    Some(i) => i,
+                    None => {
+                        // Fewer rules than indexes (checked above), so a held index is leaving.
+                        let i = leaving.next().expect("an index of a removed rule");
+                        reused.push(i);
+                        i
+                    }
+                },
+            };
+            rule_map.insert(r.index, idx);
+            live.insert(
+                idx,
+                LiveRule {
+                    index: idx,
+                    security_group_id: r.security_group_id.clone(),
+                    rule_id: r.rule_id.clone(),
+                    text: r.text.clone(),
+                },
+            );
         }
+        Ok((rule_map, live, reused))
     }
 
     // A policy is written and deleted in batches (datapath::batch): one syscall per map rather
@@ -586,6 +621,19 @@ fn policy_content<'a>(
         classes: sorted(classes),
         services: sorted(out),
     })
+}
+
+/// 65535 → "65,535".
+fn thousands(n: usize) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
 }
 
 fn addr_content(addrs: &[LpmEntry<AddrKey, AddrVal>]) -> Entries<AddrKey, AddrVal> {
