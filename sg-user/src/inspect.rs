@@ -51,6 +51,7 @@ pub fn flag_names(flags: u32) -> Vec<&'static str> {
         (PORT_F_SPOOF_V6, "spoof-v6"),
         (PORT_F_V6_FIXED, "v6-fixed"),
         (PORT_F_ARP_PROTECT, "arp-protect"),
+        (PORT_F_CLOSED, "closed"),
     ]
     .into_iter()
     .filter(|(f, _)| flags & f != 0)

@@ -509,7 +509,7 @@ fn main() -> Result<()> {
                 let ipt: Box<dyn diff::backend::Backend> =
                     Box::new(diff::backend::Iptables::new(topo, &cfg.host, flavour)?);
                 let ebpf: Box<dyn diff::backend::Backend> =
-                    Box::new(diff::backend::Ebpf::new(topo, &cfg.host, &cfg.model, tag)?);
+                    Box::new(diff::backend::Ebpf::new(topo, &cfg.host, tag)?);
                 Ok((ipt, ebpf))
             };
             let started = std::time::Instant::now();

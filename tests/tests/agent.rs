@@ -459,7 +459,7 @@ fn assert_rule_indexes(
         rs.rules.iter().map(|r| (r.index, r)).collect();
     assert_eq!(by_index.len(), rs.rules.len(), "{step}: two rules share an index");
     assert!(
-        by_index.keys().all(|&i| i >= 1 && i < sg_common::MAX_RULES),
+        by_index.keys().all(|i| (1..sg_common::MAX_RULES).contains(i)),
         "{step}: index out of range"
     );
     let policy = a.ports().next().unwrap().policy;
@@ -492,7 +492,6 @@ fn rule_indexes_never_collide_after_65535_allocations() {
     use sg_user::{agent::apply::Applier, compile, datapath};
     let dp = datapath::Datapath::load(&datapath::LoadOptions::default()).unwrap();
     let mut a = Applier::adopt(dp, None, None).unwrap();
-    let no_taps = std::collections::BTreeMap::new();
     let model = |doc: &Value| sg_user::model::from_values(vec![("input".into(), doc.clone())]).unwrap();
     let web1: Value = serde_json::from_slice(
         &std::fs::read(sg_tests::workspace_root().join("sg-user/examples/web1.json")).unwrap(),
@@ -508,14 +507,13 @@ fn rule_indexes_never_collide_after_65535_allocations() {
         ("60,000 replaced in one change", many_rules("c", 60_000)),
     ] {
         let compiled = compile::compile(&model(&doc), "compute-1");
-        a.apply(&compiled, &no_taps)
-            .unwrap_or_else(|e| panic!("{step}: {e:#}"));
+        a.apply(&compiled).unwrap_or_else(|e| panic!("{step}: {e:#}"));
         assert_rule_indexes(&mut a, &compiled, step);
     }
     // More rules than indexes: refused with the limit named, and nothing changes.
     let before = a.run_state(0).rules;
     let compiled = compile::compile(&model(&many_rules("d", 65_536)), "compute-1");
-    let err = format!("{:#}", a.apply(&compiled, &no_taps).unwrap_err());
+    let err = format!("{:#}", a.apply(&compiled).unwrap_err());
     assert!(err.contains("65,536") && err.contains("65,535"), "{err}");
     assert_eq!(a.run_state(0).rules, before, "a refused input changed the rules");
 }
