@@ -213,6 +213,11 @@ fn serve(
             tokio::select! {
                 req = rx.recv() => {
                     let Some(req) = req else { break };
+                    // Interface events that arrived first are handled first.
+                    let queued = links.queued();
+                    if !queued.is_empty() && taps.on_links(queued) {
+                        notify(&mut subscribers);
+                    }
                     match req {
                         Request::Switch { plan, leaving, reply } => {
                             let r = match links.dump().await {
@@ -259,6 +264,16 @@ fn serve(
 
 fn notify(subscribers: &mut Vec<tokio_mpsc::UnboundedSender<()>>) {
     subscribers.retain(|s| s.send(()).is_ok());
+}
+
+/// The hook of a program at a point. On the tap, frames from the VM arrive (tcx ingress) and
+/// frames to it leave (tcx egress); the hybrid bridge's veth sees them the other way round.
+pub fn hook_at(on_tap: TcAttachType, hybrid: bool) -> TcAttachType {
+    match (on_tap, hybrid) {
+        (TcAttachType::Ingress, true) => TcAttachType::Egress,
+        (TcAttachType::Egress, true) => TcAttachType::Ingress,
+        (t, _) => t,
+    }
 }
 
 /// `tapXXXXXXXX-XX` → `qvbXXXXXXXX-XX`: the veth that hybrid plugging puts on the tap's bridge.
@@ -356,7 +371,7 @@ impl Taps {
         }
         let devices: Vec<String> = self.plan.keys().cloned().collect();
         for device in devices {
-            self.reconcile(&device, &mut report);
+            let _ = self.reconcile(&device, &mut report);
         }
         report
     }
@@ -409,23 +424,21 @@ impl Taps {
             .cloned()
             .collect();
         let mut report = SwitchReport::default();
+        let mut changed = false;
         for device in devices {
-            self.reconcile(&device, &mut report);
+            changed |= self.reconcile(&device, &mut report);
         }
         log_switch("interfaces changed", &report);
-        !(report.switched.is_empty()
-            && report.attached.is_empty()
-            && report.taken_over.is_empty()
-            && report.missing.is_empty()
-            && report.errors.is_empty())
+        changed || !(report.switched.is_empty() && report.errors.is_empty())
     }
 
     /// Brings one device to its plan: its point attached with the port's SG_PORTS value, a
     /// point it no longer has released once the new one enforces (or the old one is gone).
-    fn reconcile(&mut self, device: &str, report: &mut SwitchReport) {
+    fn reconcile(&mut self, device: &str, report: &mut SwitchReport) -> bool {
         let Some(plan) = self.plan.get(device).cloned() else {
-            return;
+            return false;
         };
+        let before = (self.points.get(device).cloned(), self.plan.contains_key(device));
         let want = self.wanted_point(device);
         let have = self.points.get(device).cloned();
         let mut moved = false;
@@ -463,6 +476,7 @@ impl Taps {
                 report.missing.push(device.to_string());
             }
         }
+        before != (self.points.get(device).cloned(), self.plan.contains_key(device))
     }
 
     fn ensure_entry(
@@ -498,12 +512,14 @@ impl Taps {
         }
         let iface = self.iface(&at.name);
         let mut how = Attached::New;
+        let hybrid = at.name != device;
         for (name, prog, attach_type) in &mut self.progs {
             let pin = self
                 .pin_root
                 .as_ref()
                 .map(|root| datapath::link_pin_path(root, &iface, at.ifindex, name));
-            if datapath::attach_here(prog, *attach_type, &at.name, pin.as_deref())? == Attached::TookOver {
+            let hook = hook_at(*attach_type, hybrid);
+            if datapath::attach_here(prog, hook, &at.name, pin.as_deref())? == Attached::TookOver {
                 how = Attached::TookOver;
             }
         }
@@ -551,9 +567,16 @@ impl Taps {
         let mut restored = 0;
         let points: Vec<(String, Point)> = self.points.iter().map(|(d, p)| (d.clone(), p.clone())).collect();
         for (device, at) in points {
+            // A point whose interface was deleted or re-created a moment ago is the event
+            // handling's business, not a removal behind the agent's back.
+            if crate::netns::ifindex(&at.name).ok() != Some(at.ifindex) {
+                continue;
+            }
             let iface = self.iface(&at.name);
+            let hybrid = at.name != device;
             for (i, (name, prog, attach_type)) in self.progs.iter_mut().enumerate() {
-                let attached = SchedClassifier::query_tcx(at.name.as_str(), *attach_type)
+                let hook = hook_at(*attach_type, hybrid);
+                let attached = SchedClassifier::query_tcx(at.name.as_str(), hook)
                     .map(|(_, progs)| progs.iter().any(|p| p.id() == self.prog_ids[i]))
                     .unwrap_or(false);
                 let pin = self
@@ -580,7 +603,7 @@ impl Taps {
                 {
                     std::fs::remove_file(p).with_context(|| format!("removing {}", p.display()))?;
                 }
-                datapath::attach_here(prog, *attach_type, &at.name, pin.as_deref())?;
+                datapath::attach_here(prog, hook, &at.name, pin.as_deref())?;
                 restored += 1;
             }
         }
