@@ -251,14 +251,30 @@ fn hybrid_port_is_never_unfiltered_through_tap_churn_with_or_without_an_agent() 
     assert_eq!(v["ifindex"].as_u64(), Some(ifindex_of(&node, QVB)), "{v}");
 }
 
-/// The bridged case (no hybrid plugging): a re-created tap is enforced at once, not after the
-/// apply the agent is busy with. What remains is the time between the tap's creation and the
-/// agent's two tcx attachments; this test prints what got through in that window.
+/// The bridged case (no hybrid plugging): a re-created tap is enforced by the taps thread at
+/// once, whatever the agent's main thread is doing. To show it without a race, the main
+/// thread is held for as long as the test wants: the input gains a file that is a FIFO, and
+/// the agent blocks reading it. What remains is the time between the tap's RTM_NEWLINK and the
+/// agent's two tcx attachments; the test prints what got through a UDP flood in that window,
+/// idle and during a 60,000-rule apply, and how long the attachments took.
 #[test]
-fn recreated_tap_is_enforced_while_a_large_apply_runs() {
+fn recreated_tap_is_enforced_while_the_agent_is_busy() {
+    use std::os::unix::fs::OpenOptionsExt as _;
     let (node, peer) = node(false);
     let vm_ns = node.vms[0].ns.name.clone();
-    let agent = Agent::start(&node.host.name, &input(true)).unwrap();
+    let mut agent = Agent::prepare(&node.host.name, &[]).unwrap();
+    // The input is a symlink, swapped to each new version (and once to a FIFO).
+    let dir = agent.dir().join("input");
+    std::fs::create_dir_all(&dir).unwrap();
+    let point_input_at = |target: &str| {
+        std::os::unix::fs::symlink(target, dir.join("input.tmp")).unwrap();
+        std::fs::rename(dir.join("input.tmp"), dir.join("input.json")).unwrap();
+    };
+    std::fs::write(dir.join("v1.json"), serde_json::to_vec(&input(true)).unwrap()).unwrap();
+    point_input_at("v1.json");
+    agent.input = dir.join("input.json");
+    agent.spawn().unwrap();
+    agent.wait_generation(1).unwrap();
     wait_enforced(&agent, &node, TAP);
     let flood = Flood::start(&vm_ns, &peer.name);
     flood.wait_flowing("before any re-creation");
@@ -273,7 +289,42 @@ fn recreated_tap_is_enforced_while_a_large_apply_runs() {
     }
     let idle_leaked = flood.denied() - before;
 
-    // The same during an apply of 60,000 rules: the tap must not wait for it.
+    // The main thread blocked: reading a FIFO that has a writer and no data.
+    let fifo = dir.join("fifo");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    point_input_at("fifo");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut writer = loop {
+        // Succeeds once the agent has opened the FIFO for reading (ENXIO before).
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&fifo)
+        {
+            Ok(f) => break f,
+            Err(e) if e.raw_os_error() == Some(libc::ENXIO) && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) => panic!("the agent never read its new input file: {e}"),
+        }
+    };
+    recreate_tap(&node, &node.bridge);
+    wait_enforced(&agent, &node, TAP);
+    flood.wait_flowing("main thread blocked");
+    assert!(
+        !tcp_reachable(&peer.name, vm_ip(), 22, T).unwrap(),
+        "22, main thread blocked"
+    );
+    use std::io::Write as _;
+    writer
+        .write_all(&serde_json::to_vec(&input(true)).unwrap())
+        .unwrap();
+    drop(writer);
+    agent.wait_generation(2).unwrap();
+
+    // During a large apply: measured, not asserted (the apply's length depends on the load).
     let mut big = input(true);
     let rules: Vec<Value> = (1..=60_000u32)
         .map(|i| {
@@ -286,29 +337,33 @@ fn recreated_tap_is_enforced_while_a_large_apply_runs() {
         .as_array_mut()
         .unwrap()
         .extend(rules);
-    let generation = agent.generation().unwrap();
-    agent.write_input(&big).unwrap();
-    agent.wait_log("input changed", 1).unwrap();
+    std::fs::write(dir.join("v2.json"), serde_json::to_vec(&big).unwrap()).unwrap();
+    point_input_at("v2.json");
+    agent.wait_log("input changed", 2).unwrap();
     let before = flood.denied();
     recreate_tap(&node, &node.bridge);
     wait_enforced(&agent, &node, TAP);
-    assert_eq!(
-        agent.generation(),
-        Some(generation),
-        "the re-created tap was enforced only after the apply finished"
-    );
     flood.wait_flowing("during the apply");
     let busy_leaked = flood.denied() - before;
-    agent.wait_generation(generation + 1).unwrap();
+    agent.wait_generation(3).unwrap();
     let (_, allowed, sent) = flood.finish();
     assert!(
         allowed > 100 && sent > 1000,
         "the flood barely ran: {allowed} of {sent}"
     );
+    // How long the taps thread took from a tap's RTM_NEWLINK to both links pinned.
+    let mut us: Vec<u64> = agent
+        .log_text()
+        .lines()
+        .filter(|l| l.contains("interfaces changed: enforced") && l.contains("attached=[\"tap"))
+        .filter_map(|l| l.split("elapsed_us=").nth(1)?.split(' ').next()?.parse().ok())
+        .collect();
+    us.sort();
     eprintln!(
-        "bridged tap re-creation under a UDP flood (~5,000 datagrams/s to the denied port): \
+        "bridged tap re-creation under a UDP flood ({sent} datagrams, half to the denied port): \
          {idle_leaked} denied datagrams reached the VM in {rounds} re-creations with the agent \
-         idle, {busy_leaked} in one re-creation during a 60,000-rule apply"
+         idle, {busy_leaked} in one re-creation during a 60,000-rule apply; RTM_NEWLINK to \
+         enforced: {us:?} µs"
     );
 }
 
@@ -498,7 +553,7 @@ fn port_leaving_the_input_is_closed_until_its_tap_goes() {
     sg_tests::tcp_servers(&vm_ns, vm_ip(), &[80]).unwrap();
     let peer_ip: IpAddr = PEER_IP.parse().unwrap();
     sg_tests::tcp_servers(&peer.name, peer_ip, &[8080]).unwrap();
-    let agent = Agent::start(&node.host.name, &input(true)).unwrap();
+    let mut agent = Agent::start(&node.host.name, &input(true)).unwrap();
     assert!(tcp_reachable(&peer.name, vm_ip(), 80, T).unwrap());
     assert!(tcp_reachable(&vm_ns, peer_ip, 8080, T).unwrap());
 
@@ -519,6 +574,17 @@ fn port_leaving_the_input_is_closed_until_its_tap_goes() {
     assert_eq!((code, &v["state"]), (3, &json!("closed")), "{v}");
     let stats = agent.cli(&["stats", "--port", TAP]).unwrap();
     assert!(stats.contains("drop-port-closed"), "{stats}");
+
+    // A restarted agent keeps it closed.
+    agent.stop(true).unwrap();
+    agent.spawn().unwrap();
+    agent.wait_log(" ready ", 2).unwrap();
+    let (code, v) = agent.port_status(TAP).unwrap();
+    assert_eq!((code, &v["state"]), (3, &json!("closed")), "after a restart: {v}");
+    assert!(
+        !tcp_reachable(&peer.name, vm_ip(), 80, T).unwrap(),
+        "after a restart"
+    );
 
     // The tap goes: nothing left to close, and the port leaves the status.
     node.host.ip(&["link", "del", TAP]).unwrap();

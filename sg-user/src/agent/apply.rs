@@ -400,9 +400,19 @@ impl Applier {
             .filter(|p| !live.contains_key(&p.id))
             .cloned()
             .collect();
+        let had = |p: &LivePort| TapPlan {
+            port_id: p.id.clone(),
+            info: PortInfo {
+                policy: p.policy,
+                addr_id: p.addr_id,
+                port_idx: p.port_idx,
+                flags: p.flags,
+                ..Default::default()
+            },
+        };
         let switch = self
             .taps
-            .switch(plan, leaving.iter().map(|p| p.device.clone()).collect())?;
+            .switch(plan, leaving.iter().map(|p| (p.device.clone(), had(p))).collect())?;
         report.ports_switched = switch.switched;
         report.taps_attached = switch.attached;
         report.taps_taken_over = switch.taken_over;

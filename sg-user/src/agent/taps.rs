@@ -85,7 +85,7 @@ type Reply<T> = std_mpsc::Sender<Result<T>>;
 enum Request {
     Switch {
         plan: BTreeMap<String, TapPlan>,
-        leaving: Vec<String>,
+        leaving: Vec<(String, TapPlan)>,
         reply: Reply<SwitchReport>,
     },
     View {
@@ -134,9 +134,13 @@ impl TapsHandle {
         rx.recv().map_err(|_| anyhow!("the taps thread is gone"))?
     }
 
-    /// Makes every device of `plan` enforce its port, and closes the `leaving` devices that
-    /// still exist. Resolves the namespace's interfaces afresh first.
-    pub fn switch(&self, plan: BTreeMap<String, TapPlan>, leaving: Vec<String>) -> Result<SwitchReport> {
+    /// Makes every device of `plan` enforce its port, and closes the `leaving` devices (with
+    /// the plan they had) that still exist. Resolves the namespace's interfaces afresh first.
+    pub fn switch(
+        &self,
+        plan: BTreeMap<String, TapPlan>,
+        leaving: Vec<(String, TapPlan)>,
+    ) -> Result<SwitchReport> {
         self.call(|reply| Request::Switch { plan, leaving, reply })
     }
 
@@ -342,15 +346,14 @@ impl Taps {
         })
     }
 
-    fn switch(&mut self, plan: BTreeMap<String, TapPlan>, leaving: Vec<String>) -> SwitchReport {
+    fn switch(&mut self, plan: BTreeMap<String, TapPlan>, leaving: Vec<(String, TapPlan)>) -> SwitchReport {
         let mut report = SwitchReport::default();
-        for device in leaving {
+        for (device, had) in leaving {
             if plan.contains_key(&device) {
                 continue;
             }
-            let Some(old) = self.plan.get(&device).cloned() else {
-                continue;
-            };
+            // The applier's word covers a port this thread never saw (a previous agent's).
+            let old = self.plan.get(&device).cloned().unwrap_or(had);
             if self.points.contains_key(&device) || self.wanted_point(&device).is_some() {
                 warn!(
                     port = %old.port_id, tap = %device,
@@ -378,6 +381,7 @@ impl Taps {
 
     /// Interface events: enforce the known devices they concern, at once.
     fn on_links(&mut self, changes: Vec<LinkChange>) -> bool {
+        let t = std::time::Instant::now();
         // The interface names the events touch; a device is touched through its own name or
         // its hybrid peer's.
         let mut names: BTreeSet<String> = BTreeSet::new();
@@ -428,7 +432,15 @@ impl Taps {
         for device in devices {
             changed |= self.reconcile(&device, &mut report);
         }
-        log_switch("interfaces changed", &report);
+        if !(report.attached.is_empty() && report.taken_over.is_empty() && report.switched.is_empty()) {
+            info!(
+                elapsed_us = t.elapsed().as_micros() as u64,
+                attached = ?report.attached,
+                took_over = ?report.taken_over,
+                switched = ?report.switched,
+                "interfaces changed: enforced"
+            );
+        }
         changed || !(report.switched.is_empty() && report.errors.is_empty())
     }
 

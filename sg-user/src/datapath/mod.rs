@@ -283,10 +283,12 @@ impl Datapath {
     }
 
     /// Second handles on the loaded programs and on SG_PORTS, for the thread that attaches
-    /// taps while this one applies policies ([`taps`]).
+    /// taps while this one applies policies (`agent::taps`). `sg_to_vm` comes first: a tcx
+    /// attach waits for an RCU grace period, and a tap that comes up between the two attaches
+    /// is then already closed to the outside.
     pub fn tap_handles(&mut self) -> Result<TapHandles> {
         let mut progs = Vec::new();
-        for (name, attach_type) in PROGRAMS {
+        for (name, attach_type) in PROGRAMS.into_iter().rev() {
             let info = self.program(name)?.info()?;
             progs.push((
                 name,
