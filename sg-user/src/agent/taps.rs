@@ -536,6 +536,15 @@ impl Taps {
             }
         }
         self.points.insert(device.to_string(), at.clone());
+        if at.name != device
+            && let Some(tap) = self.links.get(device).map(|l| l.ifindex)
+        {
+            // Links a previous agent pinned on the tap itself would filter every frame twice.
+            self.release(&Point {
+                name: device.to_string(),
+                ifindex: tap,
+            });
+        }
         match how {
             Attached::New => report.attached.push(device.to_string()),
             Attached::TookOver => report.taken_over.push(device.to_string()),
