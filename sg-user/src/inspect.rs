@@ -307,12 +307,31 @@ fn check_port(
     ("unfiltered", Some(why.join("; ")), None)
 }
 
-fn port_status(src: &Sources) -> Result<Vec<PortStatus>> {
+/// One port's state, checked against the kernel, without reading the conntrack table: what
+/// `sg status --port` prints, and what the Neutron driver can ask before it lets a port's
+/// traffic in.
+pub fn port_state(src: &Sources, id: &str) -> Result<PortStatus> {
     let rs = src.run_state()?;
+    let id = find_port(&rs, id)?.id.clone();
+    port_status_of(src, &rs, Some(&id))?
+        .pop()
+        .ok_or_else(|| anyhow!("port {id} vanished from the run state"))
+}
+
+fn port_status(src: &Sources) -> Result<Vec<PortStatus>> {
+    port_status_of(src, &src.run_state()?, None)
+}
+
+fn port_status_of(src: &Sources, rs: &RunState, only: Option<&str>) -> Result<Vec<PortStatus>> {
+    let ports: Vec<&LivePort> = rs
+        .ports
+        .iter()
+        .filter(|p| only.is_none_or(|id| p.id == id))
+        .collect();
     let entries: BTreeMap<u32, PortInfo> = pinned::ports(src.pin_root)?.into_iter().collect();
     let stats = pinned::stats(src.pin_root)?;
     let mut names: Vec<String> = Vec::new();
-    for p in &rs.ports {
+    for p in &ports {
         names.push(p.device.clone());
         names.extend(p.point.clone());
         names.extend(taps::hybrid_peer(&p.device));
@@ -321,7 +340,7 @@ fn port_status(src: &Sources) -> Result<Vec<PortStatus>> {
     names.dedup();
     let seen = look(names, rs.netns.as_deref())?;
     let mut out = Vec::new();
-    for p in &rs.ports {
+    for p in ports {
         let (mut allowed, mut dropped) = (0, 0);
         for (k, c) in stats.iter().filter(|(k, _)| k.port_idx == p.port_idx) {
             if reason_allows(k.reason) {
@@ -377,14 +396,6 @@ pub fn status_table(ports: &[PortStatus]) -> String {
         }
     }
     s
-}
-
-/// One port of a status, by port id, id prefix or tap name.
-pub fn find_status<'a>(s: &'a Status, id: &str) -> Result<&'a PortStatus> {
-    s.ports
-        .iter()
-        .find(|p| p.id == id || p.device == id || p.id.starts_with(id))
-        .ok_or_else(|| anyhow!("no port {id:?} (port id, id prefix or tap name) in the agent's run state"))
 }
 
 fn find_port<'a>(rs: &'a RunState, id: &str) -> Result<&'a LivePort> {

@@ -461,14 +461,14 @@ fn run(cli: Cli) -> Result<()> {
                 pin_root: &cli.pin_root,
                 run_dir: &cli.run_dir,
             };
-            let status = inspect::status(&src)?;
             let ok = match port {
                 Some(id) => {
-                    let p = inspect::find_status(&status, &id)?;
-                    print_out(json, p, |p| inspect::status_table(std::slice::from_ref(p)))?;
+                    let p = inspect::port_state(&src, &id)?;
+                    print_out(json, &p, |p| inspect::status_table(std::slice::from_ref(p)))?;
                     p.enforced
                 }
                 None => {
+                    let status = inspect::status(&src)?;
                     print_out(json, &status, inspect::status_text)?;
                     status.healthy
                 }
