@@ -35,6 +35,8 @@ pub enum LinkChange {
     Deleted {
         ifindex: u32,
     },
+    /// The socket's buffer overflowed and events were lost: read the whole table again.
+    Overrun,
 }
 
 pub struct Links {
@@ -84,6 +86,7 @@ impl Links {
                         ifindex: l.header.index,
                     });
                 }
+                NetlinkPayload::Overrun(_) => return Some(LinkChange::Overrun),
                 _ => {}
             }
         }
@@ -104,6 +107,7 @@ impl Links {
                         ifindex: l.header.index,
                     });
                 }
+                NetlinkPayload::Overrun(_) => out.push(LinkChange::Overrun),
                 _ => {}
             }
         }

@@ -13,7 +13,7 @@ use std::{
     time::{SystemTime, UNIX_EPOCH},
 };
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::{Context as _, Result};
 use serde::{Deserialize, Serialize};
 
 /// The lock an agent holds on its pin root for its whole life.
@@ -35,11 +35,11 @@ impl PinLock {
                     Ok(Some(pid)) => format!("process {pid}{}", describe_pid(pid)),
                     _ => "another process".to_string(),
                 };
-                bail!(
+                return Err(anyhow::Error::new(Taken(format!(
                     "{who} holds the lock on {}: another sg agent runs on this pin root. Two \
                      agents would fight over the same taps and maps; stop the other one first",
                     root.display()
-                );
+                ))));
             }
             return Err(err).with_context(|| format!("locking {}", root.display()));
         }
@@ -62,6 +62,18 @@ impl PinLock {
         &self.path
     }
 }
+
+/// Another process holds the pin root: nothing this agent can repair.
+#[derive(Debug)]
+pub struct Taken(pub String);
+
+impl std::fmt::Display for Taken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Taken {}
 
 /// The pid of the process holding an `flock` on `root`, from /proc/locks.
 pub fn holder(root: &Path) -> Result<Option<u32>> {

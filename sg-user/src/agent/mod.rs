@@ -141,6 +141,10 @@ impl Dataplane for Ebpf {
     }
 
     fn check(&mut self, generation: u64) -> Result<()> {
+        // Another agent on the pin root, or another map pinned in ours, ends this agent; any
+        // other failure (the pins being removed while they are restored) is retried at the
+        // next wake-up.
+        let fatal = |e: &anyhow::Error| e.is::<lock::Taken>() || e.is::<crate::datapath::ForeignPin>();
         let root = self.opts.pin_root.clone();
         let mut restored = false;
         if !self.lock.still_held() {
@@ -149,10 +153,24 @@ impl Dataplane for Ebpf {
                 "the pin root was removed under the running agent (sg detach --all --force?): \
                  taking it back and restoring maps and links"
             );
-            self.lock = PinLock::acquire(&root).context("taking the removed pin root back")?;
+            match PinLock::acquire(&root) {
+                Ok(l) => self.lock = l,
+                Err(e) if fatal(&e) => return Err(e.context("taking the removed pin root back")),
+                Err(e) => {
+                    error!("taking the removed pin root back: {e:#}; retrying");
+                    return Ok(());
+                }
+            }
             restored = true;
         }
-        let maps = self.applier.dp.repin_maps().context("restoring the map pins")?;
+        let maps = match self.applier.dp.repin_maps() {
+            Ok(m) => m,
+            Err(e) if fatal(&e) => return Err(e.context("restoring the map pins")),
+            Err(e) => {
+                error!("restoring the map pins: {e:#}; retrying");
+                return Ok(());
+            }
+        };
         if !maps.is_empty() {
             error!(
                 maps = ?maps,
@@ -355,7 +373,9 @@ async fn run_inner(opts: &AgentOptions, record: &mut Option<AgentRecord>) -> Res
         tokio::select! {
             _ = sigterm.recv() => break "stopped by SIGTERM",
             _ = sigint.recv() => break "stopped by SIGINT",
-            Some(()) = recv(&mut tap_events) => {
+            ev = recv(&mut tap_events) => {
+                // The taps thread holds the sender for its whole life.
+                anyhow::ensure!(ev.is_some(), "the taps thread stopped: new taps would go unfiltered");
                 if let Some(rx) = &mut tap_events {
                     while rx.try_recv().is_ok() {}
                 }

@@ -219,7 +219,7 @@ fn serve(
                     let Some(req) = req else { break };
                     // Interface events that arrived first are handled first.
                     let queued = links.queued();
-                    if !queued.is_empty() && taps.on_links(queued) {
+                    if !queued.is_empty() && handle_links(&mut taps, &links, queued).await {
                         notify(&mut subscribers);
                     }
                     match req {
@@ -237,8 +237,12 @@ fn serve(
                             let _ = reply.send(Ok(taps.view()));
                         }
                         Request::Verify { reply } => {
+                            // Every device against a fresh table first: a backstop for any
+                            // event this thread did not see.
+                            let resynced =
+                                handle_links(&mut taps, &links, vec![LinkChange::Overrun]).await;
                             let r = taps.verify();
-                            if matches!(r, Ok(n) if n > 0) {
+                            if resynced || matches!(r, Ok(n) if n > 0) {
                                 notify(&mut subscribers);
                             }
                             let _ = reply.send(r);
@@ -257,13 +261,28 @@ fn serve(
                     // Handle this event at once, and the ones already queued with it.
                     let mut changes = vec![change];
                     changes.extend(links.queued());
-                    if taps.on_links(changes) {
+                    if handle_links(&mut taps, &links, changes).await {
                         notify(&mut subscribers);
                     }
                 }
             }
         }
     });
+}
+
+/// Interface events; after an overrun (events lost), the whole table read again and every
+/// device reconciled.
+async fn handle_links(taps: &mut Taps, links: &Links, changes: Vec<LinkChange>) -> bool {
+    if changes.contains(&LinkChange::Overrun) {
+        match links.dump().await {
+            Ok(table) => {
+                taps.links = table;
+                return taps.reconcile_all("interfaces re-read");
+            }
+            Err(e) => error!("re-reading the interfaces: {e:#}"),
+        }
+    }
+    taps.on_links(changes)
 }
 
 fn notify(subscribers: &mut Vec<tokio_mpsc::UnboundedSender<()>>) {
@@ -402,6 +421,7 @@ impl Taps {
                     self.links.insert(name.clone(), link);
                     names.insert(name);
                 }
+                LinkChange::Overrun => {}
                 LinkChange::Deleted { ifindex } => {
                     let gone: Vec<String> = self
                         .links
@@ -441,6 +461,18 @@ impl Taps {
                 "interfaces changed: enforced"
             );
         }
+        changed || !(report.switched.is_empty() && report.errors.is_empty())
+    }
+
+    /// Reconciles every device against `links`; returns whether anything changed.
+    fn reconcile_all(&mut self, what: &str) -> bool {
+        let mut report = SwitchReport::default();
+        let mut changed = false;
+        let devices: Vec<String> = self.plan.keys().cloned().collect();
+        for device in devices {
+            changed |= self.reconcile(&device, &mut report);
+        }
+        log_switch(what, &report);
         changed || !(report.switched.is_empty() && report.errors.is_empty())
     }
 

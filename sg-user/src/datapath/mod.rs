@@ -334,12 +334,12 @@ impl Datapath {
                 Ok(pinned) => {
                     let ours = data.info()?.id();
                     if pinned.id() != ours {
-                        bail!(
+                        return Err(anyhow::Error::new(ForeignPin(format!(
                             "{} is now map id {} and this agent's {name} is id {ours}: another \
                              process pinned its own map there",
                             path.display(),
                             pinned.id()
-                        );
+                        ))));
                     }
                 }
                 Err(aya::maps::MapError::SyscallError(SyscallError { io_error, .. }))
@@ -525,6 +525,18 @@ pub fn attach_here(
     Ok(Attached::New)
 }
 
+/// A pin of ours now names another process's object: nothing this process can repair.
+#[derive(Debug)]
+pub struct ForeignPin(pub String);
+
+impl std::fmt::Display for ForeignPin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ForeignPin {}
+
 /// What the taps thread needs of a loaded datapath: its own handles on the two programs (with
 /// their attach types) and on SG_PORTS, and the pin root.
 pub struct TapHandles {
@@ -686,8 +698,13 @@ pub fn collect_stale_links(root: &Path, netns: Option<&str>) -> Result<usize> {
 }
 
 /// Removes every link and map sg pinned under `root`, which detaches the programs. Returns
-/// the number of pins removed.
+/// the number of pins removed. A directory that something filled again meanwhile (a running
+/// agent restoring its pins after a forced detach) is left in place.
 pub fn detach_all(root: &Path) -> Result<usize> {
+    let remove_dir = |d: &Path| match fs::remove_dir(d) {
+        Err(e) if e.raw_os_error() == Some(libc::ENOTEMPTY) || e.kind() == io::ErrorKind::NotFound => Ok(()),
+        r => r.with_context(|| format!("removing {}", d.display())),
+    };
     let mut removed = 0;
     let links = root.join("links");
     if links.exists() {
@@ -703,9 +720,9 @@ pub fn detach_all(root: &Path) -> Result<usize> {
                 }
                 removed += 1;
             }
-            fs::remove_dir(&ns)?;
+            remove_dir(&ns)?;
         }
-        fs::remove_dir(&links)?;
+        remove_dir(&links)?;
     }
     let maps = root.join("maps");
     if maps.exists() {
@@ -713,10 +730,10 @@ pub fn detach_all(root: &Path) -> Result<usize> {
             fs::remove_file(m?.path())?;
             removed += 1;
         }
-        fs::remove_dir(&maps)?;
+        remove_dir(&maps)?;
     }
     if root.exists() {
-        fs::remove_dir(root)?;
+        remove_dir(root)?;
     }
     Ok(removed)
 }
