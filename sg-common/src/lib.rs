@@ -317,6 +317,7 @@ pub struct FragKey {
     pub port_idx: u32,
     pub dir: u8,
     pub family: u8,
+    /// The IPv4 protocol; 0 for IPv6, whose reassembly (like Linux's) does not key on it.
     pub proto: u8,
     pub _pad: u8,
     pub src: [u8; 16],
