@@ -137,6 +137,11 @@ pub const ADDR_KIND_MAC: u8 = 1;
 pub const ADDR_KIND_PAIR_V4: u8 = 4;
 /// IPv6 IP/MAC pair, including the link-local address derived from the MAC.
 pub const ADDR_KIND_PAIR_V6: u8 = 6;
+/// (MAC, sender IPv4) that an ARP frame from the VM may carry: every IPv4 pair that has an
+/// address (Neutron's `arp_protect` address set, checked as pairs), and (MAC, 0.0.0.0/32) for
+/// RFC 5227 probes from each of those MACs. The MAC-only pair of a port without fixed IPs is
+/// not one: such a port has no IPv4 address, and Neutron drops all of its ARP.
+pub const ADDR_KIND_ARP_V4: u8 = 5;
 /// IPv4 fixed IP of the port (provider DHCP reply rule); mac is zero.
 pub const ADDR_KIND_FIXED_V4: u8 = 14;
 /// IPv6 fixed IP of the port (provider DHCPv6 reply rule); mac is zero.

@@ -476,6 +476,89 @@ fn from_vm_arp() {
     run(&mut dp, IF, &cases, true);
 }
 
+/// A port without fixed IPs has one MAC-only pair, which lets it send IPv4 from any address,
+/// but no IPv4 address to announce: Neutron drops all of its ARP (issue 17 F1), probes too.
+/// Allowed-address-pair addresses remain announceable from their MACs.
+#[test]
+fn from_vm_arp_without_ipv4_addresses() {
+    let bare = PortSpec::new(IF, PORT, VM_MAC).stateful();
+    let mut dp = load(&bare, &base_rules());
+    let cases = vec![
+        out_drop(
+            "reply claiming the router's IP (the issue's frame)",
+            arp(VM_MAC, 2, VM_MAC, "192.168.206.1", "192.168.206.10"),
+            REASON_DROP_SPOOF_ARP,
+        ),
+        out_drop(
+            "request from an address of its own choosing",
+            arp(VM_MAC, 1, VM_MAC, VM4, ROUTER4),
+            REASON_DROP_SPOOF_ARP,
+        ),
+        out_drop(
+            "probe",
+            arp(VM_MAC, 1, VM_MAC, "0.0.0.0", VM4),
+            REASON_DROP_SPOOF_ARP,
+        ),
+        out_ok(
+            "IPv4 from any source still passes the MAC-only pair",
+            from_vm(udp("192.0.2.77", 1, REMOTE4, 53)),
+            REASON_ALLOW_RULE,
+        ),
+    ];
+    run(&mut dp, IF, &cases, true);
+
+    let v6_only = PortSpec::new(IF, PORT, VM_MAC).fixed_ip(VM6).stateful();
+    let mut dp = load(&v6_only, &base_rules());
+    let cases = vec![out_drop(
+        "an IPv6-only port: any ARP",
+        arp(VM_MAC, 1, VM_MAC, VM4, ROUTER4),
+        REASON_DROP_SPOOF_ARP,
+    )];
+    run(&mut dp, IF, &cases, true);
+
+    let with_pair = PortSpec::new(IF, PORT, VM_MAC).pair(AAP_MAC, AAP4).stateful();
+    let mut dp = load(&with_pair, &base_rules());
+    let cases = vec![
+        out_ok(
+            "pair IP from the pair MAC",
+            arp(AAP_MAC, 2, AAP_MAC, "10.0.1.20", ROUTER4),
+            REASON_ALLOW_ARP,
+        ),
+        out_ok(
+            "probe from the pair MAC",
+            arp(AAP_MAC, 1, AAP_MAC, "0.0.0.0", "10.0.1.20"),
+            REASON_ALLOW_ARP,
+        ),
+        out_drop(
+            "another IP from the pair MAC",
+            arp(AAP_MAC, 2, AAP_MAC, "192.168.206.1", ROUTER4),
+            REASON_DROP_SPOOF_ARP,
+        ),
+        out_drop(
+            "anything from the port MAC, which has no address",
+            arp(VM_MAC, 2, VM_MAC, "10.0.1.20", ROUTER4),
+            REASON_DROP_SPOOF_ARP,
+        ),
+        out_drop(
+            "probe from the port MAC",
+            arp(VM_MAC, 1, VM_MAC, "0.0.0.0", ROUTER4),
+            REASON_DROP_SPOOF_ARP,
+        ),
+    ];
+    run(&mut dp, IF, &cases, true);
+
+    let open = PortSpec::new(IF, PORT, VM_MAC)
+        .pair(VM_MAC, "0.0.0.0/0")
+        .stateful();
+    let mut dp = load(&open, &base_rules());
+    let cases = vec![out_ok(
+        "an IPv4 pair of /0 turns ARP protection off",
+        arp(VM_MAC, 2, VM_MAC, "192.168.206.1", ROUTER4),
+        REASON_ALLOW_ARP,
+    )];
+    run(&mut dp, IF, &cases, true);
+}
+
 #[test]
 fn from_vm_ipv6() {
     let mut dp = load(&base_port(), &base_rules());

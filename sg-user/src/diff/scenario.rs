@@ -920,8 +920,9 @@ impl Ctx<'_> {
                 tpa: [10, 250, 0, 1],
             },
         };
-        // The sender is the port's only if a pair of its MAC covers it (a MAC-only pair covers
-        // everything); an IPv4 pair of /0 turns Neutron's ARP protection off altogether.
+        // The sender is the port's only if a pair of its MAC with an address covers it (the
+        // MAC-only pair of a port without fixed IPs carries no address: all of that port's ARP
+        // is dropped, as in Neutron); an IPv4 pair of /0 turns ARP protection off altogether.
         let arp_off = self
             .port
             .allowed_address_pairs
@@ -931,7 +932,7 @@ impl Ctx<'_> {
             .port
             .spoof_pairs(Ethertype::IPv4)
             .iter()
-            .any(|p| p.mac.0 == vm_mac && p.net.is_none_or(|n| n.trunc().contains(&IpAddr::V4(spa))));
+            .any(|p| p.mac.0 == vm_mac && p.net.is_some_and(|n| n.trunc().contains(&IpAddr::V4(spa))));
         let mut s = self.shot(self.vm(), self.uplink(), vec![arp]);
         s.documented = Some(("D10", arp_off || owned));
         steps.push(Step::Send(s));
