@@ -261,6 +261,11 @@ pub const CT_F_SEEN_REPLY: u8 = 1 << 1;
 pub const CT_F_ASSURED: u8 = 1 << 2;
 /// The flow was admitted by the to-VM (ingress) policy; clear for from-VM (egress).
 pub const CT_F_ADMIT_INGRESS: u8 = 1 << 3;
+/// The flow was revoked: the port's policy no longer admits it in the orientation and
+/// direction it was admitted. The entry stays as a tombstone so that no packet of the flow,
+/// in either direction, re-admits it through the other direction's rules; it expires, is
+/// revived when a later policy admits the flow again, or is replaced by a new connection.
+pub const CT_F_REVOKED: u8 = 1 << 4;
 
 /// TCP states, numbered as Linux `enum tcp_conntrack` so that dumps read like /proc.
 pub const TCP_NONE: u8 = 0;
@@ -379,7 +384,9 @@ pub const REASON_DROP_NO_RULE: u8 = 42;
 pub const REASON_DROP_FRAG_NO_FIRST: u8 = 43;
 pub const REASON_DROP_FRAG_DENIED: u8 = 44;
 pub const REASON_DROP_IPV6_EXT: u8 = 45;
-pub const REASON_LAST: u8 = 45;
+/// A packet in the reply orientation of a revoked flow (`CT_F_REVOKED`).
+pub const REASON_DROP_REVOKED: u8 = 46;
+pub const REASON_LAST: u8 = 46;
 
 /// Whether a reason code allows the packet.
 pub const fn reason_allows(reason: u8) -> bool {
@@ -418,6 +425,7 @@ pub const fn reason_name(reason: u8) -> &'static str {
         REASON_DROP_FRAG_NO_FIRST => "drop-frag-no-first",
         REASON_DROP_FRAG_DENIED => "drop-frag-denied",
         REASON_DROP_IPV6_EXT => "drop-ipv6-ext",
+        REASON_DROP_REVOKED => "drop-revoked",
         _ => "unknown",
     }
 }
@@ -460,6 +468,9 @@ pub const CT_STATE_ESTABLISHED: u8 = 2;
 pub const CT_STATE_RELATED: u8 = 3;
 pub const CT_STATE_INVALID: u8 = 4;
 pub const CT_STATE_UNTRACKED: u8 = 5;
+/// sg only: the packet belongs to a revoked flow (`CT_F_REVOKED`) and comes from the side
+/// that did not open it.
+pub const CT_STATE_REVOKED: u8 = 6;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]

@@ -64,7 +64,12 @@ pub struct Ct {
     /// A traced packet (`sg trace`): compute everything, write nothing, so that tracing
     /// never changes what it observes.
     pub dry: bool,
-    _pad: [u8; 6],
+    /// The lookup found a revoked flow under the key (a tombstone, `CT_F_REVOKED`), which
+    /// counts as no entry for the side that opened it and drops the other side's packets.
+    revoked: bool,
+    /// The revoked flow's `CT_F_ORIG_A`: which side opened it.
+    revoked_orig_a: bool,
+    _pad: [u8; 4],
     timeout_s: u64,
     now: u64,
     key: CtKey,
@@ -80,7 +85,9 @@ impl Ct {
         tcp_state: TCP_NONE,
         set_flags: 0,
         dry: false,
-        _pad: [0; 6],
+        revoked: false,
+        revoked_orig_a: false,
+        _pad: [0; 4],
         timeout_s: 0,
         now: 0,
         _tail: [0; 4],
@@ -292,38 +299,75 @@ fn has_ports(proto: u8) -> bool {
 
 /// The live entry under `key`, or null. An expired entry counts as absent. An entry admitted
 /// under another policy id is re-checked against the port's current policy (revocation,
-/// design §4): still allowed, it moves to the new id and rule; no longer allowed, it is
-/// deleted and the packet is decided as one without state. Entries admitted by a fixed rule
-/// (rule 0) do not depend on the security-group rules and just move to the new id.
+/// design §4 and §8): still allowed, it moves to the new id and rule; no longer allowed, it
+/// becomes a tombstone (`CT_F_REVOKED`), which counts as no entry here and sets `ct.revoked`
+/// so that the caller can keep the flow's other side from re-opening it. A tombstone is
+/// re-checked like any entry when the policy changes again, and revived if admitted. Every
+/// packet that finds a tombstone keeps it for another `revoked_timeout`, so a sender that
+/// keeps retransmitting never outlives it. Entries admitted by a fixed rule (rule 0) do not
+/// depend on the security-group rules and just move to the new id.
 #[inline(always)]
-fn live_entry(key: &CtKey, port: &PortInfo, now: u64, dry: bool) -> *mut CtVal {
-    let Some(e) = SG_CONNTRACK.get_ptr_mut(key) else {
+fn live_entry(port: &PortInfo, ct: &mut Ct) -> *mut CtVal {
+    let Some(e) = SG_CONNTRACK.get_ptr_mut(&ct.key) else {
         return core::ptr::null_mut();
     };
     // SAFETY: a map value pointer from this lookup; see `commit` about concurrency.
     unsafe {
-        if (*e).expires_ns <= now {
+        if (*e).expires_ns <= ct.now {
             return core::ptr::null_mut();
         }
+        let mut revoked = (*e).flags & CT_F_REVOKED != 0;
         if (*e).policy != port.policy {
             if (*e).rule != 0 {
-                let rule = recheck(key, (*e).flags, port);
-                if rule == 0 {
-                    if !dry {
-                        let _ = SG_CONNTRACK.remove(key);
+                let rule = recheck(&ct.key, (*e).flags, port);
+                revoked = rule == 0;
+                if !ct.dry {
+                    if revoked {
+                        (*e).flags |= CT_F_REVOKED;
+                    } else {
+                        (*e).rule = rule;
+                        (*e).flags &= !CT_F_REVOKED;
                     }
-                    return core::ptr::null_mut();
-                }
-                if !dry {
-                    (*e).rule = rule;
                 }
             }
-            if !dry {
+            if !ct.dry {
                 (*e).policy = port.policy;
             }
         }
+        if revoked {
+            ct.revoked = true;
+            ct.revoked_orig_a = (*e).flags & CT_F_ORIG_A != 0;
+            if !ct.dry {
+                (*e).expires_ns = ct.now + revoked_timeout(ct.key.proto) * NS_PER_S;
+            }
+            return core::ptr::null_mut();
+        }
     }
     e
+}
+
+/// How long a tombstone outlives the last packet of its flow: longer than the gap between a
+/// sender's retransmissions (TCP backs off up to 120 s), so that it does not expire while the
+/// VM still tries, and a retransmission cannot re-open the flow through the other direction's
+/// rules.
+#[inline(always)]
+fn revoked_timeout(proto: u8) -> u64 {
+    match proto {
+        IPPROTO_TCP => timeout::TCP_UNACK,
+        IPPROTO_UDP | IPPROTO_UDPLITE => timeout::UDP_REPLIED,
+        IPPROTO_ICMP | IPPROTO_ICMPV6 => timeout::ICMP,
+        _ => timeout::GENERIC,
+    }
+}
+
+/// A packet without a live entry whose key holds a revoked flow: a packet from the side that
+/// did not open the flow must not start it again in its own direction (a VM's reply stream
+/// through the default egress rule), unless it is a TCP SYN, a new connection. Such a packet
+/// is `CT_STATE_REVOKED`. Packets from the opening side are decided as packets without state:
+/// the current rules of the admitting direction decide them, as the re-check just did.
+#[inline(always)]
+fn revoked_reply(ct: &Ct, src_is_a: bool, tcp_syn: bool) -> bool {
+    ct.revoked && src_is_a != ct.revoked_orig_a && !tcp_syn
 }
 
 /// The port's current policy for the flow's first packet: its original direction, remote and
@@ -414,7 +458,12 @@ fn flow(port: &PortInfo, pkt: &Pkt, ct: &mut Ct) -> *mut CtVal {
         ct.state = CT_STATE_INVALID;
         return core::ptr::null_mut();
     }
-    let entry = live_entry(&ct.key, port, ct.now, ct.dry);
+    let entry = live_entry(port, ct);
+    let syn = pkt.proto == IPPROTO_TCP && tcp_index(pkt.tcp_flags) == TCP_SYN_SET;
+    if entry.is_null() && revoked_reply(ct, src_is_a, syn) {
+        ct.state = CT_STATE_REVOKED;
+        return entry;
+    }
     if pkt.proto == IPPROTO_TCP {
         return tcp(ct, entry, pkt.tcp_flags);
     }
@@ -726,7 +775,11 @@ fn icmp(port: &PortInfo, pkt: &Pkt, ct: &mut Ct) -> *mut CtVal {
         is_request,
     );
     ct.src_is_a = is_request;
-    let entry = live_entry(&ct.key, port, ct.now, ct.dry);
+    let entry = live_entry(port, ct);
+    if entry.is_null() && revoked_reply(ct, is_request, false) {
+        ct.state = CT_STATE_REVOKED;
+        return entry;
+    }
     ct.timeout_s = timeout::ICMP;
     if entry.is_null() {
         // Only a request can start a flow ("valid_new"); a reply without one is INVALID.
@@ -852,7 +905,7 @@ fn related(ctx: &TcContext, port: &PortInfo, pkt: &Pkt, ct: &mut Ct) {
             core::mem::swap(&mut k.port_a, &mut k.port_b);
         }
     }
-    let entry = live_entry(&ct.key, port, ct.now, ct.dry);
+    let entry = live_entry(port, ct);
     if entry.is_null() {
         return;
     }

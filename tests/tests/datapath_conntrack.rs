@@ -713,17 +713,145 @@ fn revocation_on_a_policy_switch() {
             REASON_ALLOW_ESTABLISHED,
         ),
         in_drop(
-            "HTTPS SYN-ACK: egress rule gone, so no state: INVALID",
+            "HTTPS SYN-ACK: egress rule gone, the flow is revoked",
             in_tcp(TCP_SYN | TCP_ACK),
-            REASON_DROP_INVALID,
-        ),
+            REASON_DROP_REVOKED,
+        )
+        .state(CT_STATE_REVOKED),
     ];
     run(&mut dp, IF, &seq, false);
     let e = entries(&mut dp);
-    assert_eq!(e.len(), 2, "SSH and HTTPS entries deleted: {e:?}");
+    assert_eq!(e.len(), 4, "{e:?}");
+    let revoked: Vec<u16> = e
+        .iter()
+        .filter(|(_, v)| v.flags & CT_F_REVOKED != 0)
+        .map(|(k, _)| k.port_a.min(k.port_b))
+        .collect();
+    assert_eq!(revoked.len(), 2, "SSH and HTTPS are tombstones: {e:?}");
+    assert!(revoked.contains(&22) && revoked.contains(&443), "{e:?}");
     for (k, v) in e {
         assert_eq!(v.policy, 70, "{k:?} moved to the new policy");
     }
+}
+
+/// Revocation follows the flow, not the packet (issue 17 A): a flow that only a removed
+/// ingress rule admitted stops in both directions. The VM's next packet, in the flow's reply
+/// orientation, must not re-admit it as a new flow through the default egress rule, as it did
+/// when the revoked entry was simply deleted. The tombstone keeps the flow dead until it
+/// expires, a policy admits the flow again, or a SYN opens a new connection on the tuple.
+#[test]
+fn revocation_follows_the_flow_not_the_packet() {
+    let port = port();
+    // 1: ingress TCP 80, 2: ingress UDP 5000, 3: egress IPv4 any (every VM has it).
+    let gen1 = vec![
+        Rule::ingress_v4().tcp(80, 80),
+        Rule::ingress_v4().udp(5000, 5000),
+        Rule::egress_v4(),
+    ];
+    let mut dp = load(&port, &gen1);
+    let web_in = |sport: u16, flags| to_vm(tcp("192.0.2.1", sport, VM4, 80, flags));
+    let web_out = |dport: u16, flags| from_vm(tcp(VM4, 80, "192.0.2.1", dport, flags));
+    let udp_in = || to_vm(udp(REMOTE4, 40000, VM4, 5000));
+    let udp_out = || from_vm(udp(VM4, 5000, REMOTE4, 40000));
+    let mut seq = Vec::new();
+    for sport in [50001, 50002] {
+        seq.extend([
+            in_ok("client SYN (rule 1)", web_in(sport, TCP_SYN), REASON_ALLOW_RULE).rule(1),
+            out_ok(
+                "SYN-ACK",
+                web_out(sport, TCP_SYN | TCP_ACK),
+                REASON_ALLOW_ESTABLISHED,
+            ),
+            in_ok("ACK", web_in(sport, TCP_ACK), REASON_ALLOW_ESTABLISHED),
+            out_ok(
+                "the VM sends the data (iperf3 -R)",
+                web_out(sport, TCP_PSH | TCP_ACK),
+                REASON_ALLOW_ESTABLISHED,
+            ),
+        ]);
+    }
+    seq.extend([
+        in_ok("UDP to the VM (rule 2)", udp_in(), REASON_ALLOW_RULE).rule(2),
+        out_ok("the VM's UDP stream back", udp_out(), REASON_ALLOW_ESTABLISHED),
+    ]);
+    run(&mut dp, IF, &seq, false);
+
+    // Generation 2: the ingress rules are removed; the egress rule stays (as policy 70's rule 1).
+    fixture::install_policy(&mut dp, 70, &[Rule::egress_v4()]).unwrap();
+    fixture::set_policy(&mut dp, &port, 70).unwrap();
+    let seq = [
+        out_drop(
+            "the VM's next data segment: the flow is revoked, not re-admitted by the egress rule",
+            web_out(50001, TCP_PSH | TCP_ACK),
+            REASON_DROP_REVOKED,
+        )
+        .state(CT_STATE_REVOKED),
+        in_drop(
+            "the client's ACK: no rule admits it",
+            web_in(50001, TCP_ACK),
+            REASON_DROP_NO_RULE,
+        ),
+        out_drop(
+            "and the VM's retransmission",
+            web_out(50001, TCP_PSH | TCP_ACK),
+            REASON_DROP_REVOKED,
+        ),
+        in_drop(
+            "the client first on the other connection",
+            web_in(50002, TCP_PSH | TCP_ACK),
+            REASON_DROP_NO_RULE,
+        ),
+        out_drop(
+            "then the VM on it",
+            web_out(50002, TCP_PSH | TCP_ACK),
+            REASON_DROP_REVOKED,
+        ),
+        out_drop("the VM's UDP stream", udp_out(), REASON_DROP_REVOKED),
+        in_drop(
+            "an ICMP error about the revoked UDP flow relates to nothing",
+            to_vm(icmp_error(REMOTE4, VM4, 3, 3, &udp(VM4, 5000, REMOTE4, 40000))),
+            REASON_DROP_INVALID,
+        ),
+        out_ok(
+            "a new connection from the VM on the first flow's tuple (a SYN) is the egress rule's",
+            web_out(50001, TCP_SYN),
+            REASON_ALLOW_RULE,
+        )
+        .rule(1), // policy 70's only rule
+    ];
+    run(&mut dp, IF, &seq, false);
+    let e = entries(&mut dp);
+    assert_eq!(e.len(), 3, "two tombstones and the new connection: {e:?}");
+    let revoked = e.iter().filter(|(_, v)| v.flags & CT_F_REVOKED != 0).count();
+    assert_eq!(revoked, 2, "{e:?}");
+    for (k, v) in &e {
+        assert_eq!(v.policy, 70, "{k:?} was re-checked against policy 70");
+    }
+
+    // Generation 3: the rules are back, under a new policy id: the revoked flows are re-checked
+    // again, and admitted.
+    fixture::install_policy(&mut dp, 71, &gen1).unwrap();
+    fixture::set_policy(&mut dp, &port, 71).unwrap();
+    let seq = [
+        out_ok(
+            "the UDP flow is admitted again",
+            udp_out(),
+            REASON_ALLOW_ESTABLISHED,
+        )
+        .rule(2),
+        out_ok(
+            "so is the second TCP connection",
+            web_out(50002, TCP_PSH | TCP_ACK),
+            REASON_ALLOW_ESTABLISHED,
+        )
+        .rule(1),
+        in_ok("both ways", web_in(50002, TCP_ACK), REASON_ALLOW_ESTABLISHED),
+    ];
+    run(&mut dp, IF, &seq, false);
+    assert!(
+        entries(&mut dp).iter().all(|(_, v)| v.flags & CT_F_REVOKED == 0),
+        "revived"
+    );
 }
 
 #[test]
