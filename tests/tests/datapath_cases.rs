@@ -777,10 +777,10 @@ fn spoof_chains_follow_neutrons_pair_lists() {
             from_vm(tcp("2001:db8::99", 1, REMOTE6, 443, TCP_SYN)),
             REASON_ALLOW_RULE,
         ),
-        out_ok(
-            "ARP with any sender IP",
+        out_drop(
+            "but no ARP: the port has no IPv4 address to announce (as in Neutron)",
             arp(VM_MAC, 2, VM_MAC, "172.16.0.1", ROUTER4),
-            REASON_ALLOW_ARP,
+            REASON_DROP_SPOOF_ARP,
         ),
         out_drop(
             "still not from another MAC",
