@@ -226,7 +226,9 @@ impl ComputeNode {
             .filter(|c| c.is_ascii_alphanumeric())
             .take(14)
             .collect::<String>();
-        host.ip(&["link", "add", &bridge, "type", "bridge"])?;
+        // Without multicast snooping: a snooping bridge joins the all-snoopers groups and sends
+        // IGMP reports of its own towards every port, traffic nobody in a test sent.
+        host.ip(&["link", "add", &bridge, "type", "bridge", "mcast_snooping", "0"])?;
         host.ip(&["link", "set", &bridge, "up"])?;
         for f in ["bridge-nf-call-iptables", "bridge-nf-call-ip6tables"] {
             host.exec("sysctl", &["-qw", &format!("net.bridge.{f}=0")])?;
