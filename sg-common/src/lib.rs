@@ -38,32 +38,42 @@ pub const MAP_ADDRS: &str = "SG_ADDRS";
 pub const MAP_CLASSES: &str = "SG_CLASSES";
 pub const MAP_SERVICES: &str = "SG_SERVICES";
 pub const MAP_CONNTRACK: &str = "SG_CONNTRACK";
+pub const MAP_CT_ASSURED: &str = "SG_CT_ASSURED";
+pub const MAP_CT_EVENTS: &str = "SG_CT_EVENTS";
 pub const MAP_FRAGS: &str = "SG_FRAGS";
 pub const MAP_STATS: &str = "SG_STATS";
 pub const MAP_RULE_HITS: &str = "SG_RULE_HITS";
 pub const MAP_TRACE: &str = "SG_TRACE";
 
 /// Every map sg pins, in a stable order.
-pub const PINNED_MAPS: [&str; 8] = [
+pub const PINNED_MAPS: [&str; 10] = [
     MAP_PORTS,
     MAP_ADDRS,
     MAP_CLASSES,
     MAP_SERVICES,
     MAP_CONNTRACK,
+    MAP_CT_ASSURED,
+    MAP_CT_EVENTS,
     MAP_FRAGS,
     MAP_STATS,
     MAP_RULE_HITS,
 ];
 
 // -------------------------------------------------------------------------------------------
-// Capacities (max_entries). The agent may override SG_CONNTRACK and SG_FRAGS at load time.
+// Capacities (max_entries). The agent may override SG_CONNTRACK, SG_CT_ASSURED and SG_FRAGS at
+// load time.
 // -------------------------------------------------------------------------------------------
 
 pub const MAX_PORTS: u32 = 16_384;
 pub const MAX_ADDRS: u32 = 262_144;
 pub const MAX_CLASSES: u32 = 1_048_576;
 pub const MAX_SERVICES: u32 = 1_048_576;
+/// SG_CONNTRACK: flows not yet assured.
 pub const DEFAULT_CT_ENTRIES: u32 = 262_144;
+/// SG_CT_ASSURED: assured flows.
+pub const DEFAULT_CT_ASSURED_ENTRIES: u32 = 262_144;
+/// SG_CT_EVENTS: (port, event) counters.
+pub const MAX_CT_EVENTS: u32 = 65_536;
 pub const DEFAULT_FRAG_ENTRIES: u32 = 8_192;
 pub const MAX_STATS: u32 = 65_536;
 /// Rule indexes are dense small integers assigned by the compiler; index 0 means "no rule".
@@ -231,10 +241,19 @@ pub struct ServiceVal {
 }
 
 // -------------------------------------------------------------------------------------------
-// SG_CONNTRACK: LRU hash, one entry per flow and port (the port is the zone, as the OVS
-// firewall does; Neutron's Linux bridge driver shares one zone per network). The 5-tuple is
-// normalised so that both directions find the same entry: (addr_a, port_a) <= (addr_b, port_b)
-// bytewise. Protocols without ports (other than ICMP) have zero ports.
+// Conntrack: one entry per flow and port (the port is the zone, as the OVS firewall does;
+// Neutron's Linux bridge driver shares one zone per network), in one of two tables:
+// - SG_CONNTRACK, an LRU hash: flows not yet assured (Linux IPS_ASSURED: a TCP handshake
+//   completed, a UDP exchange that went on after its first reply). When it is full, a new
+//   flow evicts the least recently used of them, as Linux's early drop sacrifices unassured
+//   flows.
+// - SG_CT_ASSURED, a plain hash: a flow moves there when it becomes assured, and nothing ever
+//   evicts it. When it is full, the flow stays in SG_CONNTRACK (`CT_F_UNPROTECTED`) and the
+//   event is counted.
+// A flood of new flows can therefore only push out flows that are not assured yet.
+// The 5-tuple is normalised so that both directions find the same entry:
+// (addr_a, port_a) <= (addr_b, port_b) bytewise. Protocols without ports (other than ICMP)
+// have zero ports.
 // ICMP/ICMPv6 queries are keyed by role, not by byte order, because Linux keeps a request from
 // A and a request from B with the same id apart: addr_a is the requester, port_a the query id,
 // port_b (request type << 8 | code), and CT_F_ORIG_A is always set.
@@ -266,6 +285,9 @@ pub const CT_F_ADMIT_INGRESS: u8 = 1 << 3;
 /// in either direction, re-admits it through the other direction's rules; it expires, is
 /// revived when a later policy admits the flow again, or is replaced by a new connection.
 pub const CT_F_REVOKED: u8 = 1 << 4;
+/// The flow is assured but did not fit in SG_CT_ASSURED (full): it stays in SG_CONNTRACK,
+/// where pressure can evict it. Counted as `CT_EV_ASSURED_FULL`.
+pub const CT_F_UNPROTECTED: u8 = 1 << 5;
 
 /// TCP states, numbered as Linux `enum tcp_conntrack` so that dumps read like /proc.
 pub const TCP_NONE: u8 = 0;
@@ -347,6 +369,33 @@ pub struct FragVal {
 
 /// Seconds a first-fragment verdict is remembered (Linux ipfrag_time).
 pub const FRAG_TIMEOUT_S: u64 = 30;
+
+// -------------------------------------------------------------------------------------------
+// SG_CT_EVENTS: per-CPU hash (port_idx, event) -> count. What happened to a port's conntrack
+// entries, so that `sg status` can tell how many of its flows pressure evicted: created minus
+// removed minus collected minus those still in the tables. The datapath counts CREATED,
+// REMOVED and ASSURED_FULL; the agent's garbage collector counts COLLECTED (one writer per
+// key, so userspace never races the datapath).
+// -------------------------------------------------------------------------------------------
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct CtEventKey {
+    pub port_idx: u32,
+    /// `CT_EV_*`.
+    pub event: u8,
+    pub _pad: [u8; 3],
+}
+
+/// A flow's entry was written into SG_CONNTRACK.
+pub const CT_EV_CREATED: u8 = 1;
+/// The datapath removed an entry: a closed or re-opened TCP flow, an expired or revoked entry
+/// replaced by a new flow.
+pub const CT_EV_REMOVED: u8 = 2;
+/// The agent's garbage collector deleted an expired entry, or one of a port that is gone.
+pub const CT_EV_COLLECTED: u8 = 3;
+/// A flow became assured while SG_CT_ASSURED was full (`CT_F_UNPROTECTED`).
+pub const CT_EV_ASSURED_FULL: u8 = 4;
 
 // -------------------------------------------------------------------------------------------
 // Verdict reasons. One code per way a packet can be decided; counted per port and direction
@@ -490,8 +539,8 @@ pub struct TraceRec {
 }
 
 user_pod!(
-    PortInfo, AddrKey, AddrVal, ClassKey, ClassVal, ServiceKey, ServiceVal, CtKey, CtVal, FragKey, FragVal,
-    StatKey, Counter, TraceRec,
+    PortInfo, AddrKey, AddrVal, ClassKey, ClassVal, ServiceKey, ServiceVal, CtKey, CtVal, CtEventKey,
+    FragKey, FragVal, StatKey, Counter, TraceRec,
 );
 
 #[cfg(test)]
@@ -508,6 +557,7 @@ mod tests {
         assert_eq!(size_of::<ServiceKey>(), 16);
         assert_eq!(size_of::<CtKey>(), 44);
         assert_eq!(size_of::<CtVal>(), 24);
+        assert_eq!(size_of::<CtEventKey>(), 8);
         assert_eq!(size_of::<FragKey>(), 44);
         assert_eq!(size_of::<StatKey>(), 8);
         assert_eq!(size_of::<TraceRec>(), 28);

@@ -30,7 +30,7 @@ use aya_ebpf::{bindings::__sk_buff, helpers::bpf_ktime_get_ns, programs::TcConte
 use sg_common::*;
 
 use crate::{
-    maps::SG_CONNTRACK,
+    maps::{SG_CONNTRACK, SG_CT_ASSURED, SG_CT_EVENTS},
     parse::{
         self, FRAG_LATER, IPPROTO_DCCP, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_NONE, IPPROTO_SCTP,
         IPPROTO_TCP, IPPROTO_UDP, IPPROTO_UDPLITE, Pkt,
@@ -45,6 +45,17 @@ const OP_NONE: u8 = 0;
 const OP_CREATE: u8 = 1;
 const OP_UPDATE: u8 = 2;
 const OP_DELETE: u8 = 3;
+
+/// Which table holds the entry found under a packet's key (live, expired or revoked).
+const IN_NONE: u8 = 0;
+/// SG_CONNTRACK: not assured yet; pressure may evict it.
+const IN_NEW: u8 = 1;
+/// SG_CT_ASSURED: never evicted.
+const IN_ASSURED: u8 = 2;
+
+/// `bpf_map_update_elem` flag: only create.
+const BPF_NOEXIST: u64 = 1;
+const EEXIST: i32 = 17;
 
 /// The conntrack view of one packet. It crosses BPF global-function boundaries, so it holds
 /// no pointer: `commit` finds the entry again by key.
@@ -69,7 +80,9 @@ pub struct Ct {
     revoked: bool,
     /// The revoked flow's `CT_F_ORIG_A`: which side opened it.
     revoked_orig_a: bool,
-    _pad: [u8; 4],
+    /// `IN_*`: the table of the entry under `key`, if any.
+    found: u8,
+    _pad: [u8; 3],
     timeout_s: u64,
     now: u64,
     key: CtKey,
@@ -87,7 +100,8 @@ impl Ct {
         dry: false,
         revoked: false,
         revoked_orig_a: false,
-        _pad: [0; 4],
+        found: IN_NONE,
+        _pad: [0; 3],
         timeout_s: 0,
         now: 0,
         _tail: [0; 4],
@@ -174,11 +188,68 @@ fn apply(ct: &Ct, e: *mut CtVal) {
                 (*e).flags |= ct.set_flags;
                 (*e).packets = (*e).packets.wrapping_add(1);
             }
+            if ct.found == IN_NEW {
+                protect(ct, e);
+            }
         }
-        OP_DELETE => {
+        OP_DELETE => remove(ct.found, &ct.key),
+        _ => {}
+    }
+}
+
+/// Moves a flow that has become assured from SG_CONNTRACK, where a flood of new flows can
+/// evict it, to SG_CT_ASSURED, where nothing does. When SG_CT_ASSURED is full the flow stays
+/// where it is, marked `CT_F_UNPROTECTED` so that this is tried (and counted) once.
+#[inline(always)]
+fn protect(ct: &Ct, e: *mut CtVal) {
+    // SAFETY: see `apply`.
+    let val = unsafe { *e };
+    if val.flags & CT_F_ASSURED == 0 || val.flags & CT_F_UNPROTECTED != 0 {
+        return;
+    }
+    match SG_CT_ASSURED.insert(&ct.key, &val, BPF_NOEXIST) {
+        Ok(()) => {
             let _ = SG_CONNTRACK.remove(&ct.key);
         }
-        _ => {}
+        // Another CPU moved it first.
+        Err(err) if err == -EEXIST => {
+            let _ = SG_CONNTRACK.remove(&ct.key);
+        }
+        Err(_) => {
+            // SAFETY: see `apply`.
+            unsafe { (*e).flags |= CT_F_UNPROTECTED };
+            event(ct.key.zone, CT_EV_ASSURED_FULL);
+        }
+    }
+}
+
+/// Removes the entry under `key` from the table `found` names, and counts it.
+#[inline(always)]
+fn remove(found: u8, key: &CtKey) {
+    let removed = match found {
+        IN_ASSURED => SG_CT_ASSURED.remove(key).is_ok(),
+        IN_NEW => SG_CONNTRACK.remove(key).is_ok(),
+        _ => false,
+    };
+    if removed {
+        event(key.zone, CT_EV_REMOVED);
+    }
+}
+
+/// Counts one conntrack event of a port (SG_CT_EVENTS, per CPU).
+#[inline(always)]
+fn event(port_idx: u32, event: u8) {
+    let key = CtEventKey {
+        port_idx,
+        event,
+        _pad: [0; 3],
+    };
+    match SG_CT_EVENTS.get_ptr_mut(&key) {
+        // SAFETY: a per-CPU value: only this CPU writes it, and not re-entrantly.
+        Some(c) => unsafe { *c += 1 },
+        None => {
+            let _ = SG_CT_EVENTS.insert(&key, &1, 0);
+        }
     }
 }
 
@@ -218,14 +289,23 @@ pub extern "C" fn sg_ct_commit(ct: *const Ct, dir: u8, policy: u32, rule: u32) -
                 _pad: [0; 2],
                 packets: 1,
             };
-            // A dead entry under the same key is simply overwritten.
-            let _ = SG_CONNTRACK.insert(&ct.key, &val, 0);
+            // An expired or revoked entry under the key makes way for the new flow, which
+            // starts where every flow starts: among those not assured yet.
+            remove(ct.found, &ct.key);
+            // Only create: if another CPU created the flow meanwhile, that entry stands.
+            if SG_CONNTRACK.insert(&ct.key, &val, BPF_NOEXIST).is_ok() {
+                event(ct.key.zone, CT_EV_CREATED);
+            }
         }
         OP_UPDATE => {
             // Found again by key: a map-value pointer cannot cross the global-function
             // boundary. If the entry was evicted meanwhile, the update is lost, as it would
             // be a moment later anyway.
-            if let Some(e) = SG_CONNTRACK.get_ptr_mut(&ct.key) {
+            let e = match ct.found {
+                IN_ASSURED => SG_CT_ASSURED.get_ptr_mut(&ct.key),
+                _ => SG_CONNTRACK.get_ptr_mut(&ct.key),
+            };
+            if let Some(e) = e {
                 apply(ct, e);
             }
         }
@@ -297,10 +377,10 @@ fn has_ports(proto: u8) -> bool {
     )
 }
 
-/// The live entry under `key`, or null. An expired entry counts as absent. An entry admitted
-/// under another policy id is re-checked against the port's current policy (revocation,
-/// design §4 and §8): still allowed, it moves to the new id and rule; no longer allowed, it
-/// becomes a tombstone (`CT_F_REVOKED`), which counts as no entry here and sets `ct.revoked`
+/// The live entry under `ct.key` (in SG_CT_ASSURED or SG_CONNTRACK; `ct.found` says which), or
+/// null. An expired entry counts as absent. An entry admitted under another policy id is
+/// re-checked against the port's current policy (revocation, design §4 and §8): still allowed,
+/// it moves to the new id and rule; no longer allowed, it becomes a tombstone (`CT_F_REVOKED`), which counts as no entry here and sets `ct.revoked`
 /// so that the caller can keep the flow's other side from re-opening it. A tombstone is
 /// re-checked like any entry when the policy changes again, and revived if admitted. Every
 /// packet that finds a tombstone keeps it for another `revoked_timeout`, so a sender that
@@ -308,8 +388,19 @@ fn has_ports(proto: u8) -> bool {
 /// depend on the security-group rules and just move to the new id.
 #[inline(always)]
 fn live_entry(port: &PortInfo, ct: &mut Ct) -> *mut CtVal {
-    let Some(e) = SG_CONNTRACK.get_ptr_mut(&ct.key) else {
-        return core::ptr::null_mut();
+    // Assured flows first: they carry most packets.
+    let e = match SG_CT_ASSURED.get_ptr_mut(&ct.key) {
+        Some(e) => {
+            ct.found = IN_ASSURED;
+            e
+        }
+        None => match SG_CONNTRACK.get_ptr_mut(&ct.key) {
+            Some(e) => {
+                ct.found = IN_NEW;
+                e
+            }
+            None => return core::ptr::null_mut(),
+        },
     };
     // SAFETY: a map value pointer from this lookup; see `commit` about concurrency.
     unsafe {
@@ -661,7 +752,8 @@ fn tcp(ct: &mut Ct, entry: *mut CtVal, flags: u8) -> *mut CtVal {
         // with a FIN or the RST came from the same side, and otherwise lets the SYN through
         // as IGNORED; sg always re-opens (same verdict while the rules admit the SYN).
         if !ct.dry {
-            let _ = SG_CONNTRACK.remove(&ct.key);
+            remove(ct.found, &ct.key);
+            ct.found = IN_NONE;
         }
         tcp_new(ct, index);
         return core::ptr::null_mut();

@@ -45,12 +45,13 @@ fn load(port: &PortSpec, rules: &[Rule]) -> Datapath {
     dp
 }
 
+/// Every entry of both conntrack tables.
 fn entries(dp: &mut Datapath) -> Vec<(CtKey, CtVal)> {
-    dp.conntrack()
+    dp.conntrack_entries()
         .unwrap()
-        .iter()
-        .collect::<Result<Vec<_>, _>>()
-        .unwrap()
+        .into_iter()
+        .map(|(k, v, _)| (k, v))
+        .collect()
 }
 
 /// The one conntrack entry there must be.
@@ -852,6 +853,218 @@ fn revocation_follows_the_flow_not_the_packet() {
         entries(&mut dp).iter().all(|(_, v)| v.flags & CT_F_REVOKED == 0),
         "revived"
     );
+}
+
+/// The two conntrack tables (issue 17 E): a flow starts in SG_CONNTRACK (LRU) and moves to
+/// SG_CT_ASSURED, which nothing evicts, once assured (a TCP handshake completed, a UDP
+/// exchange that went on after its reply). When SG_CT_ASSURED is full the flow stays in the
+/// LRU table, marked and counted. SG_CT_EVENTS counts what the datapath did to each port's
+/// entries.
+#[test]
+fn assured_flows_move_where_no_flood_reaches_them() {
+    let port = port();
+    let mut dp = Datapath::load(&LoadOptions {
+        ct_assured_entries: 2,
+        ..Default::default()
+    })
+    .unwrap();
+    fixture::install(&mut dp, &port, &rules()).unwrap();
+    let placed = |dp: &mut Datapath, low_port: u16| -> Option<(bool, u8)> {
+        dp.conntrack_entries()
+            .unwrap()
+            .into_iter()
+            .find(|(k, _, _)| k.port_a.min(k.port_b) == low_port)
+            .map(|(_, v, protected)| (protected, v.flags))
+    };
+    let out = |sport: u16, flags| from_vm(tcp(VM4, sport, REMOTE4, 443, flags));
+    let back = |sport: u16, flags| to_vm(tcp(REMOTE4, 443, VM4, sport, flags));
+    let handshake = |dp: &mut Datapath, sport: u16| {
+        run(
+            dp,
+            IF,
+            &[
+                out_ok("SYN", out(sport, TCP_SYN), REASON_ALLOW_RULE),
+                in_ok(
+                    "SYN-ACK",
+                    back(sport, TCP_SYN | TCP_ACK),
+                    REASON_ALLOW_ESTABLISHED,
+                ),
+            ],
+            false,
+        );
+        assert_eq!(
+            placed(dp, 443).map(|(p, _)| p),
+            Some(false),
+            "replied but not assured: still evictable"
+        );
+        run(
+            dp,
+            IF,
+            &[out_ok("ACK", out(sport, TCP_ACK), REASON_ALLOW_ESTABLISHED)],
+            false,
+        );
+    };
+
+    // First flow: assured by the handshake's last ACK, then protected.
+    handshake(&mut dp, 40001);
+    let (protected, flags) = placed(&mut dp, 443).unwrap();
+    assert!(protected && flags & CT_F_ASSURED != 0, "{flags:#x}");
+    run(
+        &mut dp,
+        IF,
+        &[in_ok(
+            "data from the protected table",
+            back(40001, TCP_PSH | TCP_ACK),
+            REASON_ALLOW_ESTABLISHED,
+        )],
+        false,
+    );
+    dp.clear_flows().unwrap();
+
+    // A UDP exchange is not assured by its reply, only by the packet after it.
+    let q = || from_vm(udp(VM4, 5000, REMOTE4, 53));
+    let a = || to_vm(udp(REMOTE4, 53, VM4, 5000));
+    run(
+        &mut dp,
+        IF,
+        &[
+            out_ok("query", q(), REASON_ALLOW_RULE),
+            in_ok("answer", a(), REASON_ALLOW_ESTABLISHED),
+        ],
+        false,
+    );
+    assert_eq!(placed(&mut dp, 53).map(|(p, _)| p), Some(false));
+    run(
+        &mut dp,
+        IF,
+        &[out_ok("next query", q(), REASON_ALLOW_ESTABLISHED)],
+        false,
+    );
+    assert_eq!(placed(&mut dp, 53).map(|(p, _)| p), Some(true));
+
+    // SG_CT_ASSURED holds 2: the UDP stream and one TCP flow.
+    handshake(&mut dp, 40002);
+    assert_eq!(placed(&mut dp, 443).map(|(p, _)| p), Some(true));
+    assert_eq!(dp.ct_event(PORT, CT_EV_ASSURED_FULL).unwrap(), 0);
+    // Expire it: a new flow under its key removes the dead entry from SG_CT_ASSURED (counted)
+    // and starts in SG_CONNTRACK like any flow.
+    let k443 = dp
+        .conntrack_entries()
+        .unwrap()
+        .into_iter()
+        .find(|(k, _, _)| k.port_a.min(k.port_b) == 443)
+        .unwrap()
+        .0;
+    let mut v = dp.conntrack_assured().unwrap().get(&k443, 0).unwrap();
+    v.expires_ns = 1;
+    dp.conntrack_assured().unwrap().insert(k443, v, 0).unwrap();
+    let removed_before = dp.ct_event(PORT, CT_EV_REMOVED).unwrap();
+    handshake(&mut dp, 40002);
+    assert_eq!(
+        dp.ct_event(PORT, CT_EV_REMOVED).unwrap(),
+        removed_before + 1,
+        "the dead entry made way"
+    );
+    let (protected, _) = placed(&mut dp, 443).unwrap();
+    assert!(protected, "it had room again");
+    handshake(&mut dp, 40003);
+    let flows: Vec<(u16, bool, u8)> = dp
+        .conntrack_entries()
+        .unwrap()
+        .into_iter()
+        .map(|(k, v, p)| (k.port_a.max(k.port_b), p, v.flags))
+        .collect();
+    let third = flows.iter().find(|f| f.0 == 40003).unwrap();
+    assert!(!third.1, "no room in SG_CT_ASSURED: {flows:?}");
+    assert_ne!(third.2 & CT_F_UNPROTECTED, 0, "{flows:?}");
+    assert_eq!(dp.ct_event(PORT, CT_EV_ASSURED_FULL).unwrap(), 1);
+    run(
+        &mut dp,
+        IF,
+        &[
+            in_ok(
+                "it still works",
+                back(40003, TCP_PSH | TCP_ACK),
+                REASON_ALLOW_ESTABLISHED,
+            ),
+            out_ok(
+                "both ways",
+                out(40003, TCP_PSH | TCP_ACK),
+                REASON_ALLOW_ESTABLISHED,
+            ),
+        ],
+        false,
+    );
+    assert_eq!(
+        dp.ct_event(PORT, CT_EV_ASSURED_FULL).unwrap(),
+        1,
+        "tried and counted once"
+    );
+    // Every flow created was counted.
+    assert_eq!(dp.ct_event(PORT, CT_EV_CREATED).unwrap(), 5);
+}
+
+/// An agent of this build over pins of an earlier one, which had a single conntrack table
+/// (SG_CONNTRACK, same shape) and neither SG_CT_ASSURED nor SG_CT_EVENTS: the missing maps are
+/// created, the old table is reused, and an assured flow in it is still known and moves to
+/// SG_CT_ASSURED on its next packet.
+#[test]
+fn pins_of_a_single_table_build_are_adopted() {
+    let pins = sg_tests::PinRoot::new().unwrap();
+    let opts = LoadOptions {
+        pin_root: Some(pins.path.clone()),
+        ..Default::default()
+    };
+    let port = port();
+    let sport = 40100;
+    {
+        let mut dp = Datapath::load(&opts).unwrap();
+        fixture::install(&mut dp, &port, &rules()).unwrap();
+        run(
+            &mut dp,
+            IF,
+            &[
+                out_ok(
+                    "SYN",
+                    from_vm(tcp(VM4, sport, REMOTE4, 443, TCP_SYN)),
+                    REASON_ALLOW_RULE,
+                ),
+                in_ok(
+                    "SYN-ACK",
+                    to_vm(tcp(REMOTE4, 443, VM4, sport, TCP_SYN | TCP_ACK)),
+                    REASON_ALLOW_ESTABLISHED,
+                ),
+                out_ok(
+                    "ACK",
+                    from_vm(tcp(VM4, sport, REMOTE4, 443, TCP_ACK)),
+                    REASON_ALLOW_ESTABLISHED,
+                ),
+            ],
+            false,
+        );
+        // What the earlier build left: the assured flow in its only table.
+        let (k, v, protected) = dp.conntrack_entries().unwrap().remove(0);
+        assert!(protected && v.flags & CT_F_ASSURED != 0);
+        dp.conntrack_assured().unwrap().remove(&k).unwrap();
+        dp.conntrack().unwrap().insert(k, v, 0).unwrap();
+    }
+    for name in [MAP_CT_ASSURED, MAP_CT_EVENTS] {
+        std::fs::remove_file(pins.path.join("maps").join(name)).unwrap();
+    }
+    let mut dp = Datapath::load(&opts).expect("pins of the earlier build are adopted");
+    run(
+        &mut dp,
+        IF,
+        &[in_ok(
+            "the flow is still known",
+            to_vm(tcp(REMOTE4, 443, VM4, sport, TCP_PSH | TCP_ACK)),
+            REASON_ALLOW_ESTABLISHED,
+        )],
+        false,
+    );
+    let e = dp.conntrack_entries().unwrap();
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert!(e[0].2, "and now protected: {e:?}");
 }
 
 #[test]
