@@ -40,13 +40,14 @@ pub const MAP_SERVICES: &str = "SG_SERVICES";
 pub const MAP_CONNTRACK: &str = "SG_CONNTRACK";
 pub const MAP_CT_ASSURED: &str = "SG_CT_ASSURED";
 pub const MAP_CT_EVENTS: &str = "SG_CT_EVENTS";
+pub const MAP_NEXT_IDS: &str = "SG_NEXT_IDS";
 pub const MAP_FRAGS: &str = "SG_FRAGS";
 pub const MAP_STATS: &str = "SG_STATS";
 pub const MAP_RULE_HITS: &str = "SG_RULE_HITS";
 pub const MAP_TRACE: &str = "SG_TRACE";
 
 /// Every map sg pins, in a stable order.
-pub const PINNED_MAPS: [&str; 10] = [
+pub const PINNED_MAPS: [&str; 11] = [
     MAP_PORTS,
     MAP_ADDRS,
     MAP_CLASSES,
@@ -57,6 +58,7 @@ pub const PINNED_MAPS: [&str; 10] = [
     MAP_FRAGS,
     MAP_STATS,
     MAP_RULE_HITS,
+    MAP_NEXT_IDS,
 ];
 
 // -------------------------------------------------------------------------------------------
@@ -135,6 +137,27 @@ pub struct PortInfo {
     /// The port's own MAC.
     pub mac: [u8; 6],
     pub _pad: [u8; 2],
+}
+
+// -------------------------------------------------------------------------------------------
+// SG_NEXT_IDS: array of one `NextIds`, the agent's own. The programs never read it; it lives with
+// the maps because the ids it protects live in them: conntrack entries carry a policy id and a
+// port index (their zone) long after the policy or the port is gone. A restarted agent that gave
+// a freed id again would let an old flow skip its revocation check (same policy id) or hand a
+// deleted port's flows to a new port (same zone). Ids are therefore never reused while the maps
+// live.
+// -------------------------------------------------------------------------------------------
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct NextIds {
+    /// The next policy id to allocate: larger than every id ever used.
+    pub policy: u32,
+    /// The next address-set id.
+    pub addr_id: u32,
+    /// The next port index.
+    pub port_idx: u32,
+    pub _pad: u32,
 }
 
 // -------------------------------------------------------------------------------------------
@@ -540,7 +563,7 @@ pub struct TraceRec {
 
 user_pod!(
     PortInfo, AddrKey, AddrVal, ClassKey, ClassVal, ServiceKey, ServiceVal, CtKey, CtVal, CtEventKey,
-    FragKey, FragVal, StatKey, Counter, TraceRec,
+    FragKey, FragVal, StatKey, Counter, TraceRec, NextIds,
 );
 
 #[cfg(test)]
@@ -558,6 +581,7 @@ mod tests {
         assert_eq!(size_of::<CtKey>(), 44);
         assert_eq!(size_of::<CtVal>(), 24);
         assert_eq!(size_of::<CtEventKey>(), 8);
+        assert_eq!(size_of::<NextIds>(), 16);
         assert_eq!(size_of::<FragKey>(), 44);
         assert_eq!(size_of::<StatKey>(), 8);
         assert_eq!(size_of::<TraceRec>(), 28);

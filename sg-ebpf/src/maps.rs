@@ -2,7 +2,7 @@
 //! field names; layouts come from sg-common. The names are the sg-common `MAP_*` names, which
 //! userspace uses to pin them.
 use aya_ebpf::{
-    btf_maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap},
+    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap},
     macros::btf_map,
 };
 use sg_common::*;
@@ -55,3 +55,8 @@ pub static SG_RULE_HITS: PerCpuArray<Counter, { MAX_RULES as usize }> = PerCpuAr
 /// The decision of the last packet marked with TRACE_MARK, per CPU.
 #[btf_map]
 pub static SG_TRACE: PerCpuArray<TraceRec, 1> = PerCpuArray::new();
+
+/// The agent's id high-water marks (sg-common `NextIds`). The programs never read it: it is
+/// here so that it is pinned, and lives, with the maps whose ids it keeps from being reused.
+#[btf_map]
+pub static SG_NEXT_IDS: Array<NextIds, 1> = Array::new();

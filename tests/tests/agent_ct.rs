@@ -277,3 +277,77 @@ fn flood_of_new_flows_never_evicts_assured_connections() {
         "{text}"
     );
 }
+
+/// The conntrack entries of a port that left the input are collected (with its event
+/// counters): they can never match again, since its index is never given to another port, and
+/// an assured one would otherwise hold a slot of SG_CT_ASSURED for up to five days.
+#[test]
+fn a_removed_ports_entries_are_collected() {
+    let mut node = ComputeNode::new().unwrap();
+    node.add_vm("tapc011ec70-0a", "fa:16:3e:00:c0:0a", "10.8.2.10/24")
+        .unwrap();
+    node.add_vm("tapc011ec70-0b", "fa:16:3e:00:c0:0b", "10.8.2.11/24")
+        .unwrap();
+    let peer = node.add_peer("10.8.2.200/24").unwrap();
+    let port = |id: &str, mac: &str, ip: &str, dev: &str| {
+        json!({"id": id, "mac_address": mac, "network_id": "net-gc",
+               "fixed_ips": [{"ip_address": ip}], "security_groups": ["sg-gc"],
+               "binding:host_id": "compute-1", "device": dev})
+    };
+    let a = port(
+        "c011ec70-0000-4000-8000-00000000000a",
+        "fa:16:3e:00:c0:0a",
+        "10.8.2.10",
+        "tapc011ec70-0a",
+    );
+    let b = port(
+        "c011ec70-0000-4000-8000-00000000000b",
+        "fa:16:3e:00:c0:0b",
+        "10.8.2.11",
+        "tapc011ec70-0b",
+    );
+    let doc = |ports: Vec<Value>| {
+        json!({"security_groups": [{"id": "sg-gc", "stateful": true, "security_group_rules": [
+                  {"id": "out", "direction": "egress", "ethertype": "IPv4"}]}],
+               "address_groups": [], "ports": ports})
+    };
+    let agent = Agent::start(&node.host.name, &doc(vec![a.clone(), b])).unwrap();
+    let peer_ip: IpAddr = "10.8.2.200".parse().unwrap();
+    sg_tests::dp::udp_echo_server(&peer.name, peer_ip, 53, Duration::from_secs(5)).unwrap();
+    for vm in &node.vms {
+        let reply = sg_tests::dp::udp_exchange(
+            &vm.ns.name,
+            5300,
+            (peer_ip, 53).into(),
+            b"query",
+            Duration::from_secs(2),
+        )
+        .unwrap()
+        .unwrap();
+        assert!(reply.is_some(), "{} got no answer", vm.tap);
+    }
+    let zones = |agent: &Agent| -> Vec<String> {
+        let ct: Value = serde_json::from_str(&agent.cli(&["conntrack", "list", "--json"]).unwrap()).unwrap();
+        ct.as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["port"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let before = zones(&agent);
+    assert_eq!(before.len(), 2, "{before:?}");
+
+    agent.write_input(&doc(vec![a])).unwrap();
+    agent.wait_generation(2).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let mut after = zones(&agent);
+    while after.len() > 1 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+        after = zones(&agent);
+    }
+    assert_eq!(
+        after,
+        vec!["c011ec70-0000-4000-8000-00000000000a".to_string()],
+        "B's entry is collected, A's stays"
+    );
+}

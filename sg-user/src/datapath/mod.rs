@@ -62,7 +62,7 @@ const fn lpm<T>() -> u32 {
 
 /// The expected shape of every pinned map; `max_entries` of the conntrack and fragment maps
 /// follows the options.
-pub fn map_specs(opts: &LoadOptions) -> [MapSpec; 10] {
+pub fn map_specs(opts: &LoadOptions) -> [MapSpec; 11] {
     [
         MapSpec {
             name: MAP_PORTS,
@@ -133,6 +133,13 @@ pub fn map_specs(opts: &LoadOptions) -> [MapSpec; 10] {
             key_size: 4,
             value_size: size::<Counter>(),
             max_entries: MAX_RULES,
+        },
+        MapSpec {
+            name: MAP_NEXT_IDS,
+            map_type: MapType::Array,
+            key_size: 4,
+            value_size: size::<NextIds>(),
+            max_entries: 1,
         },
     ]
 }
@@ -418,6 +425,20 @@ impl Datapath {
 
     pub fn frags(&mut self) -> Result<HashMap<&mut MapData, FragKey, FragVal>> {
         Ok(HashMap::try_from(self.map_mut(MAP_FRAGS)?)?)
+    }
+
+    /// SG_NEXT_IDS: the ids this and every earlier agent on these maps may have given out.
+    pub fn next_ids(&mut self) -> Result<NextIds> {
+        let a: aya::maps::Array<&mut MapData, NextIds> =
+            aya::maps::Array::try_from(self.map_mut(MAP_NEXT_IDS)?)?;
+        Ok(a.get(&0, 0)?)
+    }
+
+    pub fn set_next_ids(&mut self, ids: NextIds) -> Result<()> {
+        let mut a: aya::maps::Array<&mut MapData, NextIds> =
+            aya::maps::Array::try_from(self.map_mut(MAP_NEXT_IDS)?)?;
+        a.set(0, ids, 0)?;
+        Ok(())
     }
 
     pub fn rule_hits(&mut self) -> Result<PerCpuArray<&mut MapData, Counter>> {
