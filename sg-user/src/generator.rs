@@ -119,6 +119,11 @@ pub struct GenOptions {
     pub max_security_groups: usize,
     pub max_rules_per_group: usize,
     pub max_address_groups: usize,
+    /// Every network has an IPv6 subnet, every port with fixed IPs gets one of each family,
+    /// and IPv6 host parts have one to four hex digits (`h²` for a host number 2..250), so that
+    /// the text order of IPv6 members is often not their address order. Off by default, which
+    /// keeps the documents of existing seeds unchanged.
+    pub dual_stack: bool,
 }
 
 impl Default for GenOptions {
@@ -129,6 +134,23 @@ impl Default for GenOptions {
             max_security_groups: 4,
             max_rules_per_group: 8,
             max_address_groups: 2,
+            dual_stack: false,
+        }
+    }
+}
+
+impl GenOptions {
+    /// Few groups shared by many ports on one network: remote groups with many members of
+    /// both families, the input that shows in which order a remote group's rules are expanded
+    /// without ipset (issue 12).
+    pub fn many_members() -> Self {
+        GenOptions {
+            max_networks: 1,
+            max_ports: 12,
+            max_security_groups: 2,
+            max_rules_per_group: 6,
+            max_address_groups: 1,
+            dual_stack: true,
         }
     }
 }
@@ -140,13 +162,18 @@ pub fn generate(seed: u64) -> Doc {
 
 /// `n` cases with seeds `first_seed..first_seed + n`, named `seed-<seed>`.
 pub fn batch(first_seed: u64, n: usize) -> Vec<Case> {
+    batch_with(first_seed, n, "seed", &GenOptions::default())
+}
+
+/// Like `batch`, with `opts`; cases are named `<prefix>-<seed>`.
+pub fn batch_with(first_seed: u64, n: usize, prefix: &str, opts: &GenOptions) -> Vec<Case> {
     (0..n as u64)
         .map(|i| {
             let seed = first_seed + i;
             Case {
-                name: format!("seed-{seed}"),
+                name: format!("{prefix}-{seed}"),
                 seed,
-                input: generate(seed),
+                input: generate_with(seed, opts),
             }
         })
         .collect()
@@ -316,7 +343,11 @@ impl Gen {
                     id: self.uuid(),
                     v4_subnet: self.uuid(),
                     n,
-                    v6_subnet: if self.chance(0.6) { Some(self.uuid()) } else { None },
+                    v6_subnet: if self.chance(0.6) || o.dual_stack {
+                        Some(self.uuid())
+                    } else {
+                        None
+                    },
                     used_hosts: Vec::new(),
                 }
             })
@@ -362,7 +393,7 @@ impl Gen {
         let mut ports: Vec<Port> = Vec::new();
         for i in 0..n_ports {
             let net = self.rng.random_range(0..networks.len());
-            let port = self.port(i, &mut networks[net], &sgs, &ports);
+            let port = self.port(i, &mut networks[net], &sgs, &ports, o.dual_stack);
             ports.push(port);
         }
         // Make "two ports share a group" common: copy a group list onto another port of the
@@ -384,6 +415,44 @@ impl Gen {
         for sg in sgs.iter_mut() {
             sg.security_group_rules = self.rules(&sg.id, o.max_rules_per_group, &sg_ids, &ag_ids);
         }
+        if o.dual_stack {
+            // Every filtered port whose groups allow it joins the first group, and that group
+            // lets itself in over both families: one remote group with many members of each.
+            // (The API refuses stateful and stateless groups on one port.)
+            let stateful: Vec<(String, bool)> = sgs.iter().map(|s| (s.id.clone(), s.stateful)).collect();
+            let first = &mut sgs[0];
+            for p in ports.iter_mut().filter(|p| p.port_security_enabled) {
+                let same_kind = p
+                    .security_groups
+                    .iter()
+                    .all(|g| stateful.iter().any(|(id, st)| id == g && *st == first.stateful));
+                if same_kind && !p.security_groups.contains(&first.id) {
+                    p.security_groups.push(first.id.clone());
+                }
+            }
+            for ethertype in ["IPv4", "IPv6"] {
+                let id = self.uuid();
+                let rule = Rule {
+                    id,
+                    security_group_id: first.id.clone(),
+                    direction: "ingress".into(),
+                    ethertype: ethertype.into(),
+                    protocol: Some("tcp".into()),
+                    port_range_min: Some(22),
+                    port_range_max: Some(22),
+                    remote_ip_prefix: None,
+                    remote_group_id: Some(first.id.clone()),
+                    remote_address_group_id: None,
+                };
+                if !first
+                    .security_group_rules
+                    .iter()
+                    .any(|r| dup_key(r) == dup_key(&rule))
+                {
+                    first.security_group_rules.push(rule);
+                }
+            }
+        }
 
         Doc {
             security_groups: sgs,
@@ -392,7 +461,14 @@ impl Gen {
         }
     }
 
-    fn port(&mut self, i: usize, net: &mut Network, sgs: &[SecurityGroup], earlier: &[Port]) -> Port {
+    fn port(
+        &mut self,
+        i: usize,
+        net: &mut Network,
+        sgs: &[SecurityGroup],
+        earlier: &[Port],
+        dual_stack: bool,
+    ) -> Port {
         let id = self.port_id();
         let mac = self.mac();
         let binding_host_id = match self.rng.random_range(0..10) {
@@ -412,7 +488,7 @@ impl Gen {
 
         let mut fixed_ips = Vec::new();
         if !self.chance(0.08) {
-            let v4 = self.chance(0.85) || net.v6_subnet.is_none();
+            let v4 = self.chance(0.85) || net.v6_subnet.is_none() || dual_stack;
             if v4 {
                 let h = self.host_number(net);
                 fixed_ips.push(FixedIp {
@@ -421,9 +497,10 @@ impl Gen {
                 });
             }
             if let Some(sub) = net.v6_subnet.clone()
-                && (!v4 || self.chance(0.7))
+                && (!v4 || self.chance(0.7) || dual_stack)
             {
-                let h = self.host_number(net);
+                let h = u32::from(self.host_number(net));
+                let h = if dual_stack { h * h } else { h };
                 fixed_ips.push(FixedIp {
                     ip_address: format!("2001:db8:{}::{:x}", net.n, h),
                     subnet_id: sub,
@@ -663,7 +740,11 @@ mod tests {
 
     #[test]
     fn structural_validity() {
-        for case in batch(0, 300) {
+        let cases =
+            batch(0, 300)
+                .into_iter()
+                .chain(batch_with(0, 100, "members", &GenOptions::many_members()));
+        for case in cases {
             let d = &case.input;
             let sg_ids: Vec<&str> = d.security_groups.iter().map(|s| s.id.as_str()).collect();
             let ag_ids: Vec<&str> = d.address_groups.iter().map(|a| a.id.as_str()).collect();
@@ -707,6 +788,43 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Whether a group that some rule names as its remote group has at least three member
+    /// addresses of one family (fixed IPs and pair addresses of its ports) whose text order is
+    /// not their address order: the input that shows the order of a remote group's expanded
+    /// rules without ipset (issue 12: `2001:db8:1::99` sorts after `::68b` as text).
+    fn members_out_of_text_order(d: &Doc, v6: bool) -> bool {
+        let remotes: Vec<&String> = d
+            .security_groups
+            .iter()
+            .flat_map(|s| &s.security_group_rules)
+            .filter_map(|r| r.remote_group_id.as_ref())
+            .collect();
+        remotes.iter().any(|g| {
+            let mut members: Vec<(std::net::IpAddr, String)> = d
+                .ports
+                .iter()
+                .filter(|p| p.security_groups.contains(g))
+                .flat_map(|p| {
+                    p.fixed_ips
+                        .iter()
+                        .map(|f| f.ip_address.clone())
+                        .chain(p.allowed_address_pairs.iter().map(|a| a.ip_address.clone()))
+                })
+                .filter(|a| !a.contains('/'))
+                .filter_map(|a| Some((a.parse::<std::net::IpAddr>().ok()?, a)))
+                .filter(|(ip, _)| ip.is_ipv6() == v6)
+                .collect();
+            members.sort();
+            members.dedup();
+            let by_text = {
+                let mut t = members.clone();
+                t.sort_by(|a, b| a.1.cmp(&b.1));
+                t
+            };
+            members.len() >= 3 && by_text != members
+        })
     }
 
     /// The features the issue asks the random configs to cover all occur in 200 documents.
@@ -835,6 +953,20 @@ mod tests {
         ];
         for (what, n) in &checks {
             assert!(*n >= 5, "{what}: only {n} of 200");
+        }
+    }
+
+    /// The oracle test's second random set (`GenOptions::many_members`) often has remote
+    /// groups with several members of each family in an order that text sorting would change.
+    #[test]
+    fn many_members_coverage() {
+        let cases = batch_with(1000, 50, "members", &GenOptions::many_members());
+        for v6 in [false, true] {
+            let n = cases
+                .iter()
+                .filter(|c| members_out_of_text_order(&c.input, v6))
+                .count();
+            assert!(n >= 10, "IPv{}: only {n} of 50", if v6 { 6 } else { 4 });
         }
     }
 }

@@ -301,8 +301,33 @@ fn print_out<T: serde::Serialize>(json: bool, value: &T, table: impl FnOnce(&T) 
     Ok(())
 }
 
-fn main() -> Result<()> {
-    let cli = Cli::parse();
+/// Errors are the user's to read: the message and its causes, never a backtrace, whatever
+/// `RUST_BACKTRACE` says (anyhow would print the one it captured). A bug panics instead, and
+/// panics keep their backtraces.
+fn main() -> std::process::ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprint!("{}", error_report(&e));
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// `Error: <message>` and, if there are any, its causes in anyhow's numbered layout.
+fn error_report(e: &anyhow::Error) -> String {
+    let mut out = format!("Error: {e}\n");
+    let causes: Vec<String> = e.chain().skip(1).map(|c| c.to_string()).collect();
+    if !causes.is_empty() {
+        out += "\nCaused by:\n";
+        for (i, c) in causes.iter().enumerate() {
+            out += &format!("    {i}: {c}\n");
+        }
+    }
+    out
+}
+
+fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Validate { input } => {
             let model = load(&input)?;

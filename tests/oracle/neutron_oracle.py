@@ -22,6 +22,7 @@ Options: --host H --agent linuxbridge|ovs-hybrid --no-comments --no-ipset
 
 import argparse
 import copy
+import ipaddress
 import json
 import logging
 import os
@@ -682,13 +683,19 @@ def make_hybrid_server(sgs, ags, ports):
 
 
 def _member_key(m):
+    """Address order: the value of the prefix the member expands to (what
+    `_expand_sg_rule_with_remote_ips` writes), its length, then the text and
+    MAC for a total order. Text order would put ::68b before ::99."""
     ip, mac = m
-    return (str(ip), '' if mac is None else str(mac))
+    net = ipaddress.ip_network(str(ip), strict=False)
+    return (int(net.network_address), net.prefixlen, str(ip),
+            '' if mac is None else str(mac))
 
 
 def rpc_serialize(info):
     """Sets -> lists in a fixed order (Neutron's order is set iteration
-    order, i.e. hash-seed dependent): members sorted by (ip, mac) strings."""
+    order, i.e. hash-seed dependent, README finding 8): members in address
+    order."""
     members = {}
     for rid, by_eth in info['sg_member_ips'].items():
         members[rid] = {eth: [(str(m[0]), m[1])

@@ -42,6 +42,25 @@ pub fn run(cmd: &str, args: &[&str]) -> Result<Output> {
     Ok(out)
 }
 
+/// Waits until `cond` holds, checking every few milliseconds, and fails with `what` after
+/// `timeout`. For effects that happen asynchronously (softirq processing that ksoftirqd may
+/// defer under load, an agent's reaction to an event): the deadline is only ever reached when
+/// the effect never comes, so it can be generous without slowing a passing test.
+pub fn wait_until(what: &str, timeout: std::time::Duration, mut cond: impl FnMut() -> bool) -> Result<()> {
+    let deadline = std::time::Instant::now() + timeout;
+    while !cond() {
+        if std::time::Instant::now() > deadline {
+            bail!("{what}: not true after {timeout:?}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    Ok(())
+}
+
+/// How long a test waits for something that must happen (a connection that must succeed, a
+/// counter that must move, an agent's new generation). Only a failing test waits this long.
+pub const MUST_HAPPEN: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// `ip -n NS ...`
 pub fn ip_in(ns: &str, args: &[&str]) -> Result<Output> {
     let mut a = vec!["-n", ns];
@@ -57,6 +76,11 @@ pub struct Netns {
 impl Netns {
     pub fn new(prefix: &str) -> Result<Self> {
         let name = unique(prefix);
+        // The name carries this process's pid: one that exists belongs to a dead test process
+        // that was killed before its guards ran.
+        if std::path::Path::new("/run/netns").join(&name).exists() {
+            let _ = Command::new("ip").args(["netns", "delete", &name]).output();
+        }
         run("ip", &["netns", "add", &name])?;
         let ns = Self { name };
         ip_in(&ns.name, &["link", "set", "lo", "up"])?;
@@ -102,6 +126,14 @@ impl PinRoot {
     pub fn new() -> Result<Self> {
         ensure_bpffs()?;
         let path = std::path::PathBuf::from("/sys/fs/bpf").join(unique("sg-test-"));
+        // A test process killed before its guards ran leaves its pins; a later process with
+        // the same pid would adopt them. Their owner is dead (this pid is ours now).
+        if path.exists() {
+            if sg_user::datapath::detach_all(&path).is_err() {
+                std::fs::remove_dir_all(&path)
+                    .with_context(|| format!("removing the stale {}", path.display()))?;
+            }
+        }
         Ok(Self { path })
     }
 }
@@ -226,8 +258,9 @@ impl ComputeNode {
             .filter(|c| c.is_ascii_alphanumeric())
             .take(14)
             .collect::<String>();
-        // Without multicast snooping: a snooping bridge joins the all-snoopers groups and sends
-        // IGMP reports of its own towards every port, traffic nobody in a test sent.
+        // With multicast snooping on, the bridge joins the all-snoopers group 224.0.0.106 and
+        // sends IGMPv3 reports for it (from 0.0.0.0, about a second after it comes up) out of
+        // every port: a real frame towards each VM that no test sent (issue 12).
         host.ip(&["link", "add", &bridge, "type", "bridge", "mcast_snooping", "0"])?;
         host.ip(&["link", "set", &bridge, "up"])?;
         for f in ["bridge-nf-call-iptables", "bridge-nf-call-ip6tables"] {
@@ -256,6 +289,12 @@ impl ComputeNode {
 
     /// (Re)creates the veth between the bridge and `ns`'s eth0.
     pub fn plug(&self, ns: &Netns, tap: &str, mac: &str, cidr: &str) -> Result<()> {
+        // No IPv6 DAD, MLD reports or router solicitations from the VM stacks: tests send what
+        // they mean. Set before eth0 arrives in the namespace, since a device moved in takes
+        // the namespace's defaults; set after it comes up, it would already have sent them.
+        for k in ["all", "default"] {
+            ns.exec("sysctl", &["-qw", &format!("net.ipv6.conf.{k}.disable_ipv6=1")])?;
+        }
         self.host.ip(&[
             "link", "add", tap, "type", "veth", "peer", "name", "eth0", "address", mac, "netns", &ns.name,
         ])?;
@@ -263,14 +302,15 @@ impl ComputeNode {
             .ip(&["link", "set", tap, "master", &self.bridge, "up"])?;
         ns.ip(&["addr", "add", cidr, "dev", "eth0"])?;
         ns.ip(&["link", "set", "eth0", "up"])?;
-        // No IPv6 DAD or router solicitations from the VM stacks: tests send what they mean.
-        let _ = ns.exec("sysctl", &["-qw", "net.ipv6.conf.all.disable_ipv6=1"]);
         Ok(())
     }
 
     /// A peer namespace on the bridge that sg does not filter (a "remote" host).
     pub fn add_peer(&self, cidr: &str) -> Result<Netns> {
         let ns = Netns::new("sgpeer")?;
+        for k in ["all", "default"] {
+            ns.exec("sysctl", &["-qw", &format!("net.ipv6.conf.{k}.disable_ipv6=1")])?;
+        }
         let dev = unique("pv");
         self.host.ip(&[
             "link", "add", &dev, "type", "veth", "peer", "name", "eth0", "netns", &ns.name,
@@ -279,7 +319,6 @@ impl ComputeNode {
             .ip(&["link", "set", &dev, "master", &self.bridge, "up"])?;
         ns.ip(&["addr", "add", cidr, "dev", "eth0"])?;
         ns.ip(&["link", "set", "eth0", "up"])?;
-        let _ = ns.exec("sysctl", &["-qw", "net.ipv6.conf.all.disable_ipv6=1"]);
         Ok(ns)
     }
 }
@@ -323,6 +362,8 @@ impl Agent {
     /// Like `start`, with extra `sg agent` arguments.
     pub fn start_with(netns: &str, input: &serde_json::Value, extra: &[&str]) -> Result<Self> {
         let dir = std::env::temp_dir().join(unique("sg-agent-"));
+        // Never inherit a dead run's state.json: it would satisfy `wait_generation` at once.
+        let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir)?;
         let mut a = Self {
             child: None,
@@ -387,7 +428,7 @@ impl Agent {
 
     /// Waits until the agent has applied generation `g` (or later).
     pub fn wait_generation(&self, g: u64) -> Result<u64> {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let deadline = std::time::Instant::now() + 3 * MUST_HAPPEN;
         loop {
             if let Some(cur) = self.generation()
                 && cur >= g

@@ -30,9 +30,12 @@ fn full_table_evicts_the_oldest_flows_and_admits_new_ones() {
     let vm: IpAddr = "10.8.0.5".parse().unwrap();
     const FLOWS: u16 = 200;
 
-    // The VM collects every query first and answers them all afterwards, oldest first.
+    // The VM collects every query first and answers them all afterwards, oldest first, from
+    // one CPU: frames from one CPU keep their order through veth and the bridge, so once the
+    // newest answer is in, every older answer that got out is in too.
     let (tx, rx) = std::sync::mpsc::channel();
     let server = spawn_in(&node.vms[0].ns.name, move || {
+        pin_to_cpu(1);
         let s = UdpSocket::bind((vm, 53)).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         tx.send(()).unwrap();
@@ -42,7 +45,6 @@ fn full_table_evicts_the_oldest_flows_and_admits_new_ones() {
             let Ok((_, a)) = s.recv_from(&mut buf) else { break };
             from.push(a);
         }
-        std::thread::sleep(Duration::from_millis(100));
         for a in &from {
             s.send_to(b"answer", a).unwrap();
         }
@@ -53,12 +55,7 @@ fn full_table_evicts_the_oldest_flows_and_admits_new_ones() {
         // The kernel's LRU keeps per-CPU lists, and an entry created on a CPU that then stays
         // idle is not reclaimed first: all flows are created from one CPU, so that "oldest"
         // means the same to the table as to this test.
-        // SAFETY: a zeroed cpu_set_t with one bit set, for the calling thread.
-        unsafe {
-            let mut set: libc::cpu_set_t = std::mem::zeroed();
-            libc::CPU_SET(0, &mut set);
-            libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set);
-        }
+        pin_to_cpu(0);
         let socks: Vec<UdpSocket> = (0..FLOWS)
             .map(|i| UdpSocket::bind(("10.8.0.200", 40000 + i)).unwrap())
             .collect();
@@ -71,8 +68,10 @@ fn full_table_evicts_the_oldest_flows_and_admits_new_ones() {
     // Sockets keep their namespace: read the answers here once the VM has sent them all.
     let socks = client.join().unwrap().unwrap();
     let received = server.join().unwrap().unwrap();
-    std::thread::sleep(Duration::from_millis(200));
-    let answered: Vec<bool> = socks
+    let last = socks.last().unwrap();
+    last.set_read_timeout(Some(sg_tests::MUST_HAPPEN)).unwrap();
+    let newest_answered = last.recv(&mut [0u8; 16]).is_ok();
+    let mut answered: Vec<bool> = socks[..socks.len() - 1]
         .iter()
         .map(|s| {
             s.set_nonblocking(true).unwrap();
@@ -80,6 +79,7 @@ fn full_table_evicts_the_oldest_flows_and_admits_new_ones() {
             s.recv(&mut buf).is_ok()
         })
         .collect();
+    answered.push(newest_answered);
     assert_eq!(
         received, FLOWS as usize,
         "every new flow was admitted although the table was full"
@@ -350,4 +350,10 @@ fn a_removed_ports_entries_are_collected() {
         vec!["c011ec70-0000-4000-8000-00000000000a".to_string()],
         "B's entry is collected, A's stays"
     );
+}
+
+fn pin_to_cpu(cpu: usize) {
+    // The machine this runs on has at least two CPUs (2 cores on CI); on one, both would be 0.
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    sg_user::diff::wire::pin_to_cpu(cpu % cpus).unwrap();
 }

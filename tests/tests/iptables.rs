@@ -705,3 +705,63 @@ fn apply_from_a_thread_inside_the_namespace() {
         "the sets went to the test's own namespace"
     );
 }
+
+/// Issue 12's reproduction: without ipset, a remote group's rules are expanded in address
+/// order, for both families and both agents. As text, `2001:db8:1::68b` sorts before `::99`
+/// and `10.0.0.10` before `10.0.0.9`.
+#[test]
+fn remote_group_members_expand_in_address_order() {
+    let sg = "5e1f0000-0000-4000-8000-000000000001";
+    let port = |id: &str, host: &str, ips: &[&str], mac: &str| {
+        json!({"id": id, "mac_address": mac, "network_id": "net-1", "binding:host_id": host,
+               "fixed_ips": ips.iter().map(|ip| json!({"ip_address": ip})).collect::<Vec<_>>(),
+               "security_groups": [sg]})
+    };
+    let doc = json!({
+        "security_groups": [{"id": sg, "security_group_rules": [
+            {"id": "r6", "direction": "egress", "ethertype": "IPv6", "protocol": "tcp",
+             "port_range_min": 22, "port_range_max": 22, "remote_group_id": sg},
+            {"id": "r4", "direction": "egress", "ethertype": "IPv4", "protocol": "tcp",
+             "port_range_min": 22, "port_range_max": 22, "remote_group_id": sg}]}],
+        "address_groups": [],
+        "ports": [
+            port("aaaa0000-0000-4000-8000-000000000001", LOCAL_HOST, &["2001:db8:1::5", "10.0.0.5"], "fa:16:3e:00:00:01"),
+            port("bbbb0000-0000-4000-8000-000000000002", "compute-2", &["2001:db8:1::68b", "10.0.0.10"], "fa:16:3e:00:00:02"),
+            port("cccc0000-0000-4000-8000-000000000003", "compute-2", &["2001:db8:1::ae6", "10.0.0.100"], "fa:16:3e:00:00:03"),
+            port("dddd0000-0000-4000-8000-000000000004", "compute-2", &["2001:db8:1::99", "10.0.0.9"], "fa:16:3e:00:00:04"),
+        ],
+    });
+    let dir = std::env::temp_dir().join(unique("sg-order-"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let input = dir.join("members.json");
+    std::fs::write(&input, doc.to_string()).unwrap();
+    for agent in ["linuxbridge", "ovs-hybrid"] {
+        for (family, want) in [
+            (
+                "6",
+                ["2001:db8:1::99/128", "2001:db8:1::68b/128", "2001:db8:1::ae6/128"],
+            ),
+            ("4", ["10.0.0.9/32", "10.0.0.10/32", "10.0.0.100/32"]),
+        ] {
+            let out = sg_cli(&[
+                "iptables",
+                "render",
+                "--host",
+                LOCAL_HOST,
+                "--no-ipset",
+                "--agent",
+                agent,
+                "--family",
+                family,
+                input.to_str().unwrap(),
+            ]);
+            let order: Vec<&str> = out
+                .lines()
+                .filter(|l| l.contains("--dport 22"))
+                .filter_map(|l| l.split(" -d ").nth(1)?.split(' ').next())
+                .collect();
+            assert_eq!(order, want, "{agent}, IPv{family}:\n{out}");
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -1,8 +1,9 @@
 //! sg's iptables renderer against the Neutron oracle (`tests/oracle/`): Neutron 29's real
 //! IptablesFirewallDriver, driven on sg's input.
 //!
-//! - `sg_render_equals_the_oracle`: byte for byte, on the corpus, the WEB1 examples and 200
-//!   seeded random configs, for both agents, with and without comments and ipset (one oracle
+//! - `sg_render_equals_the_oracle`: byte for byte, on the corpus, the WEB1 examples, 200
+//!   seeded random configs and 50 more with remote groups of many members of both families
+//!   (`GenOptions::many_members`), for both agents, with and without comments and ipset (one oracle
 //!   process per variant, two at a time). The oracle must accept every input (the generator's
 //!   documents pass Neutron's own API validators) and never crash. It runs with
 //!   `--devices-per-rpc` above the port count: sg renders what the driver installs with
@@ -146,6 +147,14 @@ fn sg_render_equals_the_oracle() {
     cases.extend(
         generator::batch(seed, count)
             .into_iter()
+            // Remote groups with many members of both families, for the order of their
+            // expanded rules without ipset (issue 12).
+            .chain(generator::batch_with(
+                seed,
+                count / 4,
+                "members",
+                &generator::GenOptions::many_members(),
+            ))
             .map(|c| (c.name, serde_json::to_value(c.input).unwrap())),
     );
     let batch = batch_of(&cases);
@@ -186,7 +195,8 @@ fn sg_render_equals_the_oracle() {
                             }
                         }
                         eprintln!(
-                            "[{label}]: {n_corpus} corpus + {count} random (seeds {seed}..): oracle {oracle_took:.1?}, sg {:.1?}, {} difference(s)",
+                            "[{label}]: {n_corpus} corpus + {count} + {} many-member random (seeds {seed}..): oracle {oracle_took:.1?}, sg {:.1?}, {} difference(s)",
+                            count / 4,
                             t.elapsed(),
                             bad.len()
                         );

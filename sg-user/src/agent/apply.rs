@@ -4,7 +4,9 @@
 //! The compiler numbers policies, address sets and rules densely from 1 for each input. The
 //! applier maps them onto *live* ids:
 //! - a policy (or a port's address set) is identified by its content; unchanged content keeps
-//!   its live id, so its flows are not re-checked and nothing is rewritten;
+//!   its live id, so its flows are not re-checked and nothing is rewritten. The content itself
+//!   is the key: a hash only picks the bucket and equality decides, so two different policies
+//!   never share an id, even if someone who controls the input finds colliding hashes;
 //! - changed content is written under a fresh id while the old entries stay in place, then
 //!   each port is switched with one SG_PORTS update, then entries no port uses are deleted.
 //! - rule indexes are stable per (security group id, rule id), so SG_RULE_HITS keeps counting
@@ -14,8 +16,11 @@
 //! wrote is removed again and the running policy is untouched.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
-    hash::{Hash as _, Hasher as _},
+    collections::{
+        BTreeMap, BTreeSet, HashMap,
+        hash_map::{Entry, RandomState},
+    },
+    hash::{BuildHasher, Hash, Hasher},
 };
 
 use anyhow::{Context as _, Result, bail};
@@ -37,27 +42,76 @@ struct PolicyContent {
     services: Entries<ServiceKey, ServiceVal>,
 }
 
-impl PolicyContent {
-    fn fingerprint(&self) -> u64 {
-        let mut h = std::collections::hash_map::DefaultHasher::new();
+impl Hash for PolicyContent {
+    fn hash<H: Hasher>(&self, h: &mut H) {
         for (p, k, v) in &self.classes {
-            (p, bytemuck::bytes_of(k), v.class).hash(&mut h);
+            (p, bytemuck::bytes_of(k), v.class).hash(h);
         }
-        0xffu8.hash(&mut h);
+        0xffu8.hash(h);
         for (p, k, v) in &self.services {
-            (p, bytemuck::bytes_of(k), v.rule).hash(&mut h);
+            (p, bytemuck::bytes_of(k), v.rule).hash(h);
         }
-        h.finish()
     }
 }
 
-fn addrs_fingerprint(addrs: &Entries<AddrKey, AddrVal>) -> u64 {
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    for (p, k, v) in addrs {
-        (p, bytemuck::bytes_of(k), v.index).hash(&mut h);
+/// A port's address set as SG_ADDRS holds it, with the set id zeroed.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+struct AddrSet(Entries<AddrKey, AddrVal>);
+
+impl Hash for AddrSet {
+    fn hash<H: Hasher>(&self, h: &mut H) {
+        for (p, k, v) in &self.0 {
+            (p, bytemuck::bytes_of(k), v.index).hash(h);
+        }
     }
-    h.finish()
 }
+
+/// The hasher of the content-keyed tables: std's randomly keyed SipHash, or, for tests, one
+/// under which every content has the same hash, so that equality alone tells contents apart.
+#[derive(Clone, Default)]
+pub struct ContentHashing {
+    collide: bool,
+    keys: RandomState,
+}
+
+impl ContentHashing {
+    /// Every content hashes to 0 (tests of what a collision does).
+    pub fn colliding() -> Self {
+        Self {
+            collide: true,
+            keys: RandomState::new(),
+        }
+    }
+}
+
+impl BuildHasher for ContentHashing {
+    type Hasher = ContentHasher;
+    fn build_hasher(&self) -> ContentHasher {
+        ContentHasher {
+            inner: self.keys.build_hasher(),
+            collide: self.collide,
+        }
+    }
+}
+
+pub struct ContentHasher {
+    inner: std::collections::hash_map::DefaultHasher,
+    collide: bool,
+}
+
+impl Hasher for ContentHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        if !self.collide {
+            self.inner.write(bytes);
+        }
+    }
+    fn finish(&self) -> u64 {
+        if self.collide { 0 } else { self.inner.finish() }
+    }
+}
+
+/// Live ids by content.
+type ByContent<C> = HashMap<C, u32, ContentHashing>;
 
 /// What the agent knows about one port it manages, also written to the run-state file.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -114,8 +168,12 @@ impl ApplyReport {
 pub struct Applier {
     pub dp: Datapath,
     netns: Option<String>,
-    policies: HashMap<u64, (u32, PolicyContent)>,
-    addr_sets: HashMap<u64, (u32, Entries<AddrKey, AddrVal>)>,
+    policies: ByContent<PolicyContent>,
+    addr_sets: ByContent<AddrSet>,
+    /// Ids found in the maps at adoption whose content another id also holds: deleted once no
+    /// port uses them.
+    duplicates: Vec<(u32, PolicyContent)>,
+    duplicate_addrs: Vec<(u32, AddrSet)>,
     ports: BTreeMap<String, LivePort>,
     rule_idx: BTreeMap<(String, String), u32>,
     rules: BTreeMap<u32, LiveRule>,
@@ -131,7 +189,17 @@ impl Applier {
     /// Takes over whatever a previous agent left in the pinned maps: its policies and address
     /// sets are recognised by content (and kept if unchanged), its ports' indexes are kept so
     /// conntrack zones and counters carry on. `previous` is the last run-state, if any.
-    pub fn adopt(mut dp: Datapath, netns: Option<String>, previous: Option<&RunState>) -> Result<Self> {
+    pub fn adopt(dp: Datapath, netns: Option<String>, previous: Option<&RunState>) -> Result<Self> {
+        Self::adopt_with(dp, netns, previous, ContentHashing::default())
+    }
+
+    /// `adopt` with the given hashing of the content-keyed tables.
+    pub fn adopt_with(
+        mut dp: Datapath,
+        netns: Option<String>,
+        previous: Option<&RunState>,
+        hashing: ContentHashing,
+    ) -> Result<Self> {
         let mut policies: BTreeMap<u32, PolicyContent> = BTreeMap::new();
         for item in dp.classes()?.iter() {
             let (k, v) = item?;
@@ -176,8 +244,10 @@ impl Applier {
             next_rule: 1,
             dp,
             netns,
-            policies: HashMap::new(),
-            addr_sets: HashMap::new(),
+            policies: HashMap::with_hasher(hashing.clone()),
+            addr_sets: HashMap::with_hasher(hashing),
+            duplicates: Vec::new(),
+            duplicate_addrs: Vec::new(),
             ports: BTreeMap::new(),
             rule_idx: BTreeMap::new(),
             rules: BTreeMap::new(),
@@ -194,7 +264,12 @@ impl Applier {
                     .cmp(bytemuck::bytes_of(&y.1))
                     .then(x.0.cmp(&y.0))
             });
-            a.policies.insert(content.fingerprint(), (id, content));
+            match a.policies.entry(content) {
+                Entry::Occupied(e) => a.duplicates.push((id, e.key().clone())),
+                Entry::Vacant(e) => {
+                    e.insert(id);
+                }
+            }
         }
         for (id, mut set) in addr_sets {
             set.sort_by(|x, y| {
@@ -202,7 +277,13 @@ impl Applier {
                     .cmp(bytemuck::bytes_of(&y.1))
                     .then(x.0.cmp(&y.0))
             });
-            a.addr_sets.insert(addrs_fingerprint(&set), (id, set));
+            let set = AddrSet(set);
+            match a.addr_sets.entry(set) {
+                Entry::Occupied(e) => a.duplicate_addrs.push((id, e.key().clone())),
+                Entry::Vacant(e) => {
+                    e.insert(id);
+                }
+            }
         }
         if let Some(prev) = previous {
             for r in &prev.rules {
@@ -264,54 +345,53 @@ impl Applier {
             );
         }
 
-        // Desired contents.
-        let mut policy_fp: HashMap<u32, (u64, PolicyContent)> = HashMap::new();
+        // Desired contents, by compiled policy id and by port.
+        let mut desired_policies: HashMap<u32, PolicyContent> = HashMap::new();
         for p in &compiled.policies {
             let content = policy_content(p.classes.iter(), p.services.iter(), &rule_map)?;
-            policy_fp.insert(p.id, (content.fingerprint(), content));
+            desired_policies.insert(p.id, content);
         }
-        let mut port_addrs: HashMap<&str, (u64, Entries<AddrKey, AddrVal>)> = HashMap::new();
+        let mut port_addrs: HashMap<&str, AddrSet> = HashMap::new();
         for port in &compiled.ports {
-            let set = addr_content(&port.addrs);
-            port_addrs.insert(&port.id, (addrs_fingerprint(&set), set));
+            port_addrs.insert(&port.id, AddrSet(addr_content(&port.addrs)));
         }
 
         // Phase 1: write what is new, under fresh ids. Nothing references it yet.
-        let mut written_policies: Vec<u64> = Vec::new();
-        let mut written_addrs: Vec<u64> = Vec::new();
+        let mut written_policies: Vec<PolicyContent> = Vec::new();
+        let mut written_addrs: Vec<AddrSet> = Vec::new();
         let phase1 = (|| -> Result<()> {
-            for (fp, content) in policy_fp.values() {
-                if self.policies.contains_key(fp) || written_policies.contains(fp) {
+            for content in desired_policies.values() {
+                if self.policies.contains_key(content) {
                     continue;
                 }
                 let id = self.next_policy;
                 self.next_policy += 1;
                 report.entries_written += self.write_policy(id, content)?;
-                self.policies.insert(*fp, (id, content.clone()));
-                written_policies.push(*fp);
+                self.policies.insert(content.clone(), id);
+                written_policies.push(content.clone());
                 report.policies_written += 1;
             }
-            for (fp, set) in port_addrs.values() {
-                if self.addr_sets.contains_key(fp) || written_addrs.contains(fp) {
+            for set in port_addrs.values() {
+                if self.addr_sets.contains_key(set) {
                     continue;
                 }
                 let id = self.next_addr;
                 self.next_addr += 1;
                 report.entries_written += self.write_addrs(id, set)?;
-                self.addr_sets.insert(*fp, (id, set.clone()));
-                written_addrs.push(*fp);
+                self.addr_sets.insert(set.clone(), id);
+                written_addrs.push(set.clone());
                 report.addr_sets_written += 1;
             }
             Ok(())
         })();
         if let Err(e) = phase1 {
-            for fp in written_policies {
-                if let Some((id, c)) = self.policies.remove(&fp) {
+            for c in written_policies {
+                if let Some(id) = self.policies.remove(&c) {
                     let _ = self.delete_policy(id, &c);
                 }
             }
-            for fp in written_addrs {
-                if let Some((id, s)) = self.addr_sets.remove(&fp) {
+            for s in written_addrs {
+                if let Some(id) = self.addr_sets.remove(&s) {
                     let _ = self.delete_addrs(id, &s);
                 }
             }
@@ -323,8 +403,8 @@ impl Applier {
         for cp in &compiled.ports {
             desired_ids.insert(cp.id.clone());
             let (policy, addr_id) = if cp.info.flags & PORT_F_FILTERED != 0 {
-                let policy = self.policies[&policy_fp[&cp.info.policy].0].0;
-                let addr_id = self.addr_sets[&port_addrs[cp.id.as_str()].0].0;
+                let policy = self.policies[&desired_policies[&cp.info.policy]];
+                let addr_id = self.addr_sets[&port_addrs[cp.id.as_str()]];
                 (policy, addr_id)
             } else {
                 (0, 0)
@@ -420,25 +500,39 @@ impl Applier {
         // Phase 3: delete what no port uses any more.
         let used_policies: BTreeSet<u32> = self.ports.values().map(|p| p.policy).collect();
         let used_addrs: BTreeSet<u32> = self.ports.values().map(|p| p.addr_id).collect();
-        let stale: Vec<u64> = self
+        let mut stale: Vec<(u32, PolicyContent)> = self
             .policies
             .iter()
-            .filter(|(_, (id, _))| !used_policies.contains(id))
-            .map(|(fp, _)| *fp)
+            .filter(|(_, id)| !used_policies.contains(id))
+            .map(|(c, id)| (*id, c.clone()))
             .collect();
-        for fp in stale {
-            let (id, content) = self.policies.remove(&fp).expect("listed above");
+        for (_, c) in &stale {
+            self.policies.remove(c);
+        }
+        let (unused, used): (Vec<_>, Vec<_>) = std::mem::take(&mut self.duplicates)
+            .into_iter()
+            .partition(|(id, _)| !used_policies.contains(id));
+        self.duplicates = used;
+        stale.extend(unused);
+        for (id, content) in stale {
             report.entries_deleted += self.delete_policy(id, &content)?;
             report.policies_deleted += 1;
         }
-        let stale: Vec<u64> = self
+        let mut stale: Vec<(u32, AddrSet)> = self
             .addr_sets
             .iter()
-            .filter(|(_, (id, _))| !used_addrs.contains(id))
-            .map(|(fp, _)| *fp)
+            .filter(|(_, id)| !used_addrs.contains(id))
+            .map(|(s, id)| (*id, s.clone()))
             .collect();
-        for fp in stale {
-            let (id, set) = self.addr_sets.remove(&fp).expect("listed above");
+        for (_, s) in &stale {
+            self.addr_sets.remove(s);
+        }
+        let (unused, used): (Vec<_>, Vec<_>) = std::mem::take(&mut self.duplicate_addrs)
+            .into_iter()
+            .partition(|(id, _)| !used_addrs.contains(id));
+        self.duplicate_addrs = used;
+        stale.extend(unused);
+        for (id, set) in stale {
             report.entries_deleted += self.delete_addrs(id, &set)?;
             report.addr_sets_deleted += 1;
         }
@@ -544,23 +638,25 @@ impl Applier {
         Ok(c.classes.len() + c.services.len())
     }
 
-    fn write_addrs(&mut self, id: u32, set: &Entries<AddrKey, AddrVal>) -> Result<usize> {
+    fn write_addrs(&mut self, id: u32, set: &AddrSet) -> Result<usize> {
         let entries: Entries<AddrKey, AddrVal> = set
+            .0
             .iter()
             .map(|(p, k, v)| (*p, AddrKey { addr_id: id, ..*k }, *v))
             .collect();
         batch::lpm_update(self.dp.lpm_map(MAP_ADDRS)?, &entries)
             .context("SG_ADDRS is full or refused an entry")?;
-        Ok(set.len())
+        Ok(set.0.len())
     }
 
-    fn delete_addrs(&mut self, id: u32, set: &Entries<AddrKey, AddrVal>) -> Result<usize> {
+    fn delete_addrs(&mut self, id: u32, set: &AddrSet) -> Result<usize> {
         let entries: Entries<AddrKey, AddrVal> = set
+            .0
             .iter()
             .map(|(p, k, v)| (*p, AddrKey { addr_id: id, ..*k }, *v))
             .collect();
         batch::lpm_delete(self.dp.lpm_map(MAP_ADDRS)?, &entries).context("SG_ADDRS")?;
-        Ok(set.len())
+        Ok(set.0.len())
     }
 }
 

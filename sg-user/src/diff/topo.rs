@@ -105,7 +105,19 @@ impl Topology {
         let mut uplinks = BTreeMap::new();
         for (i, net) in networks.iter().enumerate() {
             let br = bridge_name(net);
-            ip(&["-n", &node.0, "link", "add", &br, "type", "bridge"])?;
+            // Without snooping the bridge joins no all-snoopers group, so it sends no IGMP
+            // or MLD reports of its own to the taps.
+            ip(&[
+                "-n",
+                &node.0,
+                "link",
+                "add",
+                &br,
+                "type",
+                "bridge",
+                "mcast_snooping",
+                "0",
+            ])?;
             ip(&["-n", &node.0, "link", "set", &br, "up"])?;
             let ns = Ns(format!("sgd-{tag}-up{i}"));
             ip(&["netns", "add", &ns.0])?;

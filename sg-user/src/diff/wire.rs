@@ -190,7 +190,9 @@ pub fn exchange(from: &RawSocket, to: &RawSocket, frames: &[Vec<u8>], sentinel: 
     let want: Vec<Signature> = frames.iter().map(|f| signature(f)).collect();
     let sentinel_sig = signature(sentinel);
     let mut seen = vec![false; frames.len()];
-    let deadline = Instant::now() + Duration::from_secs(2);
+    // Only a broken topology ever waits this long; a loaded machine (softirqs deferred to
+    // ksoftirqd) may take far longer than the microseconds a sentinel usually needs.
+    let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         let Some(got) = to.recv(left)? else {
