@@ -1,6 +1,7 @@
-//! What a full conntrack table does (documented difference D18): the least recently used flow
-//! loses its state, new flows are still admitted, and the table never holds more than its
-//! capacity.
+//! What full conntrack tables do (documented difference D18): in the table of flows not yet
+//! assured the least recently used flow loses its state, new flows are still admitted, and the
+//! table never holds more than its capacity; assured flows, of any port, are never evicted;
+//! a removed port's entries are collected.
 
 use std::{
     net::{IpAddr, UdpSocket},
@@ -236,7 +237,22 @@ fn flood_of_new_flows_never_evicts_assured_connections() {
             std::thread::sleep(Duration::from_micros(500));
         }
     }
-    std::thread::sleep(Duration::from_millis(500));
+    // Every flood frame has been decided (and its flow created) before anything is counted.
+    let admitted = |agent: &Agent| -> u64 {
+        let stats: Value = serde_json::from_str(&agent.cli(&["stats", "--json"]).unwrap()).unwrap();
+        stats["rules"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| r["rule_id"] == "flood")
+            .map(|r| r["packets"].as_u64().unwrap())
+            .sum()
+    };
+    let t = std::time::Instant::now();
+    while admitted(&agent) < FLOWS as u64 && t.elapsed() < sg_tests::MUST_HAPPEN {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(admitted(&agent), FLOWS as u64, "every flood flow was admitted");
 
     // Every idle connection still works, the peer speaking first on each.
     let names = [
