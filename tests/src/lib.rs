@@ -128,11 +128,9 @@ impl PinRoot {
         let path = std::path::PathBuf::from("/sys/fs/bpf").join(unique("sg-test-"));
         // A test process killed before its guards ran leaves its pins; a later process with
         // the same pid would adopt them. Their owner is dead (this pid is ours now).
-        if path.exists() {
-            if sg_user::datapath::detach_all(&path).is_err() {
-                std::fs::remove_dir_all(&path)
-                    .with_context(|| format!("removing the stale {}", path.display()))?;
-            }
+        if path.exists() && sg_user::datapath::detach_all(&path).is_err() {
+            std::fs::remove_dir_all(&path)
+                .with_context(|| format!("removing the stale {}", path.display()))?;
         }
         Ok(Self { path })
     }
