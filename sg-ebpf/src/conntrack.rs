@@ -380,12 +380,13 @@ fn has_ports(proto: u8) -> bool {
 /// The live entry under `ct.key` (in SG_CT_ASSURED or SG_CONNTRACK; `ct.found` says which), or
 /// null. An expired entry counts as absent. An entry admitted under another policy id is
 /// re-checked against the port's current policy (revocation, design §4 and §8): still allowed,
-/// it moves to the new id and rule; no longer allowed, it becomes a tombstone (`CT_F_REVOKED`), which counts as no entry here and sets `ct.revoked`
-/// so that the caller can keep the flow's other side from re-opening it. A tombstone is
-/// re-checked like any entry when the policy changes again, and revived if admitted. Every
-/// packet that finds a tombstone keeps it for another `revoked_timeout`, so a sender that
-/// keeps retransmitting never outlives it. Entries admitted by a fixed rule (rule 0) do not
-/// depend on the security-group rules and just move to the new id.
+/// it moves to the new id and rule; no longer allowed, it becomes a tombstone (`CT_F_REVOKED`),
+/// which counts as no entry here and sets `ct.revoked` so that the caller can keep the flow's
+/// other side from re-opening it. A tombstone is re-checked like any entry when the policy
+/// changes again, and revived if admitted. Every packet that finds a tombstone keeps it for
+/// another `revoked_timeout`, so a sender that keeps retransmitting never outlives it. Entries
+/// admitted by a fixed rule (rule 0) do not depend on the security-group rules and just move to
+/// the new id.
 #[inline(always)]
 fn live_entry(port: &PortInfo, ct: &mut Ct) -> *mut CtVal {
     // Assured flows first: they carry most packets.
