@@ -139,6 +139,8 @@ fn decide_ip(ctx: &TcContext, port: &PortInfo, pkt: &Pkt, d: &mut Decision) -> u
                 d.rule = ct.rule;
                 REASON_ALLOW_RELATED
             }
+            // The other side of a revoked flow: no rule of this direction may re-open it.
+            CT_STATE_REVOKED => REASON_DROP_REVOKED,
             _ => rules(port, pkt, d),
         },
         fixed => fixed,

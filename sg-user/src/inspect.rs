@@ -54,6 +54,11 @@ pub struct PortStatus {
     pub security_groups: Vec<String>,
     pub allowed: u64,
     pub dropped: u64,
+    /// This port's flows that conntrack pressure evicted before they were assured (a flood of
+    /// new flows evicts its own oldest first; see `sg_common` on the two tables).
+    pub conntrack_evicted: u64,
+    /// This port's flows that became assured while SG_CT_ASSURED was full, and stay evictable.
+    pub conntrack_unprotected: u64,
 }
 
 pub fn flag_names(flags: u32) -> Vec<&'static str> {
@@ -150,29 +155,41 @@ pub fn agent_state(src: &Sources) -> Result<AgentState> {
     })
 }
 
-/// `sg status`: the agent, every port, and how full the conntrack table is.
+/// `sg status`: the agent, every port, and how full the conntrack tables are.
 #[derive(Debug, Serialize)]
 pub struct Status {
     pub agent: AgentState,
     /// The agent runs and every port with a tap is enforced (or closed).
     pub healthy: bool,
     pub ports: Vec<PortStatus>,
+    /// SG_CONNTRACK: flows not assured yet (LRU).
     pub conntrack_entries: usize,
     pub conntrack_capacity: u32,
+    /// SG_CT_ASSURED: assured flows, never evicted.
+    pub conntrack_assured_entries: usize,
+    pub conntrack_assured_capacity: u32,
 }
 
 pub fn status(src: &Sources) -> Result<Status> {
     let agent = agent_state(src)?;
     let ports = port_status(src)?;
-    let conntrack_entries = pinned::conntrack(src.pin_root)?.len();
-    let conntrack_capacity =
-        aya::maps::MapInfo::from_pin(src.pin_root.join("maps").join(MAP_CONNTRACK))?.max_entries();
+    let ct = pinned::conntrack(src.pin_root)?;
+    let capacity = |name: &str| -> Result<u32> {
+        let path = src.pin_root.join("maps").join(name);
+        Ok(if path.exists() {
+            aya::maps::MapInfo::from_pin(path)?.max_entries()
+        } else {
+            0
+        })
+    };
     Ok(Status {
         healthy: agent.running && ports.iter().all(|p| p.state != "unfiltered"),
         agent,
         ports,
-        conntrack_entries,
-        conntrack_capacity,
+        conntrack_entries: ct.iter().filter(|e| !e.protected).count(),
+        conntrack_capacity: capacity(MAP_CONNTRACK)?,
+        conntrack_assured_entries: ct.iter().filter(|e| e.protected).count(),
+        conntrack_assured_capacity: capacity(MAP_CT_ASSURED)?,
     })
 }
 
@@ -187,12 +204,28 @@ pub fn status_text(s: &Status) -> String {
     }
     out.push('\n');
     out.push_str(&status_table(&s.ports));
-    let pct = 100.0 * s.conntrack_entries as f64 / s.conntrack_capacity.max(1) as f64;
+    let pct = |n: usize, cap: u32| 100.0 * n as f64 / cap.max(1) as f64;
     let _ = writeln!(
         out,
-        "conntrack: {} entries of {} ({pct:.1}%; a full table evicts the least recently used flow)",
-        s.conntrack_entries, s.conntrack_capacity
+        "conntrack: {} assured flows of {} ({:.1}%; never evicted), {} not assured yet of {} ({:.1}%; \
+         when full, a new flow evicts the least recently used of these)",
+        s.conntrack_assured_entries,
+        s.conntrack_assured_capacity,
+        pct(s.conntrack_assured_entries, s.conntrack_assured_capacity),
+        s.conntrack_entries,
+        s.conntrack_capacity,
+        pct(s.conntrack_entries, s.conntrack_capacity),
     );
+    for p in &s.ports {
+        if p.conntrack_evicted > 0 || p.conntrack_unprotected > 0 {
+            let _ = writeln!(
+                out,
+                "conntrack pressure on {}: {} flows evicted before they were assured, {} assured flows \
+                 left evictable (assured table full)",
+                p.device, p.conntrack_evicted, p.conntrack_unprotected
+            );
+        }
+    }
     out
 }
 
@@ -330,6 +363,8 @@ fn port_status_of(src: &Sources, rs: &RunState, only: Option<&str>) -> Result<Ve
         .collect();
     let entries: BTreeMap<u32, PortInfo> = pinned::ports(src.pin_root)?.into_iter().collect();
     let stats = pinned::stats(src.pin_root)?;
+    let evicted = pinned::ct_evicted(src.pin_root)?;
+    let events = pinned::ct_events(src.pin_root)?;
     let mut names: Vec<String> = Vec::new();
     for p in &ports {
         names.push(p.device.clone());
@@ -364,6 +399,11 @@ fn port_status_of(src: &Sources, rs: &RunState, only: Option<&str>) -> Result<Ve
             security_groups: p.security_groups.clone(),
             allowed,
             dropped,
+            conntrack_evicted: evicted.get(&p.port_idx).copied().unwrap_or(0),
+            conntrack_unprotected: events
+                .get(&(p.port_idx, CT_EV_ASSURED_FULL))
+                .copied()
+                .unwrap_or(0),
         });
     }
     Ok(out)
@@ -512,6 +552,12 @@ pub struct CtRow {
     pub orig_dst: String,
     pub tcp_state: &'static str,
     pub seen_reply: bool,
+    /// Assured (Linux IPS_ASSURED).
+    pub assured: bool,
+    /// In SG_CT_ASSURED: no pressure can evict it.
+    pub protected: bool,
+    /// Revoked: its admitting rule is gone; kept so that its other side cannot re-open it.
+    pub revoked: bool,
     pub admitted: &'static str,
     pub rule: u32,
     pub policy: u32,
@@ -556,8 +602,9 @@ pub fn conntrack(src: &Sources, port: Option<&str>) -> Result<Vec<CtRow>> {
     let now = pinned::monotonic_ns() as i64;
     Ok(pinned::conntrack(src.pin_root)?
         .into_iter()
-        .filter(|(k, _)| only.is_none_or(|i| i == k.zone))
-        .map(|(k, v)| {
+        .filter(|e| only.is_none_or(|i| i == e.key.zone))
+        .map(|e| {
+            let (k, v) = (e.key, e.val);
             let a = endpoint(k.family, &k.addr_a, k.port_a);
             let b = endpoint(k.family, &k.addr_b, k.port_b);
             let (orig_src, orig_dst) = if v.flags & CT_F_ORIG_A != 0 {
@@ -576,6 +623,9 @@ pub fn conntrack(src: &Sources, port: Option<&str>) -> Result<Vec<CtRow>> {
                 orig_dst,
                 tcp_state: tcp_state_name(v.tcp_state),
                 seen_reply: v.flags & CT_F_SEEN_REPLY != 0,
+                assured: v.flags & CT_F_ASSURED != 0,
+                protected: e.protected,
+                revoked: v.flags & CT_F_REVOKED != 0,
                 admitted: if v.flags & CT_F_ADMIT_INGRESS != 0 {
                     "to-vm"
                 } else {
@@ -594,27 +644,36 @@ pub fn conntrack_table(rows: &[CtRow]) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "{:<16} {:>5} {:<46} {:<46} {:<12} {:<6} {:<8} {:>5} {:>8}",
+        "{:<16} {:>5} {:<46} {:<46} {:<12} {:<6} {:<10} {:<8} {:>5} {:>8}",
         "TAP",
         "PROTO",
         "ORIGINAL SOURCE",
         "ORIGINAL DESTINATION",
         "TCP",
         "REPLY",
+        "STATE",
         "ADMITTED",
         "RULE",
         "TTL(s)"
     );
     for r in rows {
+        // Revoked beats everything; "protected" is assured and in SG_CT_ASSURED.
+        let state = match (r.revoked, r.protected, r.assured) {
+            (true, _, _) => "revoked",
+            (false, true, _) => "protected",
+            (false, false, true) => "assured",
+            (false, false, false) => "new",
+        };
         let _ = writeln!(
             s,
-            "{:<16} {:>5} {:<46} {:<46} {:<12} {:<6} {:<8} {:>5} {:>8}",
+            "{:<16} {:>5} {:<46} {:<46} {:<12} {:<6} {:<10} {:<8} {:>5} {:>8}",
             r.device,
             r.proto,
             r.orig_src,
             r.orig_dst,
             r.tcp_state,
             if r.seen_reply { "yes" } else { "no" },
+            state,
             r.admitted,
             r.rule,
             r.expires_in_s

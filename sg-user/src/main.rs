@@ -71,9 +71,14 @@ enum Cmd {
         /// Named network namespace holding the taps (namespace compute nodes).
         #[arg(long)]
         netns: Option<String>,
-        /// Conntrack table capacity (entries).
+        /// Conntrack capacity for flows not assured yet (SG_CONNTRACK, LRU: when it is full, a
+        /// new flow evicts the least recently used of them).
         #[arg(long, default_value_t = sg_common::DEFAULT_CT_ENTRIES)]
         ct_entries: u32,
+        /// Conntrack capacity for assured flows (SG_CT_ASSURED, never evicted) [default: the
+        /// value of --ct-entries].
+        #[arg(long)]
+        ct_assured_entries: Option<u32>,
         /// How often expired conntrack entries and stale pins are collected.
         #[arg(long, default_value_t = 10_000)]
         gc_interval_ms: u64,
@@ -388,6 +393,7 @@ fn run(cli: Cli) -> Result<()> {
             host,
             netns,
             ct_entries,
+            ct_assured_entries,
             gc_interval_ms,
             dataplane,
             backend,
@@ -409,6 +415,7 @@ fn run(cli: Cli) -> Result<()> {
                 run_dir: cli.run_dir,
                 netns,
                 ct_entries,
+                ct_assured_entries: ct_assured_entries.unwrap_or(ct_entries),
                 gc_interval: std::time::Duration::from_millis(gc_interval_ms),
                 dataplane: match dataplane {
                     DataplaneArg::Ebpf => agent::DataplaneOptions::Ebpf,

@@ -242,12 +242,16 @@ impl Applier {
             addr_sets.entry(id).or_default().push((k.prefix_len(), key, v));
         }
         let port_entries: Vec<(u32, PortInfo)> = dp.ports()?.iter().collect::<Result<_, _>>()?;
+        // Ids freed before the restart may still be carried by conntrack entries: never give
+        // one again (sg-common `NextIds`).
+        let used = dp.next_ids()?;
         let taps = TapsHandle::spawn(dp.tap_handles()?, netns.clone())?;
 
         let mut a = Self {
-            next_policy: policies.keys().max().copied().unwrap_or(0) + 1,
-            next_addr: addr_sets.keys().max().copied().unwrap_or(0) + 1,
-            next_port_idx: port_entries.iter().map(|(_, p)| p.port_idx).max().unwrap_or(0) + 1,
+            next_policy: (policies.keys().max().copied().unwrap_or(0) + 1).max(used.policy),
+            next_addr: (addr_sets.keys().max().copied().unwrap_or(0) + 1).max(used.addr_id),
+            next_port_idx: (port_entries.iter().map(|(_, p)| p.port_idx).max().unwrap_or(0) + 1)
+                .max(used.port_idx),
             dp,
             netns,
             policies: HashMap::with_hasher(hashing.clone()),
@@ -595,6 +599,13 @@ impl Applier {
                 .insert((r.security_group_id.clone(), r.rule_id.clone()), r.index);
         }
         self.rules = live_rules;
+        // The next ids outlive this process (sg-common `NextIds`).
+        self.dp.set_next_ids(NextIds {
+            policy: self.next_policy,
+            addr_id: self.next_addr,
+            port_idx: self.next_port_idx,
+            _pad: 0,
+        })?;
         Ok(())
     }
 

@@ -57,7 +57,9 @@ pub struct AgentOptions {
     pub run_dir: PathBuf,
     /// Named netns holding the taps (for namespace compute nodes); `None`: this one.
     pub netns: Option<String>,
+    /// Capacity of SG_CONNTRACK (flows not assured yet) and of SG_CT_ASSURED.
     pub ct_entries: u32,
+    pub ct_assured_entries: u32,
     pub gc_interval: Duration,
     pub dataplane: DataplaneOptions,
 }
@@ -106,6 +108,8 @@ struct Ebpf {
     applier: Applier,
     opts: AgentOptions,
     lock: PinLock,
+    /// An input has been applied: the applier knows which ports are gone.
+    applied: bool,
 }
 
 impl Ebpf {
@@ -122,6 +126,7 @@ impl Dataplane for Ebpf {
         let compiled = compile::compile(model, &self.opts.host);
         let t = Instant::now();
         let result = self.applier.apply(&compiled);
+        self.applied = true;
         if let Ok(report) = &result {
             log_report(report, &compiled);
             if report.changed() {
@@ -196,7 +201,12 @@ impl Dataplane for Ebpf {
     }
 
     fn gc(&mut self) {
-        match pinned::collect_expired(&self.opts.pin_root) {
+        // Entries of ports that left the input go too, once an input has been applied: before
+        // that the agent does not know which ports are gone.
+        let ports: Option<std::collections::BTreeSet<u32>> = self
+            .applied
+            .then(|| self.applier.ports().map(|p| p.port_idx).collect());
+        match pinned::collect_expired(&self.opts.pin_root, ports.as_ref()) {
             Ok(n) if n > 0 => info!(deleted = n, "conntrack: expired entries collected"),
             Ok(_) => {}
             Err(e) => warn!("conntrack GC: {e:#}"),
@@ -305,6 +315,7 @@ async fn run_inner(opts: &AgentOptions, record: &mut Option<AgentRecord>) -> Res
             let dp = Datapath::load(&LoadOptions {
                 pin_root: Some(opts.pin_root.clone()),
                 ct_entries: opts.ct_entries,
+                ct_assured_entries: opts.ct_assured_entries,
                 ..Default::default()
             })?;
             let previous = RunState::load(&opts.run_dir).unwrap_or_else(|e| {
@@ -319,6 +330,7 @@ async fn run_inner(opts: &AgentOptions, record: &mut Option<AgentRecord>) -> Res
                 applier,
                 opts: opts.clone(),
                 lock,
+                applied: false,
             })
         }
         DataplaneOptions::Iptables {

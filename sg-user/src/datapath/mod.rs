@@ -61,8 +61,9 @@ const fn lpm<T>() -> u32 {
     4 + size::<T>()
 }
 
-/// The expected shape of every pinned map; `max_entries` of the LRU maps follows the options.
-pub fn map_specs(opts: &LoadOptions) -> [MapSpec; 8] {
+/// The expected shape of every pinned map; `max_entries` of the conntrack and fragment maps
+/// follows the options.
+pub fn map_specs(opts: &LoadOptions) -> [MapSpec; 11] {
     [
         MapSpec {
             name: MAP_PORTS,
@@ -100,6 +101,20 @@ pub fn map_specs(opts: &LoadOptions) -> [MapSpec; 8] {
             max_entries: opts.ct_entries,
         },
         MapSpec {
+            name: MAP_CT_ASSURED,
+            map_type: MapType::Hash,
+            key_size: size::<CtKey>(),
+            value_size: size::<CtVal>(),
+            max_entries: opts.ct_assured_entries,
+        },
+        MapSpec {
+            name: MAP_CT_EVENTS,
+            map_type: MapType::PerCpuHash,
+            key_size: size::<CtEventKey>(),
+            value_size: 8,
+            max_entries: MAX_CT_EVENTS,
+        },
+        MapSpec {
             name: MAP_FRAGS,
             map_type: MapType::LruHash,
             key_size: size::<FragKey>(),
@@ -120,6 +135,13 @@ pub fn map_specs(opts: &LoadOptions) -> [MapSpec; 8] {
             value_size: size::<Counter>(),
             max_entries: MAX_RULES,
         },
+        MapSpec {
+            name: MAP_NEXT_IDS,
+            map_type: MapType::Array,
+            key_size: 4,
+            value_size: size::<NextIds>(),
+            max_entries: 1,
+        },
     ]
 }
 
@@ -127,7 +149,10 @@ pub fn map_specs(opts: &LoadOptions) -> [MapSpec; 8] {
 pub struct LoadOptions {
     /// Pin root; `None` keeps everything private to this process (tests, `sg trace` scratch).
     pub pin_root: Option<PathBuf>,
+    /// Capacity of SG_CONNTRACK: flows not yet assured.
     pub ct_entries: u32,
+    /// Capacity of SG_CT_ASSURED: assured flows.
+    pub ct_assured_entries: u32,
     pub frag_entries: u32,
 }
 
@@ -136,6 +161,7 @@ impl Default for LoadOptions {
         Self {
             pin_root: None,
             ct_entries: DEFAULT_CT_ENTRIES,
+            ct_assured_entries: DEFAULT_CT_ASSURED_ENTRIES,
             frag_entries: DEFAULT_FRAG_ENTRIES,
         }
     }
@@ -159,6 +185,7 @@ impl LoadOptions {
         Ok(Self {
             pin_root: Some(root.to_path_buf()),
             ct_entries: cap(MAP_CONNTRACK, DEFAULT_CT_ENTRIES)?,
+            ct_assured_entries: cap(MAP_CT_ASSURED, DEFAULT_CT_ASSURED_ENTRIES)?,
             frag_entries: cap(MAP_FRAGS, DEFAULT_FRAG_ENTRIES)?,
         })
     }
@@ -213,6 +240,7 @@ impl Datapath {
         let mut loader = EbpfLoader::new();
         loader
             .map_max_entries(MAP_CONNTRACK, opts.ct_entries)
+            .map_max_entries(MAP_CT_ASSURED, opts.ct_assured_entries)
             .map_max_entries(MAP_FRAGS, opts.frag_entries);
         let map_dir = opts.pin_root.as_ref().map(|r| r.join("maps"));
         if let Some(dir) = &map_dir {
@@ -385,12 +413,60 @@ impl Datapath {
         Ok(PerCpuHashMap::try_from(self.map_mut(MAP_STATS)?)?)
     }
 
+    /// SG_CONNTRACK: flows not yet assured.
     pub fn conntrack(&mut self) -> Result<HashMap<&mut MapData, CtKey, CtVal>> {
         Ok(HashMap::try_from(self.map_mut(MAP_CONNTRACK)?)?)
     }
 
+    /// SG_CT_ASSURED: assured flows.
+    pub fn conntrack_assured(&mut self) -> Result<HashMap<&mut MapData, CtKey, CtVal>> {
+        Ok(HashMap::try_from(self.map_mut(MAP_CT_ASSURED)?)?)
+    }
+
+    /// Every conntrack entry, both tables, with whether it is in SG_CT_ASSURED.
+    pub fn conntrack_entries(&mut self) -> Result<Vec<(CtKey, CtVal, bool)>> {
+        let mut out: Vec<(CtKey, CtVal, bool)> = Vec::new();
+        for (k, v) in self.conntrack()?.iter().collect::<Result<Vec<_>, _>>()? {
+            out.push((k, v, false));
+        }
+        for (k, v) in self.conntrack_assured()?.iter().collect::<Result<Vec<_>, _>>()? {
+            out.push((k, v, true));
+        }
+        Ok(out)
+    }
+
+    /// A conntrack event count of a port (`CT_EV_*`), summed over CPUs.
+    pub fn ct_event(&mut self, port_idx: u32, event: u8) -> Result<u64> {
+        let events: PerCpuHashMap<&mut MapData, CtEventKey, u64> =
+            PerCpuHashMap::try_from(self.map_mut(MAP_CT_EVENTS)?)?;
+        let key = CtEventKey {
+            port_idx,
+            event,
+            _pad: [0; 3],
+        };
+        Ok(match events.get(&key, 0) {
+            Ok(v) => v.iter().sum(),
+            Err(aya::maps::MapError::KeyNotFound) => 0,
+            Err(e) => return Err(e.into()),
+        })
+    }
+
     pub fn frags(&mut self) -> Result<HashMap<&mut MapData, FragKey, FragVal>> {
         Ok(HashMap::try_from(self.map_mut(MAP_FRAGS)?)?)
+    }
+
+    /// SG_NEXT_IDS: the ids this and every earlier agent on these maps may have given out.
+    pub fn next_ids(&mut self) -> Result<NextIds> {
+        let a: aya::maps::Array<&mut MapData, NextIds> =
+            aya::maps::Array::try_from(self.map_mut(MAP_NEXT_IDS)?)?;
+        Ok(a.get(&0, 0)?)
+    }
+
+    pub fn set_next_ids(&mut self, ids: NextIds) -> Result<()> {
+        let mut a: aya::maps::Array<&mut MapData, NextIds> =
+            aya::maps::Array::try_from(self.map_mut(MAP_NEXT_IDS)?)?;
+        a.set(0, ids, 0)?;
+        Ok(())
     }
 
     pub fn rule_hits(&mut self) -> Result<PerCpuArray<&mut MapData, Counter>> {
@@ -563,10 +639,12 @@ impl Datapath {
 
     /// Forgets every connection and fragment (between independent test cases).
     pub fn clear_flows(&mut self) -> Result<()> {
-        let mut ct = self.conntrack()?;
-        let keys: Vec<CtKey> = ct.keys().collect::<Result<_, _>>()?;
-        for k in keys {
-            let _ = ct.remove(&k);
+        for name in [MAP_CONNTRACK, MAP_CT_ASSURED] {
+            let mut ct: HashMap<&mut MapData, CtKey, CtVal> = HashMap::try_from(self.map_mut(name)?)?;
+            let keys: Vec<CtKey> = ct.keys().collect::<Result<_, _>>()?;
+            for k in keys {
+                let _ = ct.remove(&k);
+            }
         }
         let mut frags = self.frags()?;
         let keys: Vec<FragKey> = frags.keys().collect::<Result<_, _>>()?;
