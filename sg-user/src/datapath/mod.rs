@@ -353,8 +353,10 @@ impl Datapath {
                     | aya::maps::Map::LpmTrie(m)
                     | aya::maps::Map::LruHashMap(m)
                     | aya::maps::Map::PerCpuHashMap(m)
-                    | aya::maps::Map::PerCpuArray(m),
+                    | aya::maps::Map::PerCpuArray(m)
+                    | aya::maps::Map::Array(m),
                 ) => m,
+                Some(_) => bail!("map {name} is of a type sg does not pin"),
                 _ => bail!("map {name} missing from the object"),
             };
             let path = dir.join(name);
