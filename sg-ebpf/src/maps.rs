@@ -2,7 +2,7 @@
 //! field names; layouts come from sg-common. The names are the sg-common `MAP_*` names, which
 //! userspace uses to pin them.
 use aya_ebpf::{
-    btf_maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap},
+    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap},
     macros::btf_map,
 };
 use sg_common::*;
@@ -28,10 +28,22 @@ pub static SG_SERVICES: LpmTrie<ServiceKey, ServiceVal, { MAX_SERVICES as usize 
 #[btf_map]
 pub static SG_SRC_PORTS: LpmTrie<SrcPortKey, ServiceVal, { MAX_SRC_PORTS as usize }> = LpmTrie::new();
 
-/// Per-port connection tracking. LRU: a full table evicts the least recently used flow instead
-/// of refusing new ones. The agent may resize it at load time.
+/// Per-port connection tracking of flows not yet assured. LRU: when it is full, a new flow
+/// evicts the least recently used of them instead of being refused (Linux's early drop). The
+/// agent may resize it at load time.
 #[btf_map]
 pub static SG_CONNTRACK: LruHashMap<CtKey, CtVal, { DEFAULT_CT_ENTRIES as usize }> = LruHashMap::new();
+
+/// Assured flows, which nothing evicts: a flood of new flows cannot push them out. The agent may
+/// resize it at load time.
+#[btf_map]
+pub static SG_CT_ASSURED: HashMap<CtKey, CtVal, { DEFAULT_CT_ASSURED_ENTRIES as usize }> = HashMap::new();
+
+/// Conntrack events per (port, event), from which `sg status` tells evicted flows. Allocated as
+/// ports have events (BPF_F_NO_PREALLOC): a preallocated per-CPU table would cost its full size
+/// on every CPU.
+#[btf_map]
+pub static SG_CT_EVENTS: PerCpuHashMap<CtEventKey, u64, { MAX_CT_EVENTS as usize }, 1> = PerCpuHashMap::new();
 
 /// First-fragment verdicts that later fragments of the same datagram follow.
 #[btf_map]
@@ -48,3 +60,8 @@ pub static SG_RULE_HITS: PerCpuArray<Counter, { MAX_RULES as usize }> = PerCpuAr
 /// The decision of the last packet marked with TRACE_MARK, per CPU.
 #[btf_map]
 pub static SG_TRACE: PerCpuArray<TraceRec, 1> = PerCpuArray::new();
+
+/// The agent's id high-water marks (sg-common `NextIds`). The programs never read it: it is
+/// here so that it is pinned, and lives, with the maps whose ids it keeps from being reused.
+#[btf_map]
+pub static SG_NEXT_IDS: Array<NextIds, 1> = Array::new();

@@ -85,7 +85,7 @@ fn two_stage(q: &Query) -> Hit {
         return hit;
     }
     // Rules with source ports answer only what no other rule admits: the verdict is the same
-    // as iptables' first match, the rule named may be a later one (tests/DIFFERENCES.md D20).
+    // as iptables' first match, the rule named may be a later one (tests/DIFFERENCES.md D21).
     if q.src_ports != 0 {
         let key = Key::new(
             SRC_PORT_KEY_FULL_BITS,

@@ -176,9 +176,9 @@ fn a_flow_admitted_by_a_source_port_rule_is_rechecked_by_its_source_port() {
         &mut dp,
         IF,
         &[in_drop(
-            "data after the rule went",
+            "data after the rule went: the revoked flow's reply",
             back(TCP_PSH | TCP_ACK),
-            REASON_DROP_NO_RULE,
+            REASON_DROP_REVOKED,
         )],
         false,
     );

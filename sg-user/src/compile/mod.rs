@@ -31,7 +31,7 @@
 //! destination range, is expanded port by port (validation bounds that). The datapath asks
 //! `SG_SRC_PORTS` only when `SG_SERVICES` admits nothing, so a packet two such rules admit is
 //! credited to the rule without source ports even when the other comes first in the chain
-//! (tests/DIFFERENCES.md D20); the verdict is the same.
+//! (tests/DIFFERENCES.md D21); the verdict is the same.
 //!
 //! **Pruning.** An entry whose value equals that of its nearest kept ancestor (the entry the
 //! lookup would fall back to without it) is left out, in both stages: the packets it covers get
@@ -43,6 +43,7 @@ pub mod lpm;
 mod render;
 
 use std::collections::BTreeSet;
+use std::net::{IpAddr, Ipv4Addr};
 
 /// The compiler's lookups are its hot loop (a prefix's ancestors, up to 129 probes each);
 /// SipHash's resistance to flooding buys nothing on the operator's own input.
@@ -51,10 +52,11 @@ use std::fmt;
 
 use ipnet::IpNet;
 use sg_common::{
-    ADDR_KEY_FIXED_BITS, ADDR_KIND_FIXED_V4, ADDR_KIND_FIXED_V6, ADDR_KIND_MAC, ADDR_KIND_PAIR_V4,
-    ADDR_KIND_PAIR_V6, AddrKey, AddrVal, CLASS_KEY_FIXED_BITS, ClassKey, ClassVal, PORT_F_ARP_PROTECT,
-    PORT_F_FILTERED, PORT_F_SPOOF_V4, PORT_F_SPOOF_V6, PORT_F_SRC_PORTS, PORT_F_STATEFUL, PORT_F_V6_FIXED,
-    PortInfo, SERVICE_KEY_ANY_PROTO_BITS, SRC_PORT_KEY_PROTO_BITS, ServiceKey, ServiceVal, SrcPortKey,
+    ADDR_KEY_FIXED_BITS, ADDR_KIND_ARP_V4, ADDR_KIND_FIXED_V4, ADDR_KIND_FIXED_V6, ADDR_KIND_MAC,
+    ADDR_KIND_PAIR_V4, ADDR_KIND_PAIR_V6, AddrKey, AddrVal, CLASS_KEY_FIXED_BITS, ClassKey, ClassVal,
+    PORT_F_ARP_PROTECT, PORT_F_FILTERED, PORT_F_SPOOF_V4, PORT_F_SPOOF_V6, PORT_F_SRC_PORTS, PORT_F_STATEFUL,
+    PORT_F_V6_FIXED, PortInfo, SERVICE_KEY_ANY_PROTO_BITS, SRC_PORT_KEY_PROTO_BITS, ServiceKey, ServiceVal,
+    SrcPortKey,
 };
 
 use crate::model::protocol::{PROTO_ICMP, is_icmp_protocol, is_port_protocol};
@@ -725,6 +727,19 @@ fn compile_port(model: &Model, port: &Port, policy: u32, addr_id: u32) -> Compil
     for (kind, pairs) in [(ADDR_KIND_PAIR_V4, &v4_pairs), (ADDR_KIND_PAIR_V6, &v6_pairs)] {
         for (i, pair) in pairs.iter().enumerate() {
             push(kind, pair.mac, pair.net, i as u32 + 1);
+        }
+    }
+    // ARP senders: the IPv4 pairs that have an address, and a probe from each of their MACs.
+    // A port with no IPv4 address (only the MAC-only pair) gets none: all its ARP is dropped.
+    for (i, pair) in v4_pairs.iter().enumerate() {
+        if let Some(net) = pair.net {
+            push(ADDR_KIND_ARP_V4, pair.mac, Some(net), i as u32 + 1);
+            push(
+                ADDR_KIND_ARP_V4,
+                pair.mac,
+                Some(IpNet::from(IpAddr::V4(Ipv4Addr::UNSPECIFIED))),
+                0,
+            );
         }
     }
     for f in &port.fixed_ips {
