@@ -104,6 +104,7 @@ def main():
             sys.stderr.write(traceback.format_exc())
             reply('error %s: %s' % (type(e).__name__, str(e).replace('\n', ' | ')))
     sys.stdout.flush()
+    oracle.cleanup()
     os._exit(0)
 
 

@@ -94,6 +94,7 @@ def main():
     sys.stdout.write(json.dumps({'driver': args.driver, 'rules': len(base),
                                  'seconds': seconds}) + '\n')
     sys.stdout.flush()
+    oracle.cleanup()
     os._exit(0)
 
 

@@ -230,6 +230,13 @@ class Recorder:
 N = {}  # imported neutron modules, filled by bootstrap()
 
 
+def cleanup():
+    """Removes what bootstrap() made on disk (its lock directory); call before os._exit."""
+    import shutil
+    if 'lock_dir' in N:
+        shutil.rmtree(N['lock_dir'], ignore_errors=True)
+
+
 def bootstrap(agent):
     # The wrap name is basename(argv[0])[:16]; iptables_manager reads it at
     # import time, so argv[0] must be set before anything imports it.
@@ -300,6 +307,7 @@ def bootstrap(agent):
     ip_conntrack.threading = type('threading', (), {'Thread': _NoThread})
     ip_conntrack.IpConntrackManager._process = _inline_process
 
+    N['lock_dir'] = lock_dir
     N.update(
         netaddr=netaddr, converters=converters, n_context=n_context,
         aap_validators=aap_validators, validators=validators,
@@ -905,6 +913,7 @@ def main():
     sys.stdout.flush()
     sys.stderr.flush()
     # Neutron leaves non-daemon machinery behind; end explicitly.
+    cleanup()
     os._exit(rc)
 
 

@@ -160,7 +160,7 @@ impl Client {
 /// tree's sg_neutron installed into a directory of its own (so the entry points resolve).
 struct NeutronAgent {
     child: Child,
-    stdin: ChildStdin,
+    stdin: Option<ChildStdin>,
     stdout: BufReader<ChildStdout>,
     dir: PathBuf,
 }
@@ -201,7 +201,7 @@ impl NeutronAgent {
             .stderr(Stdio::null())
             .spawn()?;
         Ok(NeutronAgent {
-            stdin: child.stdin.take().unwrap(),
+            stdin: child.stdin.take(),
             stdout: BufReader::new(child.stdout.take().unwrap()),
             child,
             dir,
@@ -210,7 +210,7 @@ impl NeutronAgent {
 
     /// One command; returns the JSON after `ok`, or the error line.
     fn cmd(&mut self, line: &str) -> Result<std::result::Result<Value, String>> {
-        writeln!(self.stdin, "{line}")?;
+        writeln!(self.stdin.as_mut().context("stdin")?, "{line}")?;
         let mut answer = String::new();
         self.stdout.read_line(&mut answer)?;
         let answer = answer.trim_end();
@@ -228,6 +228,12 @@ impl NeutronAgent {
 
 impl Drop for NeutronAgent {
     fn drop(&mut self) {
+        // End of input: the helper cleans up after itself and exits.
+        drop(self.stdin.take());
+        let deadline = Instant::now() + MUST_HAPPEN;
+        while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.dir);

@@ -329,7 +329,7 @@ pub fn run() -> Result<()> {
 /// Neutron's agent side (tests/neutron/agent_rpc.py), one command per line.
 struct NeutronAgent {
     child: Child,
-    stdin: std::process::ChildStdin,
+    stdin: Option<std::process::ChildStdin>,
     stdout: std::io::BufReader<std::process::ChildStdout>,
 }
 
@@ -337,7 +337,7 @@ impl NeutronAgent {
     fn cmd(&mut self, line: &str) -> Result<String> {
         use std::io::{BufRead as _, Write as _};
         println!("    neutron> {line}");
-        writeln!(self.stdin, "{line}")?;
+        writeln!(self.stdin.as_mut().context("stdin")?, "{line}")?;
         let mut answer = String::new();
         self.stdout.read_line(&mut answer)?;
         let answer = answer.trim_end().to_string();
@@ -350,6 +350,12 @@ impl NeutronAgent {
 
 impl Drop for NeutronAgent {
     fn drop(&mut self) {
+        // End of input: the helper cleans up after itself and exits.
+        drop(self.stdin.take());
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -406,7 +412,7 @@ pub fn run_neutron() -> Result<()> {
         .stdout(Stdio::piped())
         .spawn()?;
     let mut neutron = NeutronAgent {
-        stdin: child.stdin.take().context("stdin")?,
+        stdin: child.stdin.take(),
         stdout: std::io::BufReader::new(child.stdout.take().context("stdout")?),
         child,
     };
