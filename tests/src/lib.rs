@@ -611,3 +611,42 @@ pub fn unified_diff(a_name: &str, a: &str, b_name: &str, b: &str) -> String {
         Err(e) => format!("(diff failed: {e})"),
     }
 }
+
+/// Installs the work tree's `sg_neutron` (entry points included) into `target` with `python`.
+///
+/// pip builds a local project inside its source directory (`build/`, `*.egg-info`), so two
+/// installs from `sg-user/neutron` at once (the neutron tests run in parallel) tear down each
+/// other's build tree and one of them ends up with a package that has no entry points. Each
+/// install therefore builds from a private copy of the sources.
+pub fn install_sg_neutron(python: &std::path::Path, target: &std::path::Path) -> Result<()> {
+    let src = workspace_root().join("sg-user/neutron");
+    let copy = std::path::PathBuf::from(format!("{}.src", target.display()));
+    let _ = std::fs::remove_dir_all(&copy);
+    let _ = std::fs::remove_dir_all(target);
+    std::fs::create_dir_all(copy.join("sg_neutron"))?;
+    for file in ["pyproject.toml", "README.md"] {
+        std::fs::copy(src.join(file), copy.join(file)).with_context(|| file.to_string())?;
+    }
+    for entry in std::fs::read_dir(src.join("sg_neutron"))? {
+        let path = entry?.path();
+        if path.extension().is_some_and(|x| x == "py") {
+            std::fs::copy(&path, copy.join("sg_neutron").join(path.file_name().unwrap()))?;
+        }
+    }
+    let out = Command::new(python)
+        .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check"])
+        .args(["--no-deps", "--no-build-isolation", "--target"])
+        .arg(target)
+        .arg(&copy)
+        .output()
+        .context("running pip")?;
+    let _ = std::fs::remove_dir_all(&copy);
+    if !out.status.success() {
+        bail!(
+            "installing sg_neutron into {}: {}",
+            target.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}

@@ -173,22 +173,9 @@ impl NeutronAgent {
         assert!(venv.status.success(), "tests/neutron/setup_venv.sh failed");
         let python = String::from_utf8(venv.stdout)?.trim().to_string();
         let dir = std::env::temp_dir().join(unique("sg-neutron-site-"));
-        let st = Command::new(&python)
-            .args([
-                "-m",
-                "pip",
-                "install",
-                "--quiet",
-                "--disable-pip-version-check",
-                "--no-deps",
-                "--no-build-isolation",
-                "--target",
-            ])
-            .arg(&dir)
-            .arg(workspace_root().join("sg-user/neutron"))
-            .status()?;
-        assert!(st.success(), "installing sg_neutron");
-        let _ = std::fs::remove_dir_all(workspace_root().join("sg-user/neutron/build"));
+        sg_tests::install_sg_neutron(Path::new(&python), &dir)?;
+        // Python's own error (a failed import, a traceback) is what a failed command reports.
+        let stderr = std::fs::File::create(dir.join("stderr"))?;
         let mut child = Command::new(&python)
             .args(["-W", "ignore"])
             .arg(workspace_root().join("tests/neutron/agent_rpc.py"))
@@ -198,7 +185,7 @@ impl NeutronAgent {
             .current_dir(std::env::temp_dir())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(stderr)
             .spawn()?;
         Ok(NeutronAgent {
             stdin: child.stdin.take(),
@@ -212,7 +199,10 @@ impl NeutronAgent {
     fn cmd(&mut self, line: &str) -> Result<std::result::Result<Value, String>> {
         writeln!(self.stdin.as_mut().context("stdin")?, "{line}")?;
         let mut answer = String::new();
-        self.stdout.read_line(&mut answer)?;
+        if self.stdout.read_line(&mut answer)? == 0 {
+            let stderr = std::fs::read_to_string(self.dir.join("stderr")).unwrap_or_default();
+            bail!("agent_rpc.py exited before answering `{line}`:\n{stderr}");
+        }
         let answer = answer.trim_end();
         Ok(match answer.strip_prefix("ok") {
             Some("") => Ok(Value::Null),

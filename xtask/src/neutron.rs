@@ -55,10 +55,25 @@ pub fn venv_python() -> Result<PathBuf> {
 }
 
 /// Installs the work tree's sg_neutron into `dir` (not into the shared venv: each work tree
-/// and run tests its own copy), entry points included.
+/// and run tests its own copy), entry points included. pip builds a local project inside its
+/// source directory, so it builds from a private copy: two installs at once (a test run and
+/// `cargo xtask neutron`) would otherwise tear down each other's `build/`.
 pub fn install_driver(python: &Path, dir: &Path) -> Result<()> {
+    let src = workspace_root().join("sg-user/neutron");
+    let copy = PathBuf::from(format!("{}.src", dir.display()));
     let _ = fs::remove_dir_all(dir);
-    step(
+    let _ = fs::remove_dir_all(&copy);
+    fs::create_dir_all(copy.join("sg_neutron"))?;
+    for file in ["pyproject.toml", "README.md"] {
+        fs::copy(src.join(file), copy.join(file))?;
+    }
+    for entry in fs::read_dir(src.join("sg_neutron"))? {
+        let path = entry?.path();
+        if path.extension().is_some_and(|x| x == "py") {
+            fs::copy(&path, copy.join("sg_neutron").join(path.file_name().unwrap()))?;
+        }
+    }
+    let installed = step(
         "install sg_neutron (entry points sg, sg_hybrid)",
         Command::new(python)
             .args([
@@ -72,16 +87,10 @@ pub fn install_driver(python: &Path, dir: &Path) -> Result<()> {
                 "--target",
             ])
             .arg(dir)
-            .arg(workspace_root().join("sg-user/neutron")),
-    )?;
-    // pip leaves its build tree in the source directory.
-    let _ = fs::remove_dir_all(workspace_root().join("sg-user/neutron/build"));
-    for egg in fs::read_dir(workspace_root().join("sg-user/neutron"))?.flatten() {
-        if egg.file_name().to_string_lossy().ends_with(".egg-info") {
-            let _ = fs::remove_dir_all(egg.path());
-        }
-    }
-    Ok(())
+            .arg(&copy),
+    );
+    let _ = fs::remove_dir_all(&copy);
+    installed
 }
 
 /// The driver's unit tests, against a scripted agent, with Neutron's FirewallDriver.

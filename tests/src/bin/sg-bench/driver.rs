@@ -45,24 +45,7 @@ fn python_with_driver(dir: &Path) -> Result<PathBuf> {
         bail!("tests/neutron/setup_venv.sh failed");
     }
     let python = PathBuf::from(String::from_utf8(out.stdout)?.trim());
-    let st = Command::new(&python)
-        .args([
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "--disable-pip-version-check",
-            "--no-deps",
-            "--no-build-isolation",
-            "--target",
-        ])
-        .arg(dir)
-        .arg(workspace_root().join("sg-user/neutron"))
-        .status()?;
-    let _ = std::fs::remove_dir_all(workspace_root().join("sg-user/neutron/build"));
-    if !st.success() {
-        bail!("installing sg_neutron");
-    }
+    sg_tests::install_sg_neutron(&python, dir)?;
     Ok(python)
 }
 
