@@ -52,6 +52,14 @@ struct Args {
     /// figure can be reproduced (or profiled) with `sg compile --input FILE`.
     #[arg(long)]
     dump_inputs: Option<PathBuf>,
+    /// Flood only the sg forwarding node in one conntrack regime (far or full) for a profiler
+    /// running alongside; writes no report.
+    #[arg(long)]
+    profile: Option<String>,
+    #[arg(long, default_value_t = 1_000)]
+    profile_rules: usize,
+    #[arg(long, default_value_t = 10)]
+    profile_seconds: u64,
 }
 
 const SECTIONS: [&str; 4] = ["classifier", "forwarding", "control", "memory"];
@@ -65,6 +73,14 @@ fn main() -> Result<()> {
     }
     if let Some(dir) = &args.dump_inputs {
         return control::dump_inputs(dir);
+    }
+    if let Some(r) = &args.profile {
+        let regime = match r.as_str() {
+            "far" => forward::Regime::Far,
+            "full" => forward::Regime::Full,
+            _ => bail!("--profile {r}: far or full"),
+        };
+        return forward::profile(regime, args.profile_rules, args.profile_seconds);
     }
     std::fs::create_dir_all(args.out.join("raw"))?;
     let all = match &args.from_raw {

