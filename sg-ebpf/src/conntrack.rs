@@ -409,7 +409,7 @@ fn live_entry(port: &PortInfo, ct: &mut Ct) -> *mut CtVal {
             return core::ptr::null_mut();
         }
         let mut revoked = (*e).flags & CT_F_REVOKED != 0;
-        if (*e).policy != port.policy {
+        if (*e).policy != port.rev {
             if (*e).rule != 0 {
                 let rule = recheck(&ct.key, (*e).flags, port);
                 revoked = rule == 0;
@@ -423,7 +423,7 @@ fn live_entry(port: &PortInfo, ct: &mut Ct) -> *mut CtVal {
                 }
             }
             if !ct.dry {
-                (*e).policy = port.policy;
+                (*e).policy = port.rev;
             }
         }
         if revoked {

@@ -7,13 +7,24 @@
 //!   its live id, so its flows are not re-checked and nothing is rewritten. The content itself
 //!   is the key: a hash only picks the bucket and equality decides, so two different policies
 //!   never share an id, even if someone who controls the input finds colliding hashes;
-//! - changed content is written under a fresh id while the old entries stay in place, then
-//!   each port is switched with one SG_PORTS update, then entries no port uses are deleted.
+//! - changed content of a policy whose ports all change alike is edited in place under its id,
+//!   entries written in proportion to the change, in an order in which every packet is decided
+//!   by the old or the new content (`delta`, sg-ebpf README §5.1); other changed content is
+//!   written under a fresh id while the old entries stay in place. Then each port is switched
+//!   with one SG_PORTS update (its policy id and revision), then entries no port uses are
+//!   deleted;
+//! - class numbers are a function of what a class means (`delta::live_classes`), so they stay
+//!   the same across compiles and a class keeps its entries when other rules change;
+//! - a port's revision (`PortInfo::rev`) changes with the content it enforces, in place or
+//!   not, and is never given twice: conntrack entries record it, and a flow whose revision is
+//!   not its port's is re-checked on its next packet (revocation);
 //! - rule indexes are stable per (security group id, rule id), so SG_RULE_HITS keeps counting
 //!   for a rule across updates.
 //!
-//! Every new entry is written before any port is switched. If a write fails, what this apply
-//! wrote is removed again and the running policy is untouched.
+//! Every new entry is written before any port is switched. If a write under a fresh id fails,
+//! what this apply wrote is removed again and the running policy is untouched; an in-place
+//! edit that fails leaves the policy between its old and its new content and is finished by
+//! the next apply.
 
 use std::{
     collections::{
@@ -28,18 +39,20 @@ use serde::{Deserialize, Serialize};
 use sg_common::*;
 use tracing::{debug, info};
 
+use super::delta::{self, Delta};
 use crate::{
     compile::{Compiled, LpmEntry},
     datapath::{Attached, Datapath, Iface, batch},
 };
 
-type Entries<K, V> = Vec<(u32, K, V)>;
+pub(super) type Entries<K, V> = Vec<(u32, K, V)>;
 
-/// A policy as the maps hold it, with the policy id field zeroed: what identifies it.
+/// A policy as the maps hold it, with the policy id field zeroed: what identifies it. Both
+/// lists are sorted by (key bytes, prefix length).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
-struct PolicyContent {
-    classes: Entries<ClassKey, ClassVal>,
-    services: Entries<ServiceKey, ServiceVal>,
+pub(super) struct PolicyContent {
+    pub(super) classes: Entries<ClassKey, ClassVal>,
+    pub(super) services: Entries<ServiceKey, ServiceVal>,
 }
 
 impl Hash for PolicyContent {
@@ -142,6 +155,8 @@ pub struct LiveRule {
 #[derive(Debug, Default, Clone, Serialize)]
 pub struct ApplyReport {
     pub policies_written: usize,
+    /// Policies changed in place under their id.
+    pub policies_changed: usize,
     pub policies_deleted: usize,
     pub addr_sets_written: usize,
     pub addr_sets_deleted: usize,
@@ -179,10 +194,16 @@ pub struct Applier {
     rules: BTreeMap<u32, LiveRule>,
     /// ifindex → device of the taps whose links this agent attached or took over.
     attached: BTreeMap<u32, String>,
+    /// Revision of each live policy id (`PortInfo::rev`).
+    revs: HashMap<u32, u32>,
+    /// Policy ids whose entries may differ from what `policies` says (an in-place edit
+    /// failed): read back from the maps before the next apply.
+    unsure: BTreeSet<u32>,
     next_policy: u32,
     next_addr: u32,
     next_port_idx: u32,
     next_rule: u32,
+    next_rev: u32,
 }
 
 impl Applier {
@@ -236,7 +257,26 @@ impl Applier {
         // one again (sg-common `NextIds`).
         let used = dp.next_ids()?;
 
+        // Revisions: what the ports say, unless an in-place edit may have been cut short (then
+        // no revision is known to name what its policy holds) or ports of one policy disagree.
+        let mut next_rev = (port_entries.iter().map(|(_, p)| p.rev).max().unwrap_or(0) + 1).max(used.rev);
+        let mut revs: HashMap<u32, u32> = HashMap::new();
+        let mut torn: BTreeSet<u32> = BTreeSet::new();
+        for (_, p) in port_entries.iter().filter(|(_, p)| p.policy != 0) {
+            if *revs.entry(p.policy).or_insert(p.rev) != p.rev {
+                torn.insert(p.policy);
+            }
+        }
+        for (policy, rev) in revs.iter_mut() {
+            if used.in_place != 0 || torn.contains(policy) || *rev == 0 {
+                *rev = next_rev;
+                next_rev += 1;
+            }
+        }
         let mut a = Self {
+            revs,
+            unsure: BTreeSet::new(),
+            next_rev,
             next_policy: (policies.keys().max().copied().unwrap_or(0) + 1).max(used.policy),
             next_addr: (addr_sets.keys().max().copied().unwrap_or(0) + 1).max(used.addr_id),
             next_port_idx: (port_entries.iter().map(|(_, p)| p.port_idx).max().unwrap_or(0) + 1)
@@ -348,9 +388,12 @@ impl Applier {
         // Desired contents, by compiled policy id and by port.
         let mut desired_policies: HashMap<u32, PolicyContent> = HashMap::new();
         for p in &compiled.policies {
-            let content = policy_content(p.classes.iter(), p.services.iter(), &rule_map)?;
+            let classes = delta::live_classes(compiled, p);
+            let content = policy_content(p.classes.iter(), p.services.iter(), &rule_map, &classes)?;
             desired_policies.insert(p.id, content);
         }
+        self.reread_unsure()?;
+        let in_place = self.plan_in_place(compiled, &desired_policies);
         let mut port_addrs: HashMap<&str, AddrSet> = HashMap::new();
         for port in &compiled.ports {
             port_addrs.insert(&port.id, AddrSet(addr_content(&port.addrs)));
@@ -361,13 +404,15 @@ impl Applier {
         let mut written_addrs: Vec<AddrSet> = Vec::new();
         let phase1 = (|| -> Result<()> {
             for content in desired_policies.values() {
-                if self.policies.contains_key(content) {
+                if self.policies.contains_key(content) || in_place.iter().any(|(_, _, c)| c == content) {
                     continue;
                 }
                 let id = self.next_policy;
                 self.next_policy += 1;
                 report.entries_written += self.write_policy(id, content)?;
                 self.policies.insert(content.clone(), id);
+                let rev = self.alloc_rev();
+                self.revs.insert(id, rev);
                 written_policies.push(content.clone());
                 report.policies_written += 1;
             }
@@ -398,6 +443,35 @@ impl Applier {
             return Err(e.context("writing the new policy; the running policy is unchanged"));
         }
 
+        // Phase 1b: policies changed in place. From the first write until every port of such a
+        // policy has its new revision, SG_NEXT_IDS says so: an agent restarted in between then
+        // re-checks every flow.
+        if !in_place.is_empty() {
+            self.save_next_ids(true)?;
+        }
+        for (id, d, content) in in_place {
+            let old = self
+                .policies
+                .iter()
+                .find(|(_, i)| **i == id)
+                .map(|(c, _)| c.clone());
+            if let Some(old) = old {
+                self.policies.remove(&old);
+            }
+            if let Err(e) = d.apply(&self.dp, id) {
+                self.unsure.insert(id);
+                return Err(e.context(format!(
+                    "changing policy {id} in place; each packet is decided by its old or its new \
+                     content until the next apply finishes it"
+                )));
+            }
+            report.entries_written += d.len();
+            report.policies_changed += 1;
+            self.policies.insert(content, id);
+            let rev = self.alloc_rev();
+            self.revs.insert(id, rev);
+        }
+
         // Phase 2: switch each port with one SG_PORTS update, attaching taps that appeared.
         let mut desired_ids: BTreeSet<String> = BTreeSet::new();
         for cp in &compiled.ports {
@@ -417,10 +491,22 @@ impl Applier {
                     i
                 }
             };
+            let rev = match self.revs.get(&policy) {
+                Some(r) => *r,
+                None if policy == 0 => 0,
+                // A policy adopted from the maps that no port used: its content is known, no
+                // revision names it yet.
+                None => {
+                    let r = self.alloc_rev();
+                    self.revs.insert(policy, r);
+                    r
+                }
+            };
             let info = PortInfo {
                 policy,
                 addr_id,
                 port_idx,
+                rev,
                 ..cp.info
             };
             let ifindex = links.get(&cp.device).copied();
@@ -506,8 +592,9 @@ impl Applier {
             .filter(|(_, id)| !used_policies.contains(id))
             .map(|(c, id)| (*id, c.clone()))
             .collect();
-        for (_, c) in &stale {
+        for (id, c) in &stale {
             self.policies.remove(c);
+            self.revs.remove(id);
         }
         let (unused, used): (Vec<_>, Vec<_>) = std::mem::take(&mut self.duplicates)
             .into_iter()
@@ -553,14 +640,112 @@ impl Applier {
                 .insert((r.security_group_id.clone(), r.rule_id.clone()), r.index);
         }
         self.rules = live_rules;
+        self.save_next_ids(false)?;
+        debug!(?report, "apply finished");
+        Ok(report)
+    }
+
+    fn save_next_ids(&mut self, in_place: bool) -> Result<()> {
         self.dp.set_next_ids(NextIds {
             policy: self.next_policy,
             addr_id: self.next_addr,
             port_idx: self.next_port_idx,
+            rev: self.next_rev,
+            in_place: u32::from(in_place),
             _pad: 0,
-        })?;
-        debug!(?report, "apply finished");
-        Ok(report)
+        })
+    }
+
+    fn alloc_rev(&mut self) -> u32 {
+        let r = self.next_rev;
+        self.next_rev += 1;
+        r
+    }
+
+    /// The policies to change in place: (live id, ordered delta, new content). A policy is
+    /// changed in place when every port using it now wants the same new content, that content
+    /// is not live already, and the change has a shape `Delta::plan` can order.
+    fn plan_in_place(
+        &self,
+        compiled: &Compiled,
+        desired: &HashMap<u32, PolicyContent>,
+    ) -> Vec<(u32, Delta, PolicyContent)> {
+        // Live id → the compiled policies its ports want.
+        let mut wanted: BTreeMap<u32, BTreeSet<u32>> = BTreeMap::new();
+        for cp in &compiled.ports {
+            if cp.info.flags & PORT_F_FILTERED == 0 {
+                continue;
+            }
+            if let Some(p) = self.ports.get(&cp.id).filter(|p| p.policy != 0) {
+                wanted.entry(p.policy).or_default().insert(cp.info.policy);
+            }
+        }
+        // Ports that leave the input let go of their policy.
+        for p in self.ports.values() {
+            if p.policy != 0 && !compiled.ports.iter().any(|cp| cp.id == p.id) {
+                wanted.entry(p.policy).or_default();
+            }
+        }
+        let live: HashMap<u32, &PolicyContent> = self.policies.iter().map(|(c, id)| (*id, c)).collect();
+        let mut taken: BTreeSet<u32> = BTreeSet::new();
+        let mut out = Vec::new();
+        for (id, want) in wanted {
+            let want: Vec<u32> = want.into_iter().collect();
+            let (&[target], Some(old)) = (want.as_slice(), live.get(&id)) else {
+                continue;
+            };
+            let new = &desired[&target];
+            if self.policies.contains_key(new)
+                || self.duplicates.iter().any(|(d, _)| *d == id)
+                || !taken.insert(target)
+            {
+                continue;
+            }
+            if let Some(d) = Delta::plan(old, new) {
+                out.push((id, d, new.clone()));
+            }
+        }
+        out
+    }
+
+    /// Reads back the content of policies an interrupted in-place edit left unsure.
+    fn reread_unsure(&mut self) -> Result<()> {
+        if self.unsure.is_empty() {
+            return Ok(());
+        }
+        let unsure = std::mem::take(&mut self.unsure);
+        let mut found: BTreeMap<u32, PolicyContent> =
+            unsure.iter().map(|id| (*id, PolicyContent::default())).collect();
+        for item in self.dp.classes()?.iter() {
+            let (k, v) = item?;
+            let mut key = k.data();
+            if let Some(c) = found.get_mut(&key.policy) {
+                key.policy = 0;
+                c.classes.push((k.prefix_len(), key, v));
+            }
+        }
+        for item in self.dp.services()?.iter() {
+            let (k, v) = item?;
+            let mut key = k.data();
+            if let Some(c) = found.get_mut(&key.policy) {
+                key.policy = 0;
+                c.services.push((k.prefix_len(), key, v));
+            }
+        }
+        for (id, c) in found {
+            let c = PolicyContent {
+                classes: sorted(c.classes),
+                services: sorted(c.services),
+            };
+            self.policies.retain(|_, i| *i != id);
+            match self.policies.entry(c) {
+                Entry::Occupied(e) => self.duplicates.push((id, e.key().clone())),
+                Entry::Vacant(e) => {
+                    e.insert(id);
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Forgets the attachments of deleted interfaces: their links died with them, and a new
@@ -669,14 +854,28 @@ fn sorted<K: bytemuck::Pod, V>(mut v: Entries<K, V>) -> Entries<K, V> {
     v
 }
 
+/// A compiled policy with its live rule indexes and class numbers, as the maps would hold it.
 fn policy_content<'a>(
     classes: impl Iterator<Item = &'a LpmEntry<ClassKey, ClassVal>>,
     services: impl Iterator<Item = &'a LpmEntry<ServiceKey, ServiceVal>>,
     rule_map: &HashMap<u32, u32>,
+    class_map: &HashMap<u32, u32>,
 ) -> Result<PolicyContent> {
-    let classes = classes
-        .map(|e| (e.prefix_len, ClassKey { policy: 0, ..e.key }, e.value))
-        .collect();
+    let live_class = |c: u32| match class_map.get(&c) {
+        Some(&n) => Ok(n),
+        None => bail!("compiled policy refers to unknown class {c}"),
+    };
+    let mut cls = Vec::new();
+    for e in classes {
+        cls.push((
+            e.prefix_len,
+            ClassKey { policy: 0, ..e.key },
+            ClassVal {
+                class: live_class(e.value.class)?,
+            },
+        ));
+    }
+    let classes = cls;
     let mut out = Vec::new();
     for e in services {
         let Some(&rule) = rule_map.get(&e.value.rule) else {
@@ -684,7 +883,11 @@ fn policy_content<'a>(
         };
         out.push((
             e.prefix_len,
-            ServiceKey { policy: 0, ..e.key },
+            ServiceKey {
+                policy: 0,
+                class: live_class(e.key.class)?,
+                ..e.key
+            },
             ServiceVal { rule },
         ));
     }

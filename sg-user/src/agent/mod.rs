@@ -13,6 +13,7 @@
 //! the next agent takes the links over with an atomic program swap.
 
 pub mod apply;
+mod delta;
 pub mod links;
 mod watch;
 

@@ -269,7 +269,10 @@ fn targets(a: &All) -> Vec<Target> {
         );
         for n in [1_000, 5_000] {
             let r = idx(&forward::RULES, n);
-            for (regime, delivered) in [("table far from full", &f.delivered), ("table full", &f.delivered_full)] {
+            for (regime, delivered) in [
+                ("table far from full", &f.delivered),
+                ("table full", &f.delivered_full),
+            ] {
                 if delivered[sg][r].is_empty() {
                     continue;
                 }
@@ -436,7 +439,12 @@ fn forward_md(s: &mut String, f: &forward::Results) {
         idx(&SETUPS, Setup::Nft),
         idx(&SETUPS, Setup::Sg),
     );
-    let fill = |i: usize| f.fill.get(i).map(|v| v.iter().copied().min().unwrap_or(0)).unwrap_or(0);
+    let fill = |i: usize| {
+        f.fill
+            .get(i)
+            .map(|v| v.iter().copied().min().unwrap_or(0))
+            .unwrap_or(0)
+    };
     for (title, delivered, offered) in [
         (
             "table far from full (emptied before every 65,536 frames)",
