@@ -51,17 +51,7 @@ fn colliding_content_hashes_never_share_a_policy() {
     .unwrap();
     let mut applier =
         Applier::adopt_with(dp, Some(topo.node.0.clone()), None, ContentHashing::colliding()).unwrap();
-    let links: std::collections::BTreeMap<String, u32> = m
-        .ports
-        .iter()
-        .map(|p| {
-            let i = sg_user::netns::run_in(Some(&topo.node.0), || sg_user::netns::ifindex(&p.device))
-                .unwrap()
-                .unwrap();
-            (p.device.clone(), i)
-        })
-        .collect();
-    applier.apply(&compile::compile(&m, "compute-1"), &links).unwrap();
+    applier.apply(&compile::compile(&m, "compute-1")).unwrap();
 
     let live = |a: &Applier, id: &str| a.ports().find(|p| p.id == id).unwrap().clone();
     let (web, ssh) = (live(&applier, WEB), live(&applier, SSH));
@@ -108,9 +98,7 @@ fn colliding_content_hashes_never_share_a_policy() {
     // A change to one group changes that port's policy only (in place); the other keeps its
     // id and revision.
     let m2 = model::from_values(vec![("collide".into(), doc(&[22, 23]))]).unwrap();
-    let report = applier
-        .apply(&compile::compile(&m2, "compute-1"), &links)
-        .unwrap();
+    let report = applier.apply(&compile::compile(&m2, "compute-1")).unwrap();
     assert_eq!(report.policies_written + report.policies_changed, 1, "{report:?}");
     assert_eq!(
         live(&applier, WEB).policy,
@@ -147,19 +135,9 @@ fn a_rule_change_is_written_in_place_and_still_revokes() {
     .unwrap();
     let mut applier = Applier::adopt(dp, Some(topo.node.0.clone()), None).unwrap();
     let node = topo.node.0.clone();
-    let links: std::collections::BTreeMap<String, u32> = m
-        .ports
-        .iter()
-        .map(|p| {
-            let i = sg_user::netns::run_in(Some(&node), || sg_user::netns::ifindex(&p.device))
-                .unwrap()
-                .unwrap();
-            (p.device.clone(), i)
-        })
-        .collect();
     let apply = |a: &mut Applier, v: serde_json::Value| {
         let m = model::from_values(vec![("delta".into(), v)]).unwrap();
-        a.apply(&compile::compile(&m, "compute-1"), &links).unwrap()
+        a.apply(&compile::compile(&m, "compute-1")).unwrap()
     };
     apply(&mut applier, doc(&[22, 80, 443, 8080]));
     let ssh = applier.ports().find(|p| p.id == SSH).unwrap().clone();
