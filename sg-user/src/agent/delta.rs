@@ -172,10 +172,8 @@ impl Delta {
                 .map(|(p, k, v)| (*p, ServiceKey { policy: id, ..*k }, *v))
                 .collect()
         };
-        for (w, d) in [&self.first] {
-            batch::lpm_update(services, &sv(w)).context("SG_SERVICES")?;
-            batch::lpm_delete(services, &sv(d)).context("SG_SERVICES")?;
-        }
+        batch::lpm_update(services, &sv(&self.first.0)).context("SG_SERVICES")?;
+        batch::lpm_delete(services, &sv(&self.first.1)).context("SG_SERVICES")?;
         batch::lpm_update(classes, &cl(&self.classes.0)).context("SG_CLASSES")?;
         batch::lpm_delete(classes, &cl(&self.classes.1)).context("SG_CLASSES")?;
         for (w, d) in [&self.shared, &self.last] {

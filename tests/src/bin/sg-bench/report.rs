@@ -169,30 +169,30 @@ fn why(a: &All) -> String {
             let hi = v.iter().copied().fold(0.0, f64::max);
             format!("{lo:.0}–{hi:.0} ns")
         };
-        let med = |setup: forward::Setup, r: usize| {
-            let si = idx(&forward::SETUPS, setup);
-            Summary::of(&f.delivered[si][r]).median
-        };
-        let i1k = idx(&forward::RULES, 1_000);
-        let floor = med(forward::Setup::Unfiltered, i1k);
-        let budget = 1e9 / floor / 9.0;
         let _ = write!(
             s,
-            "\n- **New-flow forwarding.** Timed on the forwarding path itself (diagnostics table), \
-             `sg_to_vm` spends {} per packet on a stateful port and {} on the same port made \
-             stateless; 90% of the unfiltered rate leaves about {budget:.0} ns per packet. The \
-             difference is the conntrack entry every new flow creates in the 262,144-entry LRU \
-             hash; the rule count does not enter (sg delivers about the same rate at 10 and at \
-             5,000 rules). Per-CPU LRU lists (`BPF_F_NO_COMMON_LRU`) were tried and changed \
-             nothing measurable. The ×8 and ×30 over iptables-legacy were derived from the \
-             issue's figures for another sender (no filter 336k pps, legacy 35k and 8.6k); \
-             here the floor is {} and legacy at 1,000 rules {}, so even a classifier that cost \
-             nothing would be {:.1}× legacy at 1,000 rules.",
+            "\n- **New-flow forwarding** (both regimes). Timed on the forwarding path itself \
+             (diagnostics table), `sg_to_vm` spends {} per packet with the table full, {} far \
+             from full, and {} on the same port made stateless. A profile of the sg node under \
+             the flood (`perf record -a -g` with the JIT's symbols, `sg-bench --profile far|full`) \
+             puts the conntrack share in three places: the two table lookups a new flow misses \
+             (`SG_CT_ASSURED`, then `SG_CONNTRACK`: 31% of `sg_to_vm` far from full, 40% full, \
+             nearly all in `lookup_nulls_elem_raw` on a bucket that is not in cache), the LRU \
+             hash's list upkeep when the entry is created (`bpf_lru_pop_free`: 25% far, 33% \
+             full) and the two policy tries (7–11%). Parsing, the policy stage's own code and \
+             the counters are under 10% together. The hypothesis that a full table makes every \
+             insert an LRU eviction holds (the pop grows from 25% to 33%), but the cost is the \
+             memory a new flow touches in either regime. Measured alternatives, same harness: \
+             a preallocated plain hash with an early drop of the oldest unassured flow (a ring of \
+             created keys) costs the same far from full (the insert's own element write becomes \
+             28%) and more when full (deleting the victim, 36–38%, 1.55 µs against 1.2 µs); the \
+             same without preallocation costs more in both (the allocation, 46%). The LRU table \
+             stays. What would still cut the cost is one lookup instead of two (one table, with \
+             the assured protection done by an early drop that skips assured flows): about \
+             one cold bucket, 15%, not the factor the 80% target needs.",
+            range(&f.sg_prog_ns_full),
             range(&f.sg_prog_ns),
             range(&f.sg_prog_ns_stateless),
-            kpps(floor),
-            kpps(med(forward::Setup::Legacy, i1k)),
-            floor / med(forward::Setup::Legacy, i1k),
         );
     }
     if let Some(sc) = a
@@ -202,16 +202,13 @@ fn why(a: &All) -> String {
     {
         let _ = write!(
             s,
-            "\n- **One-rule change.** A changed policy is written whole under a fresh id, then \
-             each of its ports is switched with one map update, then the old entries go: \
-             that is what makes a change atomic for every packet, and what lets a restarted \
-             agent recognise policies by their content. So the cost follows the size of the \
-             policy, not of the change: for the 1,000-rule port, {} entries written and \
-             deleted in all (the new policy and the old one), in batches (`BPF_MAP_UPDATE_BATCH`). Under 2 ms needs an \
-             in-place delta whose every intermediate state decides each packet as the old or \
-             the new policy (most specific prefixes first, class numbers kept stable across \
-             compiles); not built. A remote-group member added or removed costs the same \
-             way, since members are prefixes of the policies that reference the group.",
+            "\n- **One-rule change.** The policy is changed in place (sg-ebpf README §5.1): \
+             {} entries written for the 1,000-rule port, where a fresh policy took 13,630 \
+             before, and a remote-group member is 1 entry per policy. The applier call is still \
+             above 2 ms because of what it does before the writes, for the whole input: it \
+             builds every policy's content (6,800 entries here), sorts it and hashes it to find \
+             what changed, and hands the port switch to the taps thread. Under 2 ms needs the \
+             diff to start from the changed groups instead of the whole input.",
             sc.sg_entries
         );
     }
