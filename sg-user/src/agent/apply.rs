@@ -49,22 +49,45 @@ use crate::{
 pub(super) type Entries<K, V> = Vec<(u32, K, V)>;
 
 /// A policy as the maps hold it, with the policy id field zeroed: what identifies it. Both
-/// lists are sorted by (key bytes, prefix length).
+/// lists are sorted by (key bytes, prefix length). `sealed` computes a fingerprint of the
+/// entries once, which is what the content-keyed tables hash: a policy of thousands of entries
+/// is looked up several times per apply. Equality still compares every entry.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub(super) struct PolicyContent {
+    fingerprint: u64,
     pub(super) classes: Entries<ClassKey, ClassVal>,
     pub(super) services: Entries<ServiceKey, ServiceVal>,
 }
 
+impl PolicyContent {
+    /// Sorts the entries and computes the fingerprint.
+    pub(super) fn sealed(
+        classes: Entries<ClassKey, ClassVal>,
+        services: Entries<ServiceKey, ServiceVal>,
+    ) -> Self {
+        static KEYS: std::sync::OnceLock<foldhash::fast::RandomState> = std::sync::OnceLock::new();
+        let (classes, services) = (sorted(classes), sorted(services));
+        let mut h = KEYS
+            .get_or_init(foldhash::fast::RandomState::default)
+            .build_hasher();
+        for (p, k, v) in &classes {
+            (p, bytemuck::bytes_of(k), v.class).hash(&mut h);
+        }
+        0xffu8.hash(&mut h);
+        for (p, k, v) in &services {
+            (p, bytemuck::bytes_of(k), v.rule).hash(&mut h);
+        }
+        Self {
+            fingerprint: h.finish(),
+            classes,
+            services,
+        }
+    }
+}
+
 impl Hash for PolicyContent {
     fn hash<H: Hasher>(&self, h: &mut H) {
-        for (p, k, v) in &self.classes {
-            (p, bytemuck::bytes_of(k), v.class).hash(h);
-        }
-        0xffu8.hash(h);
-        for (p, k, v) in &self.services {
-            (p, bytemuck::bytes_of(k), v.rule).hash(h);
-        }
+        self.fingerprint.hash(h);
     }
 }
 
@@ -308,17 +331,8 @@ impl Applier {
             closed: BTreeMap::new(),
             taps,
         };
-        for (id, mut content) in policies {
-            content.classes.sort_by(|x, y| {
-                bytemuck::bytes_of(&x.1)
-                    .cmp(bytemuck::bytes_of(&y.1))
-                    .then(x.0.cmp(&y.0))
-            });
-            content.services.sort_by(|x, y| {
-                bytemuck::bytes_of(&x.1)
-                    .cmp(bytemuck::bytes_of(&y.1))
-                    .then(x.0.cmp(&y.0))
-            });
+        for (id, content) in policies {
+            let content = PolicyContent::sealed(content.classes, content.services);
             match a.policies.entry(content) {
                 Entry::Occupied(e) => a.duplicates.push((id, e.key().clone())),
                 Entry::Vacant(e) => {
@@ -504,9 +518,14 @@ impl Applier {
         // and close the taps of ports that left. The taps thread does it.
         let mut plan: BTreeMap<String, TapPlan> = BTreeMap::new();
         let mut live: BTreeMap<String, LivePort> = BTreeMap::new();
+        // Compiled policy → live id, looked up once: a lookup compares whole contents.
+        let live_ids: HashMap<u32, u32> = desired_policies
+            .iter()
+            .map(|(compiled_id, content)| (*compiled_id, self.policies[content]))
+            .collect();
         for cp in &compiled.ports {
             let (policy, addr_id) = if cp.info.flags & PORT_F_FILTERED != 0 {
-                let policy = self.policies[&desired_policies[&cp.info.policy]];
+                let policy = live_ids[&cp.info.policy];
                 let addr_id = self.addr_sets[&port_addrs[cp.id.as_str()]];
                 (policy, addr_id)
             } else {
@@ -677,7 +696,11 @@ impl Applier {
     }
 
     /// Rules no longer in the input give their index back, with a clean counter.
-    fn rules_applied(&mut self, live_rules: BTreeMap<u32, LiveRule>) -> Result<()> {
+    fn rules_applied(&mut self, live_rules: Option<BTreeMap<u32, LiveRule>>) -> Result<()> {
+        // None: the rules are the live ones, nothing to record.
+        let Some(live_rules) = live_rules else {
+            return self.save_next_ids();
+        };
         let dropped: Vec<(String, String)> = self
             .rule_idx
             .iter()
@@ -690,8 +713,10 @@ impl Applier {
             }
         }
         for r in live_rules.values() {
-            self.rule_idx
-                .insert((r.security_group_id.clone(), r.rule_id.clone()), r.index);
+            if self.rules.get(&r.index) != Some(r) {
+                self.rule_idx
+                    .insert((r.security_group_id.clone(), r.rule_id.clone()), r.index);
+            }
         }
         self.rules = live_rules;
         self.save_next_ids()
@@ -786,10 +811,7 @@ impl Applier {
             }
         }
         for (id, c) in found {
-            let c = PolicyContent {
-                classes: sorted(c.classes),
-                services: sorted(c.services),
-            };
+            let c = PolicyContent::sealed(c.classes, c.services);
             self.policies.retain(|_, i| *i != id);
             match self.policies.entry(c) {
                 Entry::Occupied(e) => self.duplicates.push((id, e.key().clone())),
@@ -810,7 +832,7 @@ impl Applier {
     fn assign_rule_indexes(
         &self,
         compiled: &Compiled,
-    ) -> Result<(HashMap<u32, u32>, BTreeMap<u32, LiveRule>, Vec<u32>)> {
+    ) -> Result<(HashMap<u32, u32>, Option<BTreeMap<u32, LiveRule>>, Vec<u32>)> {
         let limit = MAX_RULES - 1;
         if compiled.rules.len() > limit as usize {
             bail!(
@@ -820,6 +842,28 @@ impl Applier {
                 thousands(compiled.rules.len()),
                 thousands(limit as usize)
             );
+        }
+        // The common case: the same rules as the live ones (a change elsewhere, or in members),
+        // answered without building anything.
+        let held_by: HashMap<(&str, &str), u32> = self
+            .rule_idx
+            .iter()
+            .map(|((g, r), i)| ((g.as_str(), r.as_str()), *i))
+            .collect();
+        if compiled.rules.len() == self.rules.len() {
+            let mut rule_map = HashMap::with_capacity(compiled.rules.len());
+            let same = compiled.rules.iter().all(|r| {
+                let Some(&idx) = held_by.get(&(r.security_group_id.as_str(), r.rule_id.as_str())) else {
+                    return false;
+                };
+                rule_map.insert(r.index, idx);
+                self.rules.get(&idx).is_some_and(|l| {
+                    l.security_group_id == r.security_group_id && l.rule_id == r.rule_id && l.text == r.text
+                })
+            });
+            if same {
+                return Ok((rule_map, None, Vec::new()));
+            }
         }
         let wanted: BTreeSet<(&str, &str)> = compiled
             .rules
@@ -837,8 +881,7 @@ impl Applier {
         let mut live = BTreeMap::new();
         let mut reused = Vec::new();
         for r in &compiled.rules {
-            let key = (r.security_group_id.clone(), r.rule_id.clone());
-            let idx = match self.rule_idx.get(&key) {
+            let idx = match held_by.get(&(r.security_group_id.as_str(), r.rule_id.as_str())) {
                 Some(i) => *i,
                 None => match free.next() {
                     Some(i) => i,
@@ -861,7 +904,7 @@ impl Applier {
                 },
             );
         }
-        Ok((rule_map, live, reused))
+        Ok((rule_map, Some(live), reused))
     }
 
     // A policy is written and deleted in batches (datapath::batch): one syscall per map rather
@@ -927,7 +970,8 @@ impl Applier {
 }
 
 fn sorted<K: bytemuck::Pod, V>(mut v: Entries<K, V>) -> Entries<K, V> {
-    v.sort_by(|x, y| {
+    // Keys are unique; the compiler's output is mostly in this order already.
+    v.sort_unstable_by(|x, y| {
         bytemuck::bytes_of(&x.1)
             .cmp(bytemuck::bytes_of(&y.1))
             .then(x.0.cmp(&y.0))
@@ -972,10 +1016,7 @@ fn policy_content<'a>(
             ServiceVal { rule },
         ));
     }
-    Ok(PolicyContent {
-        classes: sorted(classes),
-        services: sorted(out),
-    })
+    Ok(PolicyContent::sealed(classes, out))
 }
 
 /// 65535 → "65,535".

@@ -25,14 +25,17 @@
 //! old one in one input) could decide a packet by the new classes and the old services; it is
 //! written under a fresh id instead, as is any change larger than the policy itself.
 
-use std::collections::{BTreeSet, HashMap};
+use std::{
+    collections::{BTreeSet, HashMap},
+    hash::{Hash as _, Hasher},
+};
 
 use anyhow::{Context as _, Result};
 use sg_common::*;
 
 use super::apply::{Entries, PolicyContent};
 use crate::{
-    compile::{Compiled, CompiledPolicy},
+    compile::{Compiled, CompiledPolicy, Selector},
     datapath::{Datapath, batch},
 };
 
@@ -43,26 +46,22 @@ use crate::{
 pub fn live_classes(compiled: &Compiled, policy: &CompiledPolicy) -> HashMap<u32, u32> {
     let mut ids: BTreeSet<u32> = policy.classes.iter().map(|e| e.value.class).collect();
     ids.extend(policy.services.iter().map(|e| e.key.class));
-    let mut named: Vec<(u32, String, u32)> = ids
+    let none: &[Selector] = &[];
+    let mut named: Vec<(u32, &[Selector], u32)> = ids
         .into_iter()
         .map(|id| {
-            let text = compiled
+            let selectors = compiled
                 .classes
                 .get(id as usize - 1)
-                .map(|c| {
-                    c.selectors
-                        .iter()
-                        .map(|s| s.to_string())
-                        .collect::<Vec<_>>()
-                        .join("\n")
-                })
-                .unwrap_or_else(|| format!("#{id}"));
-            (stable_number(&text), text, id)
+                .map_or(none, |c| c.selectors.as_slice());
+            let mut h = Fnv(0xcbf2_9ce4_8422_2325);
+            selectors.hash(&mut h);
+            (1 + ((h.0 ^ (h.0 >> 32)) as u32 % (u32::MAX - 1)), selectors, id)
         })
         .collect();
-    named.sort();
+    named.sort_unstable();
     let mut taken: BTreeSet<u32> = BTreeSet::new();
-    let mut out = HashMap::new();
+    let mut out = HashMap::with_capacity(named.len());
     for (mut n, _, id) in named {
         while !taken.insert(n) {
             n = if n == u32::MAX { 1 } else { n + 1 };
@@ -72,15 +71,21 @@ pub fn live_classes(compiled: &Compiled, policy: &CompiledPolicy) -> HashMap<u32
     out
 }
 
-/// FNV-1a over the text, folded into 1..=u32::MAX. Fixed, so that every agent computes the
-/// same number for the same class.
-fn stable_number(text: &str) -> u32 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in text.bytes() {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+/// FNV-1a: fixed, so that every agent (of one build) computes the same number for the same
+/// class. A build whose `Selector` hashes differently renumbers classes once: every policy is
+/// then rewritten, correctly, under fresh ids or as a larger in-place change.
+struct Fnv(u64);
+
+impl Hasher for Fnv {
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 ^= u64::from(*b);
+            self.0 = self.0.wrapping_mul(0x0000_0100_0000_01b3);
+        }
     }
-    1 + ((h ^ (h >> 32)) as u32 % (u32::MAX - 1))
+    fn finish(&self) -> u64 {
+        self.0
+    }
 }
 
 /// The writes that take one policy id from `old` to `new` in place, in the order they must be
@@ -268,13 +273,10 @@ mod tests {
     }
 
     fn content(
-        mut classes: Entries<ClassKey, ClassVal>,
-        mut services: Entries<ServiceKey, ServiceVal>,
+        classes: Entries<ClassKey, ClassVal>,
+        services: Entries<ServiceKey, ServiceVal>,
     ) -> PolicyContent {
-        let ord = |x: &[u8], a: u32, y: &[u8], b: u32| x.cmp(y).then(a.cmp(&b));
-        classes.sort_by(|x, y| ord(bytemuck::bytes_of(&x.1), x.0, bytemuck::bytes_of(&y.1), y.0));
-        services.sort_by(|x, y| ord(bytemuck::bytes_of(&x.1), x.0, bytemuck::bytes_of(&y.1), y.0));
-        PolicyContent { classes, services }
+        PolicyContent::sealed(classes, services)
     }
 
     /// Longest match of `addr` among class entries, as the kernel's LPM trie answers.

@@ -52,8 +52,9 @@ struct Args {
     /// figure can be reproduced (or profiled) with `sg compile --input FILE`.
     #[arg(long)]
     dump_inputs: Option<PathBuf>,
-    /// Flood only the sg forwarding node in one conntrack regime (far or full) for a profiler
-    /// running alongside; writes no report.
+    /// Flood only the sg forwarding node in one conntrack regime (far or full), or run only
+    /// sg's applier on the change scenarios (changes; --profile-seconds is then the number of
+    /// repeats), for a profiler running alongside; writes no report.
     #[arg(long)]
     profile: Option<String>,
     #[arg(long, default_value_t = 1_000)]
@@ -78,7 +79,8 @@ fn main() -> Result<()> {
         let regime = match r.as_str() {
             "far" => forward::Regime::Far,
             "full" => forward::Regime::Full,
-            _ => bail!("--profile {r}: far or full"),
+            "changes" => return control::profile_changes(args.profile_seconds as usize),
+            _ => bail!("--profile {r}: far, full or changes"),
         };
         return forward::profile(regime, args.profile_rules, args.profile_seconds);
     }
