@@ -342,7 +342,8 @@ pub const TCP_SYN_SENT2: u8 = 9;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct CtVal {
-    /// `bpf_ktime_get_ns()` after which the entry is dead (CLOCK_MONOTONIC).
+    /// CLOCK_MONOTONIC (the datapath reads it coarse, `bpf_ktime_get_coarse_ns`) after which
+    /// the entry is dead.
     pub expires_ns: u64,
     /// The port's policy revision (`PortInfo::rev`) when the flow was last (re)checked; a
     /// different revision in SG_PORTS makes the datapath re-check the flow (revocation).

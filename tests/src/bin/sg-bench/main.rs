@@ -80,7 +80,14 @@ fn main() -> Result<()> {
             "far" => forward::Regime::Far,
             "full" => forward::Regime::Full,
             "changes" => return control::profile_changes(args.profile_seconds as usize),
-            _ => bail!("--profile {r}: far, full or changes"),
+            "established" | "new-allowed" => {
+                let case = r.replace('-', " ");
+                // SAFETY: single-threaded at this point.
+                unsafe { std::env::set_var("SG_BENCH_SPIN", format!("{case}:{}", args.profile_seconds)) };
+                classifier::run(1, 1_000_000, 1)?;
+                return Ok(());
+            }
+            _ => bail!("--profile {r}: far, full, changes, established or new-allowed"),
         };
         return forward::profile(regime, args.profile_rules, args.profile_seconds);
     }
