@@ -21,6 +21,10 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "iproute2",
     "tcpdump",
     "iperf3",
+    // Neutron's functional firewall suite (cargo xtask neutron) checks traffic with these.
+    "ncat",
+    "iputils-ping",
+    "iputils-arping",
 ];
 
 pub fn run() -> Result<()> {

@@ -57,6 +57,7 @@ pub(super) struct PolicyContent {
     fingerprint: u64,
     pub(super) classes: Entries<ClassKey, ClassVal>,
     pub(super) services: Entries<ServiceKey, ServiceVal>,
+    pub(super) src_ports: Entries<SrcPortKey, ServiceVal>,
 }
 
 impl PolicyContent {
@@ -64,9 +65,10 @@ impl PolicyContent {
     pub(super) fn sealed(
         classes: Entries<ClassKey, ClassVal>,
         services: Entries<ServiceKey, ServiceVal>,
+        src_ports: Entries<SrcPortKey, ServiceVal>,
     ) -> Self {
         static KEYS: std::sync::OnceLock<foldhash::fast::RandomState> = std::sync::OnceLock::new();
-        let (classes, services) = (sorted(classes), sorted(services));
+        let (classes, services, src_ports) = (sorted(classes), sorted(services), sorted(src_ports));
         let mut h = KEYS
             .get_or_init(foldhash::fast::RandomState::default)
             .build_hasher();
@@ -77,10 +79,15 @@ impl PolicyContent {
         for (p, k, v) in &services {
             (p, bytemuck::bytes_of(k), v.rule).hash(&mut h);
         }
+        0xfeu8.hash(&mut h);
+        for (p, k, v) in &src_ports {
+            (p, bytemuck::bytes_of(k), v.rule).hash(&mut h);
+        }
         Self {
             fingerprint: h.finish(),
             classes,
             services,
+            src_ports,
         }
     }
 }
@@ -280,6 +287,17 @@ impl Applier {
                 .services
                 .push((k.prefix_len(), key, v));
         }
+        for item in dp.src_ports()?.iter() {
+            let (k, v) = item?;
+            let mut key = k.data();
+            let id = key.policy;
+            key.policy = 0;
+            policies
+                .entry(id)
+                .or_default()
+                .src_ports
+                .push((k.prefix_len(), key, v));
+        }
         let mut addr_sets: BTreeMap<u32, Entries<AddrKey, AddrVal>> = BTreeMap::new();
         for item in dp.addrs()?.iter() {
             let (k, v) = item?;
@@ -332,7 +350,7 @@ impl Applier {
             taps,
         };
         for (id, content) in policies {
-            let content = PolicyContent::sealed(content.classes, content.services);
+            let content = PolicyContent::sealed(content.classes, content.services, content.src_ports);
             match a.policies.entry(content) {
                 Entry::Occupied(e) => a.duplicates.push((id, e.key().clone())),
                 Entry::Vacant(e) => {
@@ -424,7 +442,7 @@ impl Applier {
         let mut desired_policies: HashMap<u32, PolicyContent> = HashMap::new();
         for p in &compiled.policies {
             let classes = delta::live_classes(compiled, p);
-            let content = policy_content(p.classes.iter(), p.services.iter(), &rule_map, &classes)?;
+            let content = policy_content(p, &rule_map, &classes)?;
             desired_policies.insert(p.id, content);
         }
         self.reread_unsure()?;
@@ -810,8 +828,16 @@ impl Applier {
                 c.services.push((k.prefix_len(), key, v));
             }
         }
+        for item in self.dp.src_ports()?.iter() {
+            let (k, v) = item?;
+            let mut key = k.data();
+            if let Some(c) = found.get_mut(&key.policy) {
+                key.policy = 0;
+                c.src_ports.push((k.prefix_len(), key, v));
+            }
+        }
         for (id, c) in found {
-            let c = PolicyContent::sealed(c.classes, c.services);
+            let c = PolicyContent::sealed(c.classes, c.services, c.src_ports);
             self.policies.retain(|_, i| *i != id);
             match self.policies.entry(c) {
                 Entry::Occupied(e) => self.duplicates.push((id, e.key().clone())),
@@ -925,7 +951,14 @@ impl Applier {
             .collect();
         batch::lpm_update(self.dp.lpm_map(MAP_SERVICES)?, &services)
             .context("SG_SERVICES is full or refused an entry")?;
-        Ok(c.classes.len() + c.services.len())
+        let src_ports: Entries<SrcPortKey, ServiceVal> = c
+            .src_ports
+            .iter()
+            .map(|(p, k, v)| (*p, SrcPortKey { policy: id, ..*k }, *v))
+            .collect();
+        batch::lpm_update(self.dp.lpm_map(MAP_SRC_PORTS)?, &src_ports)
+            .context("SG_SRC_PORTS is full or refused an entry")?;
+        Ok(c.classes.len() + c.services.len() + c.src_ports.len())
     }
 
     fn delete_policy(&mut self, id: u32, c: &PolicyContent) -> Result<usize> {
@@ -939,12 +972,19 @@ impl Applier {
             .iter()
             .map(|(p, k, v)| (*p, ServiceKey { policy: id, ..*k }, *v))
             .collect();
-        // Both maps are attempted even if the first fails, as the per-entry loop did.
+        let src_ports: Entries<SrcPortKey, ServiceVal> = c
+            .src_ports
+            .iter()
+            .map(|(p, k, v)| (*p, SrcPortKey { policy: id, ..*k }, *v))
+            .collect();
+        // Every map is attempted even if one fails, as the per-entry loop did.
         let a = batch::lpm_delete(self.dp.lpm_map(MAP_CLASSES)?, &classes).context("SG_CLASSES");
         let b = batch::lpm_delete(self.dp.lpm_map(MAP_SERVICES)?, &services).context("SG_SERVICES");
+        let c2 = batch::lpm_delete(self.dp.lpm_map(MAP_SRC_PORTS)?, &src_ports).context("SG_SRC_PORTS");
         a?;
         b?;
-        Ok(c.classes.len() + c.services.len())
+        c2?;
+        Ok(c.classes.len() + c.services.len() + c.src_ports.len())
     }
 
     fn write_addrs(&mut self, id: u32, set: &AddrSet) -> Result<usize> {
@@ -980,43 +1020,65 @@ fn sorted<K: bytemuck::Pod, V>(mut v: Entries<K, V>) -> Entries<K, V> {
 }
 
 /// A compiled policy with its live rule indexes and class numbers, as the maps would hold it.
-fn policy_content<'a>(
-    classes: impl Iterator<Item = &'a LpmEntry<ClassKey, ClassVal>>,
-    services: impl Iterator<Item = &'a LpmEntry<ServiceKey, ServiceVal>>,
+fn policy_content(
+    p: &crate::compile::CompiledPolicy,
     rule_map: &HashMap<u32, u32>,
     class_map: &HashMap<u32, u32>,
 ) -> Result<PolicyContent> {
+    let live = |rule: u32| -> Result<ServiceVal> {
+        match rule_map.get(&rule) {
+            Some(&rule) => Ok(ServiceVal { rule }),
+            None => bail!("compiled service entry refers to unknown rule {rule}"),
+        }
+    };
     let live_class = |c: u32| match class_map.get(&c) {
         Some(&n) => Ok(n),
         None => bail!("compiled policy refers to unknown class {c}"),
     };
-    let mut cls = Vec::new();
-    for e in classes {
-        cls.push((
-            e.prefix_len,
-            ClassKey { policy: 0, ..e.key },
-            ClassVal {
-                class: live_class(e.value.class)?,
-            },
-        ));
-    }
-    let classes = cls;
-    let mut out = Vec::new();
-    for e in services {
-        let Some(&rule) = rule_map.get(&e.value.rule) else {
-            bail!("compiled service entry refers to unknown rule {}", e.value.rule);
-        };
-        out.push((
-            e.prefix_len,
-            ServiceKey {
-                policy: 0,
-                class: live_class(e.key.class)?,
-                ..e.key
-            },
-            ServiceVal { rule },
-        ));
-    }
-    Ok(PolicyContent::sealed(classes, out))
+    let classes = p
+        .classes
+        .iter()
+        .map(|e| {
+            Ok((
+                e.prefix_len,
+                ClassKey { policy: 0, ..e.key },
+                ClassVal {
+                    class: live_class(e.value.class)?,
+                },
+            ))
+        })
+        .collect::<Result<_>>()?;
+    let services = p
+        .services
+        .iter()
+        .map(|e| {
+            Ok((
+                e.prefix_len,
+                ServiceKey {
+                    policy: 0,
+                    class: live_class(e.key.class)?,
+                    ..e.key
+                },
+                live(e.value.rule)?,
+            ))
+        })
+        .collect::<Result<_>>()?;
+    let src_ports = p
+        .src_ports
+        .iter()
+        .map(|e| {
+            Ok((
+                e.prefix_len,
+                SrcPortKey {
+                    policy: 0,
+                    class: live_class(e.key.class)?,
+                    ..e.key
+                },
+                live(e.value.rule)?,
+            ))
+        })
+        .collect::<Result<_>>()?;
+    Ok(PolicyContent::sealed(classes, services, src_ports))
 }
 
 /// 65535 → "65,535".

@@ -107,6 +107,12 @@ impl Delta {
     /// The ordered delta from `old` to `new`, or `None` when the change has both shapes (see
     /// the module) or costs more than writing `new` under a fresh id and deleting `old`.
     pub fn plan(old: &PolicyContent, new: &PolicyContent) -> Option<Self> {
+        // Source-port rules (SG_SRC_PORTS, consulted when SG_SERVICES admits nothing) are a
+        // second service map whose order against SG_SERVICES is not worked out: a change to
+        // them is written under a fresh id.
+        if old.src_ports != new.src_ports {
+            return None;
+        }
         let (mut class_writes, mut class_deletes) = diff(&old.classes, &new.classes);
         let before: BTreeSet<u32> = old.classes.iter().map(|(_, _, v)| v.class).collect();
         let after: BTreeSet<u32> = new.classes.iter().map(|(_, _, v)| v.class).collect();
@@ -138,7 +144,12 @@ impl Delta {
         if classes_change && shared_change {
             return None;
         }
-        let full = old.classes.len() + old.services.len() + new.classes.len() + new.services.len();
+        let full = old.classes.len()
+            + old.services.len()
+            + old.src_ports.len()
+            + new.classes.len()
+            + new.services.len()
+            + new.src_ports.len();
         if class_writes.len() + class_deletes.len() + d.service_len() >= full {
             return None;
         }
@@ -276,7 +287,7 @@ mod tests {
         classes: Entries<ClassKey, ClassVal>,
         services: Entries<ServiceKey, ServiceVal>,
     ) -> PolicyContent {
-        PolicyContent::sealed(classes, services)
+        PolicyContent::sealed(classes, services, Vec::new())
     }
 
     /// Longest match of `addr` among class entries, as the kernel's LPM trie answers.
