@@ -134,8 +134,10 @@ pub const PORT_F_SRC_PORTS: u32 = 1 << 7;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct PortInfo {
-    /// Compiled policy id: selects this port's SG_CLASSES and SG_SERVICES entries. A new
-    /// policy is written under a fresh id and then switched here with one update.
+    /// Policy id: selects this port's SG_CLASSES and SG_SERVICES entries. Ports with the same
+    /// rules share one. A changed policy is either written under a fresh id and switched here
+    /// with one update, or changed in place under its id (sg-ebpf README §5.1); `rev` says
+    /// which content the port enforces.
     pub policy: u32,
     /// Address-set id: selects this port's SG_ADDRS entries; switched like `policy`.
     pub addr_id: u32,
@@ -146,6 +148,10 @@ pub struct PortInfo {
     /// The port's own MAC.
     pub mac: [u8; 6],
     pub _pad: [u8; 2],
+    /// Policy revision: changes (never to an earlier value) whenever the content this port
+    /// enforces changes, in place or under a new id. Conntrack entries record it; an entry
+    /// with another revision is re-checked (revocation). 0 for a port without a policy.
+    pub rev: u32,
 }
 
 // -------------------------------------------------------------------------------------------
@@ -166,6 +172,12 @@ pub struct NextIds {
     pub addr_id: u32,
     /// The next port index.
     pub port_idx: u32,
+    /// The next policy revision (`PortInfo::rev`).
+    pub rev: u32,
+    /// Non-zero while the agent changes policies in place: a policy's entries may then hold
+    /// content that no port's revision names yet. An agent that finds it set after a restart
+    /// gives every port a fresh revision, so that every flow is re-checked once.
+    pub in_place: u32,
     pub _pad: u32,
 }
 
@@ -361,10 +373,11 @@ pub const TCP_SYN_SENT2: u8 = 9;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct CtVal {
-    /// `bpf_ktime_get_ns()` after which the entry is dead (CLOCK_MONOTONIC).
+    /// CLOCK_MONOTONIC (the datapath reads it coarse, `bpf_ktime_get_coarse_ns`) after which
+    /// the entry is dead.
     pub expires_ns: u64,
-    /// Policy id in force when the flow was last (re)checked; a different id in SG_PORTS
-    /// makes the datapath re-check the flow (revocation).
+    /// The port's policy revision (`PortInfo::rev`) when the flow was last (re)checked; a
+    /// different revision in SG_PORTS makes the datapath re-check the flow (revocation).
     pub policy: u32,
     /// Rule that admitted the flow (0: a fixed rule such as DHCP or ICMPv6).
     pub rule: u32,
@@ -611,7 +624,7 @@ mod tests {
     #[test]
     fn layouts_are_stable() {
         // The pinned maps outlive the agent binary; these sizes are part of the pin format.
-        assert_eq!(size_of::<PortInfo>(), 24);
+        assert_eq!(size_of::<PortInfo>(), 28);
         assert_eq!(size_of::<AddrKey>(), 28);
         assert_eq!(size_of::<ClassKey>(), 24);
         assert_eq!(size_of::<ServiceKey>(), 16);
@@ -619,7 +632,7 @@ mod tests {
         assert_eq!(size_of::<CtKey>(), 44);
         assert_eq!(size_of::<CtVal>(), 24);
         assert_eq!(size_of::<CtEventKey>(), 8);
-        assert_eq!(size_of::<NextIds>(), 16);
+        assert_eq!(size_of::<NextIds>(), 24);
         assert_eq!(size_of::<FragKey>(), 44);
         assert_eq!(size_of::<StatKey>(), 8);
         assert_eq!(size_of::<TraceRec>(), 28);

@@ -26,7 +26,7 @@
 // 512-byte BPF stack.
 #![allow(clippy::needless_borrows_for_generic_args)]
 
-use aya_ebpf::{bindings::__sk_buff, helpers::bpf_ktime_get_ns, programs::TcContext};
+use aya_ebpf::{bindings::__sk_buff, programs::TcContext};
 use sg_common::*;
 
 use crate::{
@@ -128,11 +128,21 @@ pub fn lookup(ctx: &TcContext, port: &PortInfo, pkt: &Pkt, ct: &mut Ct) {
     // ICMP errors have their own global function, called from here rather than from
     // sg_ct_lookup so that the two frames are never stacked.
     if is_icmp_error(pkt) {
-        ct.now = unsafe { bpf_ktime_get_ns() };
+        ct.now = now_ns();
         sg_ct_related(ctx.skb.skb, port, pkt, ct);
     } else {
         sg_ct_lookup(port, pkt, ct);
     }
+}
+
+/// CLOCK_MONOTONIC, coarse: timeouts are whole seconds, and the coarse clock reads a variable
+/// the timer tick updates instead of the clock source, which in a VM is the most expensive
+/// part of an established packet (bench/results.md). It lags the precise clock by less than
+/// a tick, so an entry lives at most a tick less than its timeout.
+#[inline(always)]
+pub fn now_ns() -> u64 {
+    // SAFETY: a helper without arguments (kernel 5.11).
+    unsafe { aya_ebpf::helpers::generated::bpf_ktime_get_coarse_ns() }
 }
 
 /// ICMP 3, 4, 5, 11, 12 (Linux `icmp_is_err`); ICMPv6 types below 128.
@@ -156,7 +166,7 @@ pub extern "C" fn sg_ct_lookup(port: *const PortInfo, pkt: *const Pkt, ct: *mut 
     }) else {
         return 0;
     };
-    ct.now = unsafe { bpf_ktime_get_ns() };
+    ct.now = now_ns();
     let entry = if pkt.has_icmp() {
         icmp(port, pkt, ct)
     } else {
@@ -409,7 +419,7 @@ fn live_entry(port: &PortInfo, ct: &mut Ct) -> *mut CtVal {
             return core::ptr::null_mut();
         }
         let mut revoked = (*e).flags & CT_F_REVOKED != 0;
-        if (*e).policy != port.policy {
+        if (*e).policy != port.rev {
             if (*e).rule != 0 {
                 let rule = recheck(&ct.key, (*e).flags, port);
                 revoked = rule == 0;
@@ -423,7 +433,7 @@ fn live_entry(port: &PortInfo, ct: &mut Ct) -> *mut CtVal {
                 }
             }
             if !ct.dry {
-                (*e).policy = port.policy;
+                (*e).policy = port.rev;
             }
         }
         if revoked {

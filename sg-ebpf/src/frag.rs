@@ -2,7 +2,6 @@
 //! frame as it comes: the first fragment (offset 0) like any packet, and later fragments by the
 //! first fragment's remembered verdict. A later fragment whose first fragment was not seen is
 //! dropped (`drop-frag-no-first`), where iptables would hold it for reassembly.
-use aya_ebpf::helpers::bpf_ktime_get_ns;
 use sg_common::*;
 
 use crate::{maps::SG_FRAGS, parse::Pkt};
@@ -42,7 +41,7 @@ pub extern "C" fn sg_frag_follow(port: *const PortInfo, dir: u8, pkt: *const Pkt
     let (Some(port), Some(pkt)) = (unsafe { port.as_ref() }, unsafe { pkt.as_ref() }) else {
         return REASON_DROP_FRAG_NO_FIRST as u64;
     };
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = crate::conntrack::now_ns();
     match unsafe { SG_FRAGS.get(key(port, dir, pkt)) } {
         Some(first) if first.expires_ns > now => {
             let reason = if reason_allows(first.reason) {
@@ -77,7 +76,7 @@ pub extern "C" fn sg_frag_remember(
         return 0;
     };
     let val = FragVal {
-        expires_ns: unsafe { bpf_ktime_get_ns() } + FRAG_TIMEOUT_S * 1_000_000_000,
+        expires_ns: crate::conntrack::now_ns() + FRAG_TIMEOUT_S * 1_000_000_000,
         reason,
         _pad: [0; 3],
         rule,

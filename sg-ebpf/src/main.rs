@@ -148,7 +148,7 @@ fn decide_ip(ctx: &TcContext, port: &PortInfo, pkt: &Pkt, d: &mut Decision) -> u
 
     // 6. State is written only for a packet every stage accepted.
     if reason_allows(reason) && d.traced != TRACED_DRY {
-        conntrack::commit(&ct, d.dir, port.policy, d.rule);
+        conntrack::commit(&ct, d.dir, port.rev, d.rule);
     }
     reason
 }

@@ -560,6 +560,8 @@ pub struct CtRow {
     pub revoked: bool,
     pub admitted: &'static str,
     pub rule: u32,
+    /// The policy revision (`PortInfo::rev`) the flow was last checked against: a port whose
+    /// revision differs re-checks it on its next packet.
     pub policy: u32,
     pub expires_in_s: i64,
     pub packets: u32,

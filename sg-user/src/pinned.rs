@@ -132,7 +132,8 @@ pub fn ct_evicted(root: &Path) -> Result<BTreeMap<u32, u64>> {
     Ok(out)
 }
 
-/// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns`.
+/// CLOCK_MONOTONIC in nanoseconds: the clock of the datapath's timeouts (which reads it
+/// coarse, up to a tick behind).
 pub fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,

@@ -364,7 +364,7 @@ fn thousand_updates_under_traffic_no_drop_no_leak() {
 
 #[test]
 fn pinned_map_of_another_shape_is_refused() {
-    // A pinned SG_PORTS whose values are 8 bytes (this build's are 24): reusing it would make
+    // A pinned SG_PORTS whose values are 8 bytes (this build's are 28): reusing it would make
     // the datapath read garbage, so loading must refuse and say what to do.
     let pins = sg_tests::PinRoot::new().unwrap();
     std::fs::create_dir_all(pins.path.join("maps")).unwrap();
@@ -399,7 +399,7 @@ fn pinned_map_of_another_shape_is_refused() {
         err.contains("SG_PORTS") && err.contains("does not match"),
         "{err}"
     );
-    assert!(err.contains("value 8") && err.contains("value 24"), "{err}");
+    assert!(err.contains("value 8") && err.contains("value 28"), "{err}");
     assert!(err.contains("Refusing to reuse it"), "{err}");
 }
 

@@ -11,7 +11,7 @@ use sg_user::{
     datapath::{Datapath, LoadOptions},
     diff::topo::Topology,
     model,
-    packet::{Frame, TCP_SYN},
+    packet::{Frame, TCP_ACK, TCP_SYN},
 };
 
 const WEB: &str = "aaaa0000-0000-4000-8000-00000000a001";
@@ -95,16 +95,22 @@ fn colliding_content_hashes_never_share_a_policy() {
         (TC_ACT_SHOT, "drop-no-rule")
     );
 
-    // A change to one group rewrites that port's policy only; the other keeps its id.
+    // A change to one group changes that port's policy only (in place); the other keeps its
+    // id and revision.
     let m2 = model::from_values(vec![("collide".into(), doc(&[22, 23]))]).unwrap();
     let report = applier.apply(&compile::compile(&m2, "compute-1")).unwrap();
-    assert_eq!(report.policies_written, 1, "{report:?}");
+    assert_eq!(report.policies_written + report.policies_changed, 1, "{report:?}");
     assert_eq!(
         live(&applier, WEB).policy,
         web.policy,
         "unchanged content keeps its id"
     );
-    assert_ne!(live(&applier, SSH).policy, ssh.policy);
+    let rev = |a: &mut Applier, ifindex: u32| a.dp.ports().unwrap().get(&ifindex, 0).unwrap().rev;
+    assert_ne!(
+        rev(&mut applier, si),
+        rev(&mut applier, wi),
+        "one revision per content"
+    );
     assert_eq!(
         verdict(&mut applier, si, SSH_MAC, "10.77.0.2", 23),
         (TC_ACT_UNSPEC, "allow-rule")
@@ -113,4 +119,121 @@ fn colliding_content_hashes_never_share_a_policy() {
         verdict(&mut applier, wi, WEB_MAC, "10.77.0.1", 23),
         (TC_ACT_SHOT, "drop-no-rule")
     );
+}
+
+/// Issue 14: a rule added or removed is written in place, in proportion to the change, and a
+/// flow whose admitting rule went is still re-checked and stopped.
+#[test]
+fn a_rule_change_is_written_in_place_and_still_revokes() {
+    let m = model::from_values(vec![("delta".into(), doc(&[22, 80, 443, 8080]))]).unwrap();
+    let topo = Topology::build(&m, "compute-1", &unique("d")).unwrap();
+    let pins = PinRoot::new().unwrap();
+    let dp = Datapath::load(&LoadOptions {
+        pin_root: Some(pins.path.clone()),
+        ..Default::default()
+    })
+    .unwrap();
+    let mut applier = Applier::adopt(dp, Some(topo.node.0.clone()), None).unwrap();
+    let node = topo.node.0.clone();
+    let apply = |a: &mut Applier, v: serde_json::Value| {
+        let m = model::from_values(vec![("delta".into(), v)]).unwrap();
+        a.apply(&compile::compile(&m, "compute-1")).unwrap()
+    };
+    apply(&mut applier, doc(&[22, 80, 443, 8080]));
+    let ssh = applier.ports().find(|p| p.id == SSH).unwrap().clone();
+    let si = ssh.ifindex.unwrap();
+    let gw = [0xfa, 0x16, 0x3e, 9, 9, 9];
+    let run = |a: &mut Applier, prog: &str, frame: Vec<u8>| {
+        let (_, rec) = sg_user::netns::run_in(Some(&node), || a.dp.trace_run(prog, &frame, si))
+            .unwrap()
+            .unwrap();
+        reason_name(rec.reason)
+    };
+    let inbound = |dport: u16, flags: u8| {
+        Frame::ip(gw, SSH_MAC, tcp("203.0.113.9", 40000, "10.77.0.2", dport, flags)).build()
+    };
+    let outbound = |sport: u16, flags: u8| {
+        Frame::ip(SSH_MAC, gw, tcp("10.77.0.2", sport, "203.0.113.9", 40000, flags)).build()
+    };
+    // An SSH connection, admitted by the rule for port 22.
+    assert_eq!(run(&mut applier, PROG_TO_VM, inbound(22, TCP_SYN)), "allow-rule");
+    assert_eq!(
+        run(&mut applier, PROG_FROM_VM, outbound(22, TCP_SYN | TCP_ACK)),
+        "allow-established"
+    );
+    let rev0 = applier.dp.ports().unwrap().get(&si, 0).unwrap().rev;
+
+    // Port 22 removed: the same policy id, a few entries, a new revision.
+    let report = apply(&mut applier, doc(&[80, 443, 8080]));
+    assert_eq!(
+        (report.policies_changed, report.policies_written),
+        (1, 0),
+        "{report:?}"
+    );
+    assert!(
+        report.entries_written <= 4,
+        "in proportion to the change: {report:?}"
+    );
+    let now = applier.ports().find(|p| p.id == SSH).unwrap().clone();
+    assert_eq!(now.policy, ssh.policy, "changed in place");
+    let rev1 = applier.dp.ports().unwrap().get(&si, 0).unwrap().rev;
+    assert!(rev1 > rev0, "a new revision ({rev0} → {rev1})");
+    assert_eq!(
+        run(&mut applier, PROG_TO_VM, inbound(22, TCP_ACK)),
+        "drop-no-rule",
+        "the SSH flow's rule is gone: re-checked and revoked"
+    );
+    assert_eq!(run(&mut applier, PROG_TO_VM, inbound(443, TCP_SYN)), "allow-rule");
+    assert_eq!(
+        run(&mut applier, PROG_TO_VM, inbound(22, TCP_SYN)),
+        "drop-no-rule"
+    );
+
+    // A rule on a remote the policy does not use yet: new classes, in place too.
+    let mut with_prefix = doc(&[80, 443, 8080]);
+    with_prefix["security_groups"][1]["security_group_rules"]
+        .as_array_mut()
+        .unwrap()
+        .push(
+            json!({"id": "ssh-from-lab", "direction": "ingress", "ethertype": "IPv4", "protocol": "tcp",
+                     "port_range_min": 22, "port_range_max": 22, "remote_ip_prefix": "198.51.100.0/24"}),
+        );
+    let report = apply(&mut applier, with_prefix);
+    assert_eq!(
+        (report.policies_changed, report.policies_written),
+        (1, 0),
+        "{report:?}"
+    );
+    assert_eq!(applier.ports().find(|p| p.id == SSH).unwrap().policy, ssh.policy);
+    let lab = Frame::ip(gw, SSH_MAC, tcp("198.51.100.7", 40001, "10.77.0.2", 22, TCP_SYN)).build();
+    assert_eq!(run(&mut applier, PROG_TO_VM, lab), "allow-rule");
+    assert_eq!(
+        run(&mut applier, PROG_TO_VM, inbound(22, TCP_SYN)),
+        "drop-no-rule"
+    );
+    assert_eq!(
+        run(&mut applier, PROG_TO_VM, inbound(8080, TCP_SYN)),
+        "allow-rule"
+    );
+
+    // A restarted agent adopts the policy as the maps hold it: nothing written, nothing switched.
+    let state = applier.run_state(1);
+    drop(applier);
+    let dp = Datapath::load(&LoadOptions {
+        pin_root: Some(pins.path.clone()),
+        ..Default::default()
+    })
+    .unwrap();
+    let mut applier = Applier::adopt(dp, Some(topo.node.0.clone()), Some(&state)).unwrap();
+    let mut again = doc(&[80, 443, 8080]);
+    again["security_groups"][1]["security_group_rules"]
+        .as_array_mut()
+        .unwrap()
+        .push(
+            json!({"id": "ssh-from-lab", "direction": "ingress", "ethertype": "IPv4", "protocol": "tcp",
+                     "port_range_min": 22, "port_range_max": 22, "remote_ip_prefix": "198.51.100.0/24"}),
+        );
+    let report = apply(&mut applier, again);
+    assert_eq!(report.entries_written + report.entries_deleted, 0, "{report:?}");
+    assert!(report.ports_switched.is_empty(), "{report:?}");
 }

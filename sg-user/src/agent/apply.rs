@@ -7,13 +7,24 @@
 //!   its live id, so its flows are not re-checked and nothing is rewritten. The content itself
 //!   is the key: a hash only picks the bucket and equality decides, so two different policies
 //!   never share an id, even if someone who controls the input finds colliding hashes;
-//! - changed content is written under a fresh id while the old entries stay in place, then
-//!   each port is switched with one SG_PORTS update, then entries no port uses are deleted.
+//! - changed content of a policy whose ports all change alike is edited in place under its id,
+//!   entries written in proportion to the change, in an order in which every packet is decided
+//!   by the old or the new content (`delta`, sg-ebpf README §5.1); other changed content is
+//!   written under a fresh id while the old entries stay in place. Then each port is switched
+//!   with one SG_PORTS update (its policy id and revision), then entries no port uses are
+//!   deleted;
+//! - class numbers are a function of what a class means (`delta::live_classes`), so they stay
+//!   the same across compiles and a class keeps its entries when other rules change;
+//! - a port's revision (`PortInfo::rev`) changes with the content it enforces, in place or
+//!   not, and is never given twice: conntrack entries record it, and a flow whose revision is
+//!   not its port's is re-checked on its next packet (revocation);
 //! - rule indexes are stable per (security group id, rule id), so SG_RULE_HITS keeps counting
 //!   for a rule across updates.
 //!
-//! Every new entry is written before any port is switched. If a write fails, what this apply
-//! wrote is removed again and the running policy is untouched.
+//! Every new entry is written before any port is switched. If a write under a fresh id fails,
+//! what this apply wrote is removed again and the running policy is untouched; an in-place
+//! edit that fails leaves the policy between its old and its new content and is finished by
+//! the next apply.
 
 use std::{
     collections::{
@@ -28,35 +39,62 @@ use serde::{Deserialize, Serialize};
 use sg_common::*;
 use tracing::{debug, info, warn};
 
+use super::delta::{self, Delta};
 use super::taps::{TapPlan, TapsHandle};
 use crate::{
     compile::{Compiled, LpmEntry},
     datapath::{Datapath, batch},
 };
 
-type Entries<K, V> = Vec<(u32, K, V)>;
+pub(super) type Entries<K, V> = Vec<(u32, K, V)>;
 
-/// A policy as the maps hold it, with the policy id field zeroed: what identifies it.
+/// A policy as the maps hold it, with the policy id field zeroed: what identifies it. Both
+/// lists are sorted by (key bytes, prefix length). `sealed` computes a fingerprint of the
+/// entries once, which is what the content-keyed tables hash: a policy of thousands of entries
+/// is looked up several times per apply. Equality still compares every entry.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
-struct PolicyContent {
-    classes: Entries<ClassKey, ClassVal>,
-    services: Entries<ServiceKey, ServiceVal>,
-    src_ports: Entries<SrcPortKey, ServiceVal>,
+pub(super) struct PolicyContent {
+    fingerprint: u64,
+    pub(super) classes: Entries<ClassKey, ClassVal>,
+    pub(super) services: Entries<ServiceKey, ServiceVal>,
+    pub(super) src_ports: Entries<SrcPortKey, ServiceVal>,
+}
+
+impl PolicyContent {
+    /// Sorts the entries and computes the fingerprint.
+    pub(super) fn sealed(
+        classes: Entries<ClassKey, ClassVal>,
+        services: Entries<ServiceKey, ServiceVal>,
+        src_ports: Entries<SrcPortKey, ServiceVal>,
+    ) -> Self {
+        static KEYS: std::sync::OnceLock<foldhash::fast::RandomState> = std::sync::OnceLock::new();
+        let (classes, services, src_ports) = (sorted(classes), sorted(services), sorted(src_ports));
+        let mut h = KEYS
+            .get_or_init(foldhash::fast::RandomState::default)
+            .build_hasher();
+        for (p, k, v) in &classes {
+            (p, bytemuck::bytes_of(k), v.class).hash(&mut h);
+        }
+        0xffu8.hash(&mut h);
+        for (p, k, v) in &services {
+            (p, bytemuck::bytes_of(k), v.rule).hash(&mut h);
+        }
+        0xfeu8.hash(&mut h);
+        for (p, k, v) in &src_ports {
+            (p, bytemuck::bytes_of(k), v.rule).hash(&mut h);
+        }
+        Self {
+            fingerprint: h.finish(),
+            classes,
+            services,
+            src_ports,
+        }
+    }
 }
 
 impl Hash for PolicyContent {
     fn hash<H: Hasher>(&self, h: &mut H) {
-        for (p, k, v) in &self.classes {
-            (p, bytemuck::bytes_of(k), v.class).hash(h);
-        }
-        0xffu8.hash(h);
-        for (p, k, v) in &self.services {
-            (p, bytemuck::bytes_of(k), v.rule).hash(h);
-        }
-        0xfeu8.hash(h);
-        for (p, k, v) in &self.src_ports {
-            (p, bytemuck::bytes_of(k), v.rule).hash(h);
-        }
+        self.fingerprint.hash(h);
     }
 }
 
@@ -155,6 +193,8 @@ pub struct LiveRule {
 #[derive(Debug, Default, Clone, Serialize)]
 pub struct ApplyReport {
     pub policies_written: usize,
+    /// Policies changed in place under their id.
+    pub policies_changed: usize,
     pub policies_deleted: usize,
     pub addr_sets_written: usize,
     pub addr_sets_deleted: usize,
@@ -195,9 +235,18 @@ pub struct Applier {
     closed: BTreeMap<String, LivePort>,
     /// The thread that attaches taps and switches SG_PORTS entries.
     taps: TapsHandle,
+    /// Revision of each live policy id (`PortInfo::rev`).
+    revs: HashMap<u32, u32>,
+    /// Policy ids whose entries may differ from what `policies` says (an in-place edit
+    /// failed): read back from the maps before the next apply.
+    unsure: BTreeSet<u32>,
+    /// A policy was changed in place and not every port has its new revision yet
+    /// (sg-common `NextIds::in_place`).
+    in_place_pending: bool,
     next_policy: u32,
     next_addr: u32,
     next_port_idx: u32,
+    next_rev: u32,
 }
 
 impl Applier {
@@ -263,7 +312,27 @@ impl Applier {
         let used = dp.next_ids()?;
         let taps = TapsHandle::spawn(dp.tap_handles()?, netns.clone())?;
 
+        // Revisions: what the ports say, unless an in-place edit may have been cut short (then
+        // no revision is known to name what its policy holds) or ports of one policy disagree.
+        let mut next_rev = (port_entries.iter().map(|(_, p)| p.rev).max().unwrap_or(0) + 1).max(used.rev);
+        let mut revs: HashMap<u32, u32> = HashMap::new();
+        let mut torn: BTreeSet<u32> = BTreeSet::new();
+        for (_, p) in port_entries.iter().filter(|(_, p)| p.policy != 0) {
+            if *revs.entry(p.policy).or_insert(p.rev) != p.rev {
+                torn.insert(p.policy);
+            }
+        }
+        for (policy, rev) in revs.iter_mut() {
+            if used.in_place != 0 || torn.contains(policy) || *rev == 0 {
+                *rev = next_rev;
+                next_rev += 1;
+            }
+        }
         let mut a = Self {
+            revs,
+            unsure: BTreeSet::new(),
+            in_place_pending: used.in_place != 0,
+            next_rev,
             next_policy: (policies.keys().max().copied().unwrap_or(0) + 1).max(used.policy),
             next_addr: (addr_sets.keys().max().copied().unwrap_or(0) + 1).max(used.addr_id),
             next_port_idx: (port_entries.iter().map(|(_, p)| p.port_idx).max().unwrap_or(0) + 1)
@@ -280,22 +349,8 @@ impl Applier {
             closed: BTreeMap::new(),
             taps,
         };
-        for (id, mut content) in policies {
-            content.classes.sort_by(|x, y| {
-                bytemuck::bytes_of(&x.1)
-                    .cmp(bytemuck::bytes_of(&y.1))
-                    .then(x.0.cmp(&y.0))
-            });
-            content.services.sort_by(|x, y| {
-                bytemuck::bytes_of(&x.1)
-                    .cmp(bytemuck::bytes_of(&y.1))
-                    .then(x.0.cmp(&y.0))
-            });
-            content.src_ports.sort_by(|x, y| {
-                bytemuck::bytes_of(&x.1)
-                    .cmp(bytemuck::bytes_of(&y.1))
-                    .then(x.0.cmp(&y.0))
-            });
+        for (id, content) in policies {
+            let content = PolicyContent::sealed(content.classes, content.services, content.src_ports);
             match a.policies.entry(content) {
                 Entry::Occupied(e) => a.duplicates.push((id, e.key().clone())),
                 Entry::Vacant(e) => {
@@ -386,9 +441,12 @@ impl Applier {
         // Desired contents, by compiled policy id and by port.
         let mut desired_policies: HashMap<u32, PolicyContent> = HashMap::new();
         for p in &compiled.policies {
-            let content = policy_content(p, &rule_map)?;
+            let classes = delta::live_classes(compiled, p);
+            let content = policy_content(p, &rule_map, &classes)?;
             desired_policies.insert(p.id, content);
         }
+        self.reread_unsure()?;
+        let in_place = self.plan_in_place(compiled, &desired_policies);
         let mut port_addrs: HashMap<&str, AddrSet> = HashMap::new();
         for port in &compiled.ports {
             port_addrs.insert(&port.id, AddrSet(addr_content(&port.addrs)));
@@ -399,13 +457,15 @@ impl Applier {
         let mut written_addrs: Vec<AddrSet> = Vec::new();
         let phase1 = (|| -> Result<()> {
             for content in desired_policies.values() {
-                if self.policies.contains_key(content) {
+                if self.policies.contains_key(content) || in_place.iter().any(|(_, _, c)| c == content) {
                     continue;
                 }
                 let id = self.next_policy;
                 self.next_policy += 1;
                 report.entries_written += self.write_policy(id, content)?;
                 self.policies.insert(content.clone(), id);
+                let rev = self.alloc_rev();
+                self.revs.insert(id, rev);
                 written_policies.push(content.clone());
                 report.policies_written += 1;
             }
@@ -442,13 +502,48 @@ impl Applier {
             self.dp.reset_rule_hits(idx)?;
         }
 
+        // Phase 1b: policies changed in place. From the first write until every port of such a
+        // policy has its new revision, SG_NEXT_IDS says so: an agent restarted in between then
+        // re-checks every flow.
+        if !in_place.is_empty() {
+            self.in_place_pending = true;
+            self.save_next_ids()?;
+        }
+        for (id, d, content) in in_place {
+            let old = self
+                .policies
+                .iter()
+                .find(|(_, i)| **i == id)
+                .map(|(c, _)| c.clone());
+            if let Some(old) = old {
+                self.policies.remove(&old);
+            }
+            if let Err(e) = d.apply(&self.dp, id) {
+                self.unsure.insert(id);
+                return Err(e.context(format!(
+                    "changing policy {id} in place; each packet is decided by its old or its new \
+                     content until the next apply finishes it"
+                )));
+            }
+            report.entries_written += d.len();
+            report.policies_changed += 1;
+            self.policies.insert(content, id);
+            let rev = self.alloc_rev();
+            self.revs.insert(id, rev);
+        }
+
         // Phase 2: switch each port with one SG_PORTS update, attaching taps that appeared,
         // and close the taps of ports that left. The taps thread does it.
         let mut plan: BTreeMap<String, TapPlan> = BTreeMap::new();
         let mut live: BTreeMap<String, LivePort> = BTreeMap::new();
+        // Compiled policy → live id, looked up once: a lookup compares whole contents.
+        let live_ids: HashMap<u32, u32> = desired_policies
+            .iter()
+            .map(|(compiled_id, content)| (*compiled_id, self.policies[content]))
+            .collect();
         for cp in &compiled.ports {
             let (policy, addr_id) = if cp.info.flags & PORT_F_FILTERED != 0 {
-                let policy = self.policies[&desired_policies[&cp.info.policy]];
+                let policy = live_ids[&cp.info.policy];
                 let addr_id = self.addr_sets[&port_addrs[cp.id.as_str()]];
                 (policy, addr_id)
             } else {
@@ -462,10 +557,22 @@ impl Applier {
                     i
                 }
             };
+            let rev = match self.revs.get(&policy) {
+                Some(r) => *r,
+                None if policy == 0 => 0,
+                // A policy adopted from the maps that no port used: its content is known, no
+                // revision names it yet.
+                None => {
+                    let r = self.alloc_rev();
+                    self.revs.insert(policy, r);
+                    r
+                }
+            };
             let info = PortInfo {
                 policy,
                 addr_id,
                 port_idx,
+                rev,
                 ..cp.info
             };
             plan.insert(
@@ -558,6 +665,9 @@ impl Applier {
             );
         }
 
+        // Every port has its policy's revision now.
+        self.in_place_pending = false;
+
         // Phase 3: delete what no port uses any more.
         let used_policies: BTreeSet<u32> = self.ports.values().map(|p| p.policy).collect();
         let used_addrs: BTreeSet<u32> = self.ports.values().map(|p| p.addr_id).collect();
@@ -567,8 +677,9 @@ impl Applier {
             .filter(|(_, id)| !used_policies.contains(id))
             .map(|(c, id)| (*id, c.clone()))
             .collect();
-        for (_, c) in &stale {
+        for (id, c) in &stale {
             self.policies.remove(c);
+            self.revs.remove(id);
         }
         let (unused, used): (Vec<_>, Vec<_>) = std::mem::take(&mut self.duplicates)
             .into_iter()
@@ -603,7 +714,11 @@ impl Applier {
     }
 
     /// Rules no longer in the input give their index back, with a clean counter.
-    fn rules_applied(&mut self, live_rules: BTreeMap<u32, LiveRule>) -> Result<()> {
+    fn rules_applied(&mut self, live_rules: Option<BTreeMap<u32, LiveRule>>) -> Result<()> {
+        // None: the rules are the live ones, nothing to record.
+        let Some(live_rules) = live_rules else {
+            return self.save_next_ids();
+        };
         let dropped: Vec<(String, String)> = self
             .rule_idx
             .iter()
@@ -616,17 +731,121 @@ impl Applier {
             }
         }
         for r in live_rules.values() {
-            self.rule_idx
-                .insert((r.security_group_id.clone(), r.rule_id.clone()), r.index);
+            if self.rules.get(&r.index) != Some(r) {
+                self.rule_idx
+                    .insert((r.security_group_id.clone(), r.rule_id.clone()), r.index);
+            }
         }
         self.rules = live_rules;
-        // The next ids outlive this process (sg-common `NextIds`).
+        self.save_next_ids()
+    }
+
+    /// The next ids outlive this process (sg-common `NextIds`).
+    fn save_next_ids(&mut self) -> Result<()> {
         self.dp.set_next_ids(NextIds {
             policy: self.next_policy,
             addr_id: self.next_addr,
             port_idx: self.next_port_idx,
+            rev: self.next_rev,
+            in_place: u32::from(self.in_place_pending),
             _pad: 0,
-        })?;
+        })
+    }
+
+    fn alloc_rev(&mut self) -> u32 {
+        let r = self.next_rev;
+        self.next_rev += 1;
+        r
+    }
+
+    /// The policies to change in place: (live id, ordered delta, new content). A policy is
+    /// changed in place when every port using it now wants the same new content, that content
+    /// is not live already, and the change has a shape `Delta::plan` can order.
+    fn plan_in_place(
+        &self,
+        compiled: &Compiled,
+        desired: &HashMap<u32, PolicyContent>,
+    ) -> Vec<(u32, Delta, PolicyContent)> {
+        // Live id → the compiled policies its ports want.
+        let mut wanted: BTreeMap<u32, BTreeSet<u32>> = BTreeMap::new();
+        for cp in &compiled.ports {
+            if cp.info.flags & PORT_F_FILTERED == 0 {
+                continue;
+            }
+            if let Some(p) = self.ports.get(&cp.id).filter(|p| p.policy != 0) {
+                wanted.entry(p.policy).or_default().insert(cp.info.policy);
+            }
+        }
+        // Ports that leave the input let go of their policy.
+        for p in self.ports.values() {
+            if p.policy != 0 && !compiled.ports.iter().any(|cp| cp.id == p.id) {
+                wanted.entry(p.policy).or_default();
+            }
+        }
+        let live: HashMap<u32, &PolicyContent> = self.policies.iter().map(|(c, id)| (*id, c)).collect();
+        let mut taken: BTreeSet<u32> = BTreeSet::new();
+        let mut out = Vec::new();
+        for (id, want) in wanted {
+            let want: Vec<u32> = want.into_iter().collect();
+            let (&[target], Some(old)) = (want.as_slice(), live.get(&id)) else {
+                continue;
+            };
+            let new = &desired[&target];
+            if self.policies.contains_key(new)
+                || self.duplicates.iter().any(|(d, _)| *d == id)
+                || !taken.insert(target)
+            {
+                continue;
+            }
+            if let Some(d) = Delta::plan(old, new) {
+                out.push((id, d, new.clone()));
+            }
+        }
+        out
+    }
+
+    /// Reads back the content of policies an interrupted in-place edit left unsure.
+    fn reread_unsure(&mut self) -> Result<()> {
+        if self.unsure.is_empty() {
+            return Ok(());
+        }
+        let unsure = std::mem::take(&mut self.unsure);
+        let mut found: BTreeMap<u32, PolicyContent> =
+            unsure.iter().map(|id| (*id, PolicyContent::default())).collect();
+        for item in self.dp.classes()?.iter() {
+            let (k, v) = item?;
+            let mut key = k.data();
+            if let Some(c) = found.get_mut(&key.policy) {
+                key.policy = 0;
+                c.classes.push((k.prefix_len(), key, v));
+            }
+        }
+        for item in self.dp.services()?.iter() {
+            let (k, v) = item?;
+            let mut key = k.data();
+            if let Some(c) = found.get_mut(&key.policy) {
+                key.policy = 0;
+                c.services.push((k.prefix_len(), key, v));
+            }
+        }
+        for item in self.dp.src_ports()?.iter() {
+            let (k, v) = item?;
+            let mut key = k.data();
+            if let Some(c) = found.get_mut(&key.policy) {
+                key.policy = 0;
+                c.src_ports.push((k.prefix_len(), key, v));
+            }
+        }
+        for (id, c) in found {
+            let c = PolicyContent::sealed(c.classes, c.services, c.src_ports);
+            self.policies.retain(|_, i| *i != id);
+            match self.policies.entry(c) {
+                Entry::Occupied(e) => self.duplicates.push((id, e.key().clone())),
+                Entry::Vacant(e) => {
+                    e.insert(id);
+                }
+            }
+        }
         Ok(())
     }
 
@@ -639,7 +858,7 @@ impl Applier {
     fn assign_rule_indexes(
         &self,
         compiled: &Compiled,
-    ) -> Result<(HashMap<u32, u32>, BTreeMap<u32, LiveRule>, Vec<u32>)> {
+    ) -> Result<(HashMap<u32, u32>, Option<BTreeMap<u32, LiveRule>>, Vec<u32>)> {
         let limit = MAX_RULES - 1;
         if compiled.rules.len() > limit as usize {
             bail!(
@@ -649,6 +868,28 @@ impl Applier {
                 thousands(compiled.rules.len()),
                 thousands(limit as usize)
             );
+        }
+        // The common case: the same rules as the live ones (a change elsewhere, or in members),
+        // answered without building anything.
+        let held_by: HashMap<(&str, &str), u32> = self
+            .rule_idx
+            .iter()
+            .map(|((g, r), i)| ((g.as_str(), r.as_str()), *i))
+            .collect();
+        if compiled.rules.len() == self.rules.len() {
+            let mut rule_map = HashMap::with_capacity(compiled.rules.len());
+            let same = compiled.rules.iter().all(|r| {
+                let Some(&idx) = held_by.get(&(r.security_group_id.as_str(), r.rule_id.as_str())) else {
+                    return false;
+                };
+                rule_map.insert(r.index, idx);
+                self.rules.get(&idx).is_some_and(|l| {
+                    l.security_group_id == r.security_group_id && l.rule_id == r.rule_id && l.text == r.text
+                })
+            });
+            if same {
+                return Ok((rule_map, None, Vec::new()));
+            }
         }
         let wanted: BTreeSet<(&str, &str)> = compiled
             .rules
@@ -666,8 +907,7 @@ impl Applier {
         let mut live = BTreeMap::new();
         let mut reused = Vec::new();
         for r in &compiled.rules {
-            let key = (r.security_group_id.clone(), r.rule_id.clone());
-            let idx = match self.rule_idx.get(&key) {
+            let idx = match held_by.get(&(r.security_group_id.as_str(), r.rule_id.as_str())) {
                 Some(i) => *i,
                 None => match free.next() {
                     Some(i) => i,
@@ -690,7 +930,7 @@ impl Applier {
                 },
             );
         }
-        Ok((rule_map, live, reused))
+        Ok((rule_map, Some(live), reused))
     }
 
     // A policy is written and deleted in batches (datapath::batch): one syscall per map rather
@@ -770,7 +1010,8 @@ impl Applier {
 }
 
 fn sorted<K: bytemuck::Pod, V>(mut v: Entries<K, V>) -> Entries<K, V> {
-    v.sort_by(|x, y| {
+    // Keys are unique; the compiler's output is mostly in this order already.
+    v.sort_unstable_by(|x, y| {
         bytemuck::bytes_of(&x.1)
             .cmp(bytemuck::bytes_of(&y.1))
             .then(x.0.cmp(&y.0))
@@ -778,25 +1019,46 @@ fn sorted<K: bytemuck::Pod, V>(mut v: Entries<K, V>) -> Entries<K, V> {
     v
 }
 
-fn policy_content(p: &crate::compile::CompiledPolicy, rule_map: &HashMap<u32, u32>) -> Result<PolicyContent> {
+/// A compiled policy with its live rule indexes and class numbers, as the maps would hold it.
+fn policy_content(
+    p: &crate::compile::CompiledPolicy,
+    rule_map: &HashMap<u32, u32>,
+    class_map: &HashMap<u32, u32>,
+) -> Result<PolicyContent> {
     let live = |rule: u32| -> Result<ServiceVal> {
         match rule_map.get(&rule) {
             Some(&rule) => Ok(ServiceVal { rule }),
             None => bail!("compiled service entry refers to unknown rule {rule}"),
         }
     };
+    let live_class = |c: u32| match class_map.get(&c) {
+        Some(&n) => Ok(n),
+        None => bail!("compiled policy refers to unknown class {c}"),
+    };
     let classes = p
         .classes
         .iter()
-        .map(|e| (e.prefix_len, ClassKey { policy: 0, ..e.key }, e.value))
-        .collect();
+        .map(|e| {
+            Ok((
+                e.prefix_len,
+                ClassKey { policy: 0, ..e.key },
+                ClassVal {
+                    class: live_class(e.value.class)?,
+                },
+            ))
+        })
+        .collect::<Result<_>>()?;
     let services = p
         .services
         .iter()
         .map(|e| {
             Ok((
                 e.prefix_len,
-                ServiceKey { policy: 0, ..e.key },
+                ServiceKey {
+                    policy: 0,
+                    class: live_class(e.key.class)?,
+                    ..e.key
+                },
                 live(e.value.rule)?,
             ))
         })
@@ -807,16 +1069,16 @@ fn policy_content(p: &crate::compile::CompiledPolicy, rule_map: &HashMap<u32, u3
         .map(|e| {
             Ok((
                 e.prefix_len,
-                SrcPortKey { policy: 0, ..e.key },
+                SrcPortKey {
+                    policy: 0,
+                    class: live_class(e.key.class)?,
+                    ..e.key
+                },
                 live(e.value.rule)?,
             ))
         })
         .collect::<Result<_>>()?;
-    Ok(PolicyContent {
-        classes: sorted(classes),
-        services: sorted(services),
-        src_ports: sorted(src_ports),
-    })
+    Ok(PolicyContent::sealed(classes, services, src_ports))
 }
 
 /// 65535 → "65,535".

@@ -24,6 +24,7 @@
 
 pub mod api;
 pub mod apply;
+mod delta;
 pub mod links;
 pub mod lock;
 mod pins;

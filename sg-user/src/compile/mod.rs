@@ -762,6 +762,8 @@ fn compile_port(model: &Model, port: &Port, policy: u32, addr_id: u32) -> Compil
             flags,
             mac: port.mac.0,
             _pad: [0; 2],
+            // The applier gives the live revision.
+            rev: 0,
         },
         addrs,
     }

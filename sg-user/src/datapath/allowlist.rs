@@ -142,6 +142,7 @@ pub fn install(dp: &mut Datapath, ifindex: u32, port_idx: u32, allows: &[Allow])
         flags: PORT_F_FILTERED,
         mac: [0; 6],
         _pad: [0; 2],
+        rev: policy,
     };
     dp.ports()?.insert(ifindex, info, 0)?;
     Ok(())

@@ -141,6 +141,8 @@ impl PortSpec {
             flags: self.flags(),
             mac: self.mac,
             _pad: [0; 2],
+            // Each fixture policy id stands for one content: its revision is the id.
+            rev: policy,
         }
     }
 }

@@ -1,6 +1,6 @@
 //! The eBPF back end: load the embedded object, reach its maps, attach to taps, pin.
 //!
-//! Pin layout (design §5), under a versioned root such as `/sys/fs/bpf/sg/v1`:
+//! Pin layout (design §5), under a versioned root such as `/sys/fs/bpf/sg/v2`:
 //! - `maps/<MAP>`: every map in `sg_common::PINNED_MAPS`, reused across agent restarts after
 //!   its type, key size, value size and capacity have been checked;
 //! - `links/<netns>/<ifname>@<ifindex>_<program>`: one tcx link per tap and direction, so that
@@ -40,7 +40,7 @@ pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DI
 pub static PASSTHRU_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sg-passthru"));
 
 /// Default pin root. The version component changes whenever a pinned layout changes.
-pub const DEFAULT_PIN_ROOT: &str = "/sys/fs/bpf/sg/v1";
+pub const DEFAULT_PIN_ROOT: &str = "/sys/fs/bpf/sg/v2";
 
 /// What a pinned map must look like to be reused.
 #[derive(Debug, Clone, Copy, PartialEq)]

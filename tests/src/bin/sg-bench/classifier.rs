@@ -57,7 +57,7 @@ pub const CASES: [Case; 5] = [
 impl Case {
     pub fn title(self) -> &'static str {
         match self {
-            Case::Established => "established flow (TCP ACK towards the VM)",
+            Case::Established => "established connection (TCP ACK towards the VM, handshake done)",
             Case::NewAllowed => "new flow allowed (UDP to the VM, last rule)",
             Case::NewDenied => "new flow denied (UDP to the VM, no rule)",
             Case::Spoofed => "spoofed source (UDP from the VM)",
@@ -190,6 +190,16 @@ pub fn run(rounds: usize, repeat: u32, distinct_flows: usize) -> Result<Results>
             for t in &targets {
                 establish(&mut dp, t)?;
             }
+            if let Some((case, secs)) = spin() {
+                // `sg-bench --profile CASE`: one case at 10 rules, for a profiler alongside.
+                let t = &targets[1];
+                let end = Instant::now() + Duration::from_secs(secs);
+                while Instant::now() < end {
+                    let ns = measure(&mut dp, case, t, repeat)?.as_nanos();
+                    eprintln!("  {}: {ns} ns", case.short());
+                }
+                std::process::exit(0);
+            }
             for (c, case) in CASES.iter().enumerate() {
                 let f = frame(*case, &targets[0]);
                 floor[c].push(floor_prog.run(&f, repeat)?.as_nanos() as f64);
@@ -265,12 +275,16 @@ fn frame(case: Case, t: &Target) -> Vec<u8> {
     }
 }
 
-/// The flow the established case belongs to: opened by the VM (Neutron's default egress rule).
+/// The connection the established case belongs to: opened by the VM (Neutron's default egress
+/// rule), handshake completed, so that conntrack holds it as assured, as it holds every
+/// established connection.
 fn establish(dp: &mut Datapath, t: &Target) -> Result<()> {
     let syn = from_vm(t, tcp(&t.ip, 50000, "192.0.2.10", 443, TCP_SYN));
     expect(dp, PROG_FROM_VM, &syn, t.ifindex, REASON_ALLOW_RULE, None)?;
     let synack = to_vm(t, tcp("192.0.2.10", 443, &t.ip, 50000, TCP_SYN | TCP_ACK));
-    expect(dp, PROG_TO_VM, &synack, t.ifindex, REASON_ALLOW_ESTABLISHED, None)
+    expect(dp, PROG_TO_VM, &synack, t.ifindex, REASON_ALLOW_ESTABLISHED, None)?;
+    let ack = from_vm(t, tcp(&t.ip, 50000, "192.0.2.10", 443, TCP_ACK));
+    expect(dp, PROG_FROM_VM, &ack, t.ifindex, REASON_ALLOW_ESTABLISHED, None)
 }
 
 fn expect(
@@ -331,6 +345,14 @@ fn measure(dp: &mut Datapath, case: Case, t: &Target, repeat: u32) -> Result<Dur
     let d = dp.test_run_repeat(prog, &frame(case, t), ifindex, 0, repeat)?.1;
     check(dp, case, t)?;
     Ok(d)
+}
+
+/// The case and seconds `sg-bench --profile` asked to spin on (SG_BENCH_SPIN=case:seconds).
+fn spin() -> Option<(Case, u64)> {
+    let v = std::env::var("SG_BENCH_SPIN").ok()?;
+    let (c, s) = v.split_once(':')?;
+    let case = CASES.into_iter().find(|x| x.short() == c)?;
+    Some((case, s.parse().ok()?))
 }
 
 /// Average kernel time of `n` UDP frames that each start a new flow (repeat 1 each).

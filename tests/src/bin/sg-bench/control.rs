@@ -329,7 +329,8 @@ fn change(to_b: &str, to_a: &str, a: &Model, b: &Model, repeats: usize) -> Resul
     Ok((sb, sa))
 }
 
-fn one_rule(repeats: usize) -> Result<(Scenario, Scenario)> {
+/// The 1,000-rule port, and the same with one rule added.
+fn one_rule_models() -> Result<(Model, Model)> {
     let mut doc = Doc::new();
     let rules = policy::ingress_rules("big", 1_000, 0);
     doc.group("big", rules.clone());
@@ -348,7 +349,20 @@ fn one_rule(repeats: usize) -> Result<(Scenario, Scenario)> {
     doc_b.group("big", more);
     doc_b.local_port(&policy::local_ip(0), &["big"]);
     doc_b.peers(1_000);
-    let b = doc_b.model()?;
+    Ok((a, doc_b.model()?))
+}
+
+/// 20 ports whose 100 rules include remote-group rules on `peers`, before and after one
+/// member more.
+fn member_models() -> Result<(Model, Model)> {
+    Ok((
+        node_doc(20, 100, 0, 1, 4_999).model()?,
+        node_doc(20, 100, 0, 1, 5_000).model()?,
+    ))
+}
+
+fn one_rule(repeats: usize) -> Result<(Scenario, Scenario)> {
+    let (a, b) = one_rule_models()?;
     change(
         "one rule added, port with 1,000 rules",
         "one rule removed, port with 1,000 rules",
@@ -359,9 +373,7 @@ fn one_rule(repeats: usize) -> Result<(Scenario, Scenario)> {
 }
 
 fn member(repeats: usize) -> Result<(Scenario, Scenario)> {
-    // 20 ports whose 100 rules include remote-group rules on `peers`.
-    let a = node_doc(20, 100, 0, 1, 4_999).model()?;
-    let b = node_doc(20, 100, 0, 1, 5_000).model()?;
+    let (a, b) = member_models()?;
     change(
         "remote-group member added (5,000 members)",
         "remote-group member removed (5,000 members)",
@@ -369,6 +381,31 @@ fn member(repeats: usize) -> Result<(Scenario, Scenario)> {
         &b,
         repeats,
     )
+}
+
+/// `sg-bench --profile changes`: only sg's applier on the change scenarios, `repeats` times
+/// each way, for a profiler running alongside. Measures nothing for the report.
+pub fn profile_changes(repeats: usize) -> Result<()> {
+    for (name, (a, b)) in [("one rule", one_rule_models()?), ("member", member_models()?)] {
+        let taps = Taps::new(&a, "cpt")?;
+        let mut sg = Sg::new(&taps, "cps")?;
+        sg.apply(&a)?;
+        let mut times = Vec::new();
+        let mut entries = 0;
+        for _ in 0..repeats {
+            for m in [&b, &a] {
+                let (s, _, e) = sg.apply(m)?;
+                times.push(s);
+                entries = e;
+            }
+        }
+        eprintln!(
+            "  {name}: applier {:.2} ms median ({} entries)",
+            crate::stats::Summary::of(&times).median * 1e3,
+            entries
+        );
+    }
+    Ok(())
 }
 
 /// An agent over a namespace of taps, with its own pin root, run dir and input file.

@@ -13,8 +13,13 @@
 //! New-flow UDP: `flood.rs` sends from the uplink, every frame a new 5-tuple admitted by the
 //! last rule; delivered = the VM's eth0 rx counter. Before the runs of each rule count, a
 //! burst to a port no rule admits checks that the filter drops it (and the floor delivers it).
-//! iptables' conntrack table is flushed before each run (262,144 entries would fill within a
-//! second); sg's LRU table is left as it is, evicting as it goes.
+//! Two regimes of the conntrack table (sg's and iptables' alike, both 262,144 entries):
+//! - **far from full**: the table is emptied before every chunk of 65,536 frames (a quarter of
+//!   its size), outside the timed sends;
+//! - **full**: the table is filled first with 300,000 flows the VM opens (Neutron's default
+//!   egress rule admits them without walking the ingress rules), then left as it is, so that
+//!   every measured new flow replaces another: sg's LRU evicts, Linux's `early_drop` drops an
+//!   unassured entry. The fill is checked (at least 95% of the table in use).
 //!
 //! Established TCP: one iperf3 stream (`-R`: the uplink sends, the VM receives; the VM opened
 //! the connection, as Neutron's default egress rule allows).
@@ -47,6 +52,20 @@ pub const RULES: [usize; 4] = [10, 100, 1_000, 5_000];
 const VM_IP: &str = "203.0.113.10";
 const UPLINK_IP: &str = "203.0.113.1";
 const PEERS: usize = 1_000;
+/// Frames per chunk in the far-from-full regime: the table is emptied between chunks.
+pub const FAR_CHUNK: u64 = 65_536;
+/// Flows the VM opens to fill a table before the full regime.
+pub const FILL_FLOWS: u64 = 300_000;
+/// The conntrack capacity of every node (sg's default `--ct-entries`, this machine's
+/// nf_conntrack_max is checked against it).
+pub const CT_CAPACITY: u64 = sg_common::DEFAULT_CT_ENTRIES as u64;
+
+/// The state of the conntrack table during a run.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub enum Regime {
+    Far,
+    Full,
+}
 
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub enum Setup {
@@ -73,16 +92,28 @@ impl Setup {
 pub struct Results {
     pub udp_seconds: f64,
     pub tcp_seconds: u32,
-    /// pps offered and delivered, `[setup][rules index][round]`.
+    /// pps offered and delivered, `[setup][rules index][round]`, table far from full.
     pub offered: Vec<Vec<Vec<f64>>>,
     pub delivered: Vec<Vec<Vec<f64>>>,
+    /// The same with the table full (the unfiltered node has none: measured again as the
+    /// floor of the same round).
+    #[serde(default)]
+    pub offered_full: Vec<Vec<Vec<f64>>>,
+    #[serde(default)]
+    pub delivered_full: Vec<Vec<Vec<f64>>>,
+    /// Entries in each node's table after the fill, `[setup][rules index]` (0: unfiltered).
+    #[serde(default)]
+    pub fill: Vec<Vec<u64>>,
     /// bits per second received by the VM, `[setup][rules index][round]`.
     pub tcp: Vec<Vec<Vec<f64>>>,
     /// Rules in the port's iptables ingress chain before the match rule, per rule count.
     pub chain_rules: Vec<usize>,
     /// ns per packet inside `sg_to_vm` on the forwarding path (BPF_ENABLE_STATS, one extra
-    /// run after the measured ones), per rule count.
+    /// run after the measured ones), per rule count, table far from full.
     pub sg_prog_ns: Vec<f64>,
+    /// The same with the table full.
+    #[serde(default)]
+    pub sg_prog_ns_full: Vec<f64>,
     /// The same with the port stateless (no conntrack), and its delivered pps.
     pub sg_prog_ns_stateless: Vec<f64>,
     pub sg_stateless_pps: Vec<f64>,
@@ -104,6 +135,8 @@ struct Node {
     device: String,
     vm_mac: [u8; 6],
     sender: Sender,
+    /// Sends from the VM: fills the conntrack table.
+    vm_sender: Sender,
     ipt: Option<IptablesDataplane>,
     sg: Option<Applier>,
     _pins: Option<PinRoot>,
@@ -128,6 +161,7 @@ impl Node {
             ],
         )?;
         let sender = Sender::open(&up_ns, "eth0")?;
+        let vm_sender = Sender::open(&vm_ns, "eth0")?;
         let (mut ipt, mut sg, mut pins) = (None, None, None);
         match setup {
             Setup::Unfiltered => topo.bridge_netfilter(false)?,
@@ -158,6 +192,7 @@ impl Node {
             device: port.device.clone(),
             vm_mac: port.mac.0,
             sender,
+            vm_sender,
             ipt,
             sg,
             _pins: pins,
@@ -171,11 +206,9 @@ impl Node {
         if let Some(ipt) = &self.ipt {
             let opts = RenderOptions::new(HOST);
             ipt.apply(m, &opts)?;
-            self.flush_conntrack()?;
-            return Ok(Some(match_position(
-                &ipt.save(sg_user::model::Ethertype::IPv4)?,
-                &self.device,
-            )?));
+            let save = ipt.save(sg_user::model::Ethertype::IPv4)?;
+            self.clear_table()?;
+            return Ok(Some(match_position(&save, &self.device)?));
         }
         if let Some(a) = &mut self.sg {
             let compiled = compile::compile(m, HOST);
@@ -192,8 +225,8 @@ impl Node {
     }
 
     /// One diagnostic run with program statistics on: (ns per packet inside sg_to_vm,
-    /// delivered pps), with the port stateful or not.
-    fn prog_run(&mut self, d: Duration, stateful: bool) -> Result<(f64, f64)> {
+    /// delivered pps), with the port stateful or not, in a table regime.
+    fn prog_run(&mut self, d: Duration, stateful: bool, regime: Regime) -> Result<(f64, f64)> {
         let dev = self.device.clone();
         let node = self.topo.node.0.clone();
         let ifindex = netns::run_in(Some(&node), move || netns::ifindex(&dev))??;
@@ -210,18 +243,60 @@ impl Node {
         set(self.sg.as_mut().context("not the sg node")?, stateful)?;
         let stats = aya::sys::enable_stats(aya::sys::Stats::RunTime)?;
         let (t0, c0) = self.prog_stats()?;
-        let (_, pps, _) = self.udp(MATCH_PORT, d, u64::MAX)?;
+        let (_, pps) = self.udp_in(regime, MATCH_PORT, d)?;
         let (t1, c1) = self.prog_stats()?;
         drop(stats);
         set(self.sg.as_mut().context("not the sg node")?, true)?;
         Ok(((t1 - t0).as_nanos() as f64 / (c1 - c0).max(1) as f64, pps))
     }
 
-    fn flush_conntrack(&self) -> Result<()> {
+    /// Empties the node's conntrack table.
+    fn clear_table(&mut self) -> Result<()> {
         if self.ipt.is_some() {
             run("ip", &["netns", "exec", &self.topo.node.0, "conntrack", "-F"])?;
         }
+        if let Some(a) = &mut self.sg {
+            a.dp.clear_flows()?;
+        }
         Ok(())
+    }
+
+    /// Entries in the node's conntrack table (for sg: both tables).
+    fn table_entries(&mut self) -> Result<u64> {
+        if self.ipt.is_some() {
+            let out = run("ip", &["netns", "exec", &self.topo.node.0, "conntrack", "-C"])?;
+            return out.trim().parse().context("conntrack -C");
+        }
+        if let Some(a) = &mut self.sg {
+            let n = a.dp.conntrack()?.keys().count() + a.dp.conntrack_assured()?.keys().count();
+            return Ok(n as u64);
+        }
+        Ok(0)
+    }
+
+    /// Fills the conntrack table with flows the VM opens; returns the entries it then holds.
+    fn fill(&mut self) -> Result<u64> {
+        if self.setup == Setup::Unfiltered {
+            return Ok(0);
+        }
+        let flow = Flow {
+            src_mac: self.vm_mac,
+            dst_mac: REMOTE_MAC,
+            src_net: [198, 51, 100],
+            first_host: 1,
+            dst: VM_IP.parse::<std::net::Ipv4Addr>()?.octets(),
+            dport: 53,
+            from_vm: true,
+        };
+        self.vm_sender.run(&flow, Duration::from_secs(120), FILL_FLOWS)?;
+        std::thread::sleep(Duration::from_millis(20));
+        let n = self.table_entries()?;
+        ensure!(
+            n * 100 >= CT_CAPACITY * 95,
+            "{}: the conntrack table holds {n} entries after {FILL_FLOWS} flows, not full ({CT_CAPACITY})",
+            self.setup.name()
+        );
+        Ok(n)
     }
 
     fn flow(&self, dport: u16) -> Flow {
@@ -232,6 +307,7 @@ impl Node {
             first_host: 100,
             dst: [203, 0, 113, 10],
             dport,
+            from_vm: false,
         }
     }
 
@@ -246,10 +322,9 @@ impl Node {
             .context("rx packets of the VM's eth0")
     }
 
-    /// Sends `duration` (or `max` frames) of new flows to `dport`: (offered pps, delivered
-    /// pps, frames delivered).
-    fn udp(&mut self, dport: u16, duration: Duration, max: u64) -> Result<(f64, f64, u64)> {
-        self.flush_conntrack()?;
+    /// Sends `duration` (or `max` frames) of new flows to `dport`, leaving the conntrack table
+    /// as it is: (frames sent, seconds spent sending, frames delivered).
+    fn udp(&mut self, dport: u16, duration: Duration, max: u64) -> Result<(u64, f64, u64)> {
         let flow = self.flow(dport);
         let before = self.rx()?;
         let sent = self.sender.run(&flow, duration, max)?;
@@ -257,13 +332,35 @@ impl Node {
         // that went through the backlog a moment.
         std::thread::sleep(Duration::from_millis(20));
         let delivered = self.rx()? - before;
-        let secs = sent.elapsed.as_secs_f64();
-        Ok((sent.pps(), delivered as f64 / secs, delivered))
+        Ok((sent.frames, sent.elapsed.as_secs_f64(), delivered))
+    }
+
+    /// `duration` of new flows in a table regime: (offered pps, delivered pps). Far from
+    /// full, the table is emptied before every chunk of `FAR_CHUNK` frames, outside the
+    /// timed sends; full, the table is left as the fill left it.
+    fn udp_in(&mut self, regime: Regime, dport: u16, duration: Duration) -> Result<(f64, f64)> {
+        let chunk = match regime {
+            Regime::Far => FAR_CHUNK,
+            Regime::Full => u64::MAX,
+        };
+        let (mut secs, mut sent, mut delivered) = (0.0, 0, 0);
+        while secs < duration.as_secs_f64() {
+            if regime == Regime::Far {
+                self.clear_table()?;
+            }
+            let left = Duration::from_secs_f64(duration.as_secs_f64() - secs);
+            let (n, s, d) = self.udp(dport, left, chunk)?;
+            sent += n;
+            secs += s;
+            delivered += d;
+        }
+        Ok((sent as f64 / secs, delivered as f64 / secs))
     }
 
     /// Checks the filter: a burst the rules deny is dropped, one they admit is delivered.
     fn check(&mut self) -> Result<()> {
         const N: u64 = 2_000;
+        self.clear_table()?;
         let (_, _, denied) = self.udp(DENY_PORT, Duration::from_secs(5), N)?;
         let (_, _, allowed) = self.udp(MATCH_PORT, Duration::from_secs(5), N)?;
         let want_denied = if self.setup == Setup::Unfiltered { N } else { 0 };
@@ -396,22 +493,37 @@ pub struct Config {
 
 pub fn run_all(cfg: &Config) -> Result<Results> {
     let m0 = model(RULES[0])?;
+    let ct_max: u64 = std::fs::read_to_string("/proc/sys/net/netfilter/nf_conntrack_max")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0);
+    ensure!(
+        ct_max == CT_CAPACITY,
+        "nf_conntrack_max is {ct_max}; the table regimes compare sg and iptables at the same \
+         capacity, {CT_CAPACITY}"
+    );
     let mut nodes: Vec<Node> = SETUPS
         .iter()
         .enumerate()
         .map(|(i, s)| Node::new(*s, &m0, i))
         .collect::<Result<_>>()?;
+    let grid = || vec![vec![Vec::new(); RULES.len()]; SETUPS.len()];
     let mut res = Results {
         udp_seconds: cfg.udp_seconds,
         tcp_seconds: cfg.tcp_seconds,
-        offered: vec![vec![Vec::new(); RULES.len()]; SETUPS.len()],
-        delivered: vec![vec![Vec::new(); RULES.len()]; SETUPS.len()],
-        tcp: vec![vec![Vec::new(); RULES.len()]; SETUPS.len()],
+        offered: grid(),
+        delivered: grid(),
+        offered_full: grid(),
+        delivered_full: grid(),
+        fill: vec![Vec::new(); SETUPS.len()],
+        tcp: grid(),
         chain_rules: Vec::new(),
         sg_prog_ns: Vec::new(),
+        sg_prog_ns_full: Vec::new(),
         sg_prog_ns_stateless: Vec::new(),
         sg_stateless_pps: Vec::new(),
     };
+    let d = Duration::from_secs_f64(cfg.udp_seconds);
     for (r, n) in RULES.iter().enumerate() {
         let m = model(*n)?;
         let mut chain = 0;
@@ -425,30 +537,42 @@ pub fn run_all(cfg: &Config) -> Result<Results> {
         eprintln!("  {n} rules: {chain} rules ahead of the match rule in the iptables chain");
         for _ in 0..cfg.udp_rounds {
             for (s, node) in nodes.iter_mut().enumerate() {
-                let (offered, delivered, _) =
-                    node.udp(MATCH_PORT, Duration::from_secs_f64(cfg.udp_seconds), u64::MAX)?;
+                let (offered, delivered) = node.udp_in(Regime::Far, MATCH_PORT, d)?;
                 res.offered[s][r].push(offered);
                 res.delivered[s][r].push(delivered);
             }
         }
+        for (s, node) in nodes.iter_mut().enumerate() {
+            res.fill[s].push(node.fill()?);
+        }
+        for _ in 0..cfg.udp_rounds {
+            for (s, node) in nodes.iter_mut().enumerate() {
+                let (offered, delivered) = node.udp_in(Regime::Full, MATCH_PORT, d)?;
+                res.offered_full[s][r].push(offered);
+                res.delivered_full[s][r].push(delivered);
+            }
+        }
         // Diagnostics, after the measured runs: the time spent inside sg_to_vm per packet
         // on this very path (BPF_ENABLE_STATS costs two clock reads per run, so it stays off
-        // during the measured runs), for the port as measured (stateful) and for the same
-        // port made stateless by flipping PORT_F_STATEFUL in its SG_PORTS entry for one run:
-        // the difference is the cost of creating a conntrack entry per new flow.
+        // during the measured runs), for the port as measured (stateful, table full, then
+        // far from full) and for the same port made stateless by flipping PORT_F_STATEFUL in
+        // its SG_PORTS entry for one run: the difference is the cost of the conntrack entry
+        // each new flow creates.
         {
             let sg = nodes
                 .iter_mut()
                 .find(|n| n.setup == Setup::Sg)
                 .context("sg node")?;
-            let d = Duration::from_secs_f64(cfg.udp_seconds);
-            let (ns, _) = sg.prog_run(d, true)?;
+            let (ns, _) = sg.prog_run(d, true, Regime::Full)?;
+            res.sg_prog_ns_full.push(ns);
+            let (ns, _) = sg.prog_run(d, true, Regime::Far)?;
             res.sg_prog_ns.push(ns);
-            let (ns, pps) = sg.prog_run(d, false)?;
+            let (ns, pps) = sg.prog_run(d, false, Regime::Far)?;
             res.sg_prog_ns_stateless.push(ns);
             res.sg_stateless_pps.push(pps);
         }
-        for node in &nodes {
+        for node in &mut nodes {
+            node.clear_table()?;
             node.addresses(true)?;
         }
         for _ in 0..cfg.tcp_rounds {
@@ -460,14 +584,14 @@ pub fn run_all(cfg: &Config) -> Result<Results> {
             node.addresses(false)?;
         }
         for (s, setup) in SETUPS.iter().enumerate() {
+            let k = |v: &[f64]| v.iter().map(|x| (x / 1e3).round()).collect::<Vec<_>>();
             eprintln!(
-                "  {n} rules, {} (sg prog {:.0} ns): udp delivered {:?} kpps, tcp {:?} Gbit/s",
+                "  {n} rules, {}: udp delivered far {:?} full {:?} kpps (sg prog far {:.0} full {:.0} ns), tcp {:?} Gbit/s",
                 setup.name(),
+                k(&res.delivered[s][r]),
+                k(&res.delivered_full[s][r]),
                 res.sg_prog_ns[r],
-                res.delivered[s][r]
-                    .iter()
-                    .map(|x| (x / 1e3).round())
-                    .collect::<Vec<_>>(),
+                res.sg_prog_ns_full[r],
                 res.tcp[s][r]
                     .iter()
                     .map(|x| (x / 1e7).round() / 100.0)
@@ -476,4 +600,32 @@ pub fn run_all(cfg: &Config) -> Result<Results> {
         }
     }
     Ok(res)
+}
+
+/// `sg-bench --profile REGIME`: only the sg node, at `rules` rules, flooded for `seconds` in
+/// one table regime, printing pps and the time inside sg_to_vm per second, for a profiler
+/// (`perf record -a -g`) running alongside. Measures nothing for the report.
+pub fn profile(regime: Regime, rules: usize, seconds: u64) -> Result<()> {
+    let m = model(rules)?;
+    let mut node = Node::new(Setup::Sg, &m, 9)?;
+    node.apply(&m)?;
+    node.check()?;
+    if regime == Regime::Full {
+        let n = node.fill()?;
+        eprintln!("table filled: {n} entries");
+    }
+    let stats = aya::sys::enable_stats(aya::sys::Stats::RunTime)?;
+    eprintln!("flooding for {seconds} s, pid {}", std::process::id());
+    for _ in 0..seconds {
+        let (t0, c0) = node.prog_stats()?;
+        let (_, pps) = node.udp_in(regime, MATCH_PORT, Duration::from_secs(1))?;
+        let (t1, c1) = node.prog_stats()?;
+        eprintln!(
+            "  {:.0} kpps delivered, sg_to_vm {:.0} ns/packet",
+            pps / 1e3,
+            (t1 - t0).as_nanos() as f64 / (c1 - c0).max(1) as f64
+        );
+    }
+    drop(stats);
+    Ok(())
 }

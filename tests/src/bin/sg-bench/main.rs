@@ -55,6 +55,15 @@ struct Args {
     /// figure can be reproduced (or profiled) with `sg compile --input FILE`.
     #[arg(long)]
     dump_inputs: Option<PathBuf>,
+    /// Flood only the sg forwarding node in one conntrack regime (far or full), or run only
+    /// sg's applier on the change scenarios (changes; --profile-seconds is then the number of
+    /// repeats), for a profiler running alongside; writes no report.
+    #[arg(long)]
+    profile: Option<String>,
+    #[arg(long, default_value_t = 1_000)]
+    profile_rules: usize,
+    #[arg(long, default_value_t = 10)]
+    profile_seconds: u64,
 }
 
 const SECTIONS: [&str; 5] = ["classifier", "forwarding", "control", "memory", "driver"];
@@ -68,6 +77,22 @@ fn main() -> Result<()> {
     }
     if let Some(dir) = &args.dump_inputs {
         return control::dump_inputs(dir);
+    }
+    if let Some(r) = &args.profile {
+        let regime = match r.as_str() {
+            "far" => forward::Regime::Far,
+            "full" => forward::Regime::Full,
+            "changes" => return control::profile_changes(args.profile_seconds as usize),
+            "established" | "new-allowed" => {
+                let case = r.replace('-', " ");
+                // SAFETY: single-threaded at this point.
+                unsafe { std::env::set_var("SG_BENCH_SPIN", format!("{case}:{}", args.profile_seconds)) };
+                classifier::run(1, 1_000_000, 1)?;
+                return Ok(());
+            }
+            _ => bail!("--profile {r}: far, full, changes, established or new-allowed"),
+        };
+        return forward::profile(regime, args.profile_rules, args.profile_seconds);
     }
     std::fs::create_dir_all(args.out.join("raw"))?;
     let all = match &args.from_raw {

@@ -94,6 +94,9 @@ pub fn run_all() -> Result<Results> {
         (MAP_CLASSES, compiled.stats.classes.entries as u64),
         (MAP_SERVICES, compiled.stats.services.entries as u64),
         (MAP_CONNTRACK, 0),
+        (MAP_CT_ASSURED, 0),
+        (MAP_CT_EVENTS, 0),
+        (MAP_NEXT_IDS, 1),
         (MAP_FRAGS, 0),
         (MAP_STATS, 0),
         (MAP_RULE_HITS, compiled.rules.len() as u64),
@@ -110,7 +113,7 @@ pub fn run_all() -> Result<Results> {
             capacity: n(e, "max_entries")?,
             memlock_empty: n(e, "bytes_memlock")?,
             memlock_loaded: n(l, "bytes_memlock")?,
-            entries: counts[name],
+            entries: counts.get(name).copied().unwrap_or(0),
         });
     }
     drop(pins);

@@ -207,30 +207,30 @@ fn why(a: &All) -> String {
             let hi = v.iter().copied().fold(0.0, f64::max);
             format!("{lo:.0}–{hi:.0} ns")
         };
-        let med = |setup: forward::Setup, r: usize| {
-            let si = idx(&forward::SETUPS, setup);
-            Summary::of(&f.delivered[si][r]).median
-        };
-        let i1k = idx(&forward::RULES, 1_000);
-        let floor = med(forward::Setup::Unfiltered, i1k);
-        let budget = 1e9 / floor / 9.0;
         let _ = write!(
             s,
-            "\n- **New-flow forwarding.** Timed on the forwarding path itself (diagnostics table), \
-             `sg_to_vm` spends {} per packet on a stateful port and {} on the same port made \
-             stateless; 90% of the unfiltered rate leaves about {budget:.0} ns per packet. The \
-             difference is the conntrack entry every new flow creates in the 262,144-entry LRU \
-             hash; the rule count does not enter (sg delivers about the same rate at 10 and at \
-             5,000 rules). Per-CPU LRU lists (`BPF_F_NO_COMMON_LRU`) were tried and changed \
-             nothing measurable. The ×8 and ×30 over iptables-legacy were derived from the \
-             issue's figures for another sender (no filter 336k pps, legacy 35k and 8.6k); \
-             here the floor is {} and legacy at 1,000 rules {}, so even a classifier that cost \
-             nothing would be {:.1}× legacy at 1,000 rules.",
+            "\n- **New-flow forwarding** (both regimes). Timed on the forwarding path itself \
+             (diagnostics table), `sg_to_vm` spends {} per packet with the table full, {} far \
+             from full, and {} on the same port made stateless. A profile of the sg node under \
+             the flood (`perf record -a -g` with the JIT's symbols, `sg-bench --profile far|full`) \
+             puts the conntrack share in three places: the two table lookups a new flow misses \
+             (`SG_CT_ASSURED`, then `SG_CONNTRACK`: 31% of `sg_to_vm` far from full, 40% full, \
+             nearly all in `lookup_nulls_elem_raw` on a bucket that is not in cache), the LRU \
+             hash's list upkeep when the entry is created (`bpf_lru_pop_free`: 25% far, 33% \
+             full) and the two policy tries (7–11%). Parsing, the policy stage's own code and \
+             the counters are under 10% together. The hypothesis that a full table makes every \
+             insert an LRU eviction holds (the pop grows from 25% to 33%), but the cost is the \
+             memory a new flow touches in either regime. Measured alternatives, same harness: \
+             a preallocated plain hash with an early drop of the oldest unassured flow (a ring of \
+             created keys) costs the same far from full (the insert's own element write becomes \
+             28%) and more when full (deleting the victim, 36–38%, 1.55 µs against 1.2 µs); the \
+             same without preallocation costs more in both (the allocation, 46%). The LRU table \
+             stays. What would still cut the cost is one lookup instead of two (one table, with \
+             the assured protection done by an early drop that skips assured flows): about \
+             one cold bucket, 15%, not the factor the 80% target needs.",
+            range(&f.sg_prog_ns_full),
             range(&f.sg_prog_ns),
             range(&f.sg_prog_ns_stateless),
-            kpps(floor),
-            kpps(med(forward::Setup::Legacy, i1k)),
-            floor / med(forward::Setup::Legacy, i1k),
         );
     }
     if let Some(sc) = a
@@ -240,18 +240,65 @@ fn why(a: &All) -> String {
     {
         let _ = write!(
             s,
-            "\n- **One-rule change.** A changed policy is written whole under a fresh id, then \
-             each of its ports is switched with one map update, then the old entries go: \
-             that is what makes a change atomic for every packet, and what lets a restarted \
-             agent recognise policies by their content. So the cost follows the size of the \
-             policy, not of the change: for the 1,000-rule port, {} entries written and \
-             deleted in all (the new policy and the old one), in batches (`BPF_MAP_UPDATE_BATCH`). Under 2 ms needs an \
-             in-place delta whose every intermediate state decides each packet as the old or \
-             the new policy (most specific prefixes first, class numbers kept stable across \
-             compiles); not built. A remote-group member added or removed costs the same \
-             way, since members are prefixes of the policies that reference the group.",
+            "\n- **One-rule change.** The policy is changed in place (sg-ebpf README §5.1): \
+             {} entries written for the 1,000-rule port, where a fresh policy took 13,630 \
+             before. What the applier call still spends is its whole-input work before the \
+             writes: it gives the input's rules their live indexes, builds every policy's \
+             content (6,800 entries here) with stable class numbers, fingerprints it and diffs \
+             it against the live one, and hands the port switch to the taps thread (a thread \
+             round trip, about a quarter of the call). Profiled (`sg-bench --profile changes`), \
+             this went from 3.5 to 1.9–2.2 ms in this issue (a content is fingerprinted once \
+             instead of hashed whole at every lookup; unchanged rules are recognised without \
+             rebuilding them). Well under 2 ms needs the diff to start from the groups that \
+             changed instead of the whole input.",
             sc.sg_entries
         );
+    }
+    if a.classifier.is_some() {
+        s.push_str(
+            "\n- **Established and new allowed against the floor.** Profiled with `sg-bench \
+             --profile established` (perf with the JIT's symbols, TEST_RUN in a loop): of an \
+             established packet's time, parsing is 34% (every field read with its own \
+             `bpf_skb_load_bytes` call), hashing keys 23% (the 44-byte conntrack key, the port \
+             and the counter keys), the programs' own code 22%, the conntrack lookup 13%. This \
+             issue cut two things: the precise clock (`bpf_ktime_get_ns`, 15% of an established \
+             packet in this VM; timeouts now read the coarse clock, 2%), and the benchmark's \
+             established case is now an assured connection (handshake completed), which needs \
+             one conntrack table instead of two, as every established connection does: 190 → \
+             119 ns in the profiling loop. The new-allowed case repeats one unanswered UDP flow: \
+             each packet is NEW again (no reply yet), so it pays both conntrack tables, both \
+             policy tries and a second lookup to refresh the entry. What is left to cut: parsing \
+             from one loaded header block, and the refresh done during the lookup.",
+        );
+    }
+    if let Some(c) = &a.control {
+        let med = |prefix: &str| {
+            c.scenarios
+                .iter()
+                .find(|x| x.name.starts_with(prefix))
+                .map(|x| (Summary::of(&x.sg).median, Summary::of(&x.sg_compile).median))
+        };
+        if let Some((member, _)) = med("remote-group member added") {
+            let _ = write!(
+                s,
+                "\n- **Remote-group member.** One entry written per policy that uses the group; \
+                 the applier call ({:.1} ms here) is the same whole-input work as a one-rule \
+                 change. On its own (`sg-bench --profile changes`, no iptables runs in between) \
+                 it takes 1.3–1.6 ms and the one-rule change 1.9–2.2 ms on this machine: the \
+                 figures in this table come with cold caches after each iptables apply.",
+                member * 1e3
+            );
+        }
+        if let Some((sync, compile)) = med("full sync, 200 ports × 422 rules (20") {
+            let _ = write!(
+                s,
+                "\n- **Full sync.** {:.0} ms, of which the compile alone is {:.0} ms; the rest \
+                 writes 75,000 entries in batches and takes over 200 pinned links. Not worked on \
+                 in this issue.",
+                sync * 1e3,
+                compile * 1e3
+            );
+        }
     }
     if a.classifier.is_some() {
         s.push_str(
@@ -312,6 +359,21 @@ fn targets(a: &All) -> Vec<Target> {
                 met: Some(r.median <= limit),
             });
         }
+        // Issue 14: each case against the pass-through floor of the same repeat.
+        for (case, limit) in [(Case::Established, 5.0), (Case::NewAllowed, 10.0)] {
+            let ci = idx(&CASES, case);
+            for (i, n) in [(i10, "10"), (i10k, "10,000")] {
+                let r = ratio(&c.cost[ci][i], &c.floor[ci]);
+                t.push(Target {
+                    what: format!("classifier, {} at {n} rules, against the floor", case.short()),
+                    figure: format!("{} ns", Summary::of(&c.cost[ci][i]).show(ns)),
+                    baseline: format!("{} ns pass-through", Summary::of(&c.floor[ci]).show(ns)),
+                    ratio: r.show(times),
+                    target: format!("≤ {limit}×"),
+                    met: Some(r.median <= limit),
+                });
+            }
+        }
         let r = ratio(&c.distinct[i10k], &c.distinct[i10]);
         t.push(Target {
             what: "classifier, distinct new flows (conntrack insert) at 10,000 rules".into(),
@@ -328,26 +390,35 @@ fn targets(a: &All) -> Vec<Target> {
             idx(&forward::SETUPS, forward::Setup::Legacy),
             idx(&forward::SETUPS, forward::Setup::Sg),
         );
-        for (n, x) in [(1_000, 8.0), (5_000, 30.0)] {
+        for n in [1_000, 5_000] {
             let r = idx(&forward::RULES, n);
-            let v_unf = ratio(&f.delivered[sg][r], &f.delivered[u][r]);
-            t.push(Target {
-                what: format!("forwarding, new-flow UDP at {n} rules, sg vs unfiltered"),
-                figure: format!("{} pps", Summary::of(&f.delivered[sg][r]).show(kpps)),
-                baseline: format!("{} pps unfiltered", Summary::of(&f.delivered[u][r]).show(kpps)),
-                ratio: v_unf.show(pct),
-                target: "≥ 90%".into(),
-                met: Some(v_unf.median >= 0.9),
-            });
-            let v_ipt = ratio(&f.delivered[sg][r], &f.delivered[l][r]);
-            t.push(Target {
-                what: format!("forwarding, new-flow UDP at {n} rules, sg vs iptables-legacy"),
-                figure: format!("{} pps", Summary::of(&f.delivered[sg][r]).show(kpps)),
-                baseline: format!("{} pps legacy", Summary::of(&f.delivered[l][r]).show(kpps)),
-                ratio: v_ipt.show(times),
-                target: format!("≥ {x}×"),
-                met: Some(v_ipt.median >= x),
-            });
+            for (regime, delivered) in [
+                ("table far from full", &f.delivered),
+                ("table full", &f.delivered_full),
+            ] {
+                if delivered[sg][r].is_empty() {
+                    continue;
+                }
+                let v = ratio(&delivered[sg][r], &delivered[u][r]);
+                t.push(Target {
+                    what: format!("forwarding, new-flow UDP at {n} rules, {regime}, sg vs unfiltered"),
+                    figure: format!("{} pps", Summary::of(&delivered[sg][r]).show(kpps)),
+                    baseline: format!("{} pps unfiltered", Summary::of(&delivered[u][r]).show(kpps)),
+                    ratio: v.show(pct),
+                    target: "≥ 80%".into(),
+                    met: Some(v.median >= 0.8),
+                });
+            }
+            if !f.delivered_full[sg][r].is_empty() {
+                t.push(Target {
+                    what: format!("forwarding, new-flow UDP at {n} rules, table full, sg vs iptables-legacy (its table full)"),
+                    figure: format!("{} pps", Summary::of(&f.delivered_full[sg][r]).show(kpps)),
+                    baseline: format!("{} pps legacy", Summary::of(&f.delivered_full[l][r]).show(kpps)),
+                    ratio: ratio(&f.delivered_full[sg][r], &f.delivered_full[l][r]).show(times),
+                    target: "reported".into(),
+                    met: None,
+                });
+            }
         }
     }
     if let Some(c) = &a.compile {
@@ -365,8 +436,10 @@ fn targets(a: &All) -> Vec<Target> {
         for sc in &c.scenarios {
             let (limit, x) = if sc.name.starts_with("one rule") {
                 (Some(0.002), None)
+            } else if sc.name.starts_with("remote-group member") {
+                (Some(0.001), None)
             } else if sc.name.contains("200 ports × 422 rules (20") {
-                (Some(0.3), Some(20.0))
+                (Some(0.1), Some(20.0))
             } else {
                 continue;
             };
@@ -381,7 +454,7 @@ fn targets(a: &All) -> Vec<Target> {
                 ratio: rl.show(times),
                 target: match (limit, x) {
                     (Some(l), Some(x)) => format!("< {:.0} ms and ≥ {x}×", l * 1e3),
-                    (Some(l), None) => format!("< {:.0} ms", l * 1e3),
+                    (Some(l), None) => format!("< {} ms", l * 1e3),
                     _ => String::new(),
                 },
                 met: Some(under && fast),
@@ -508,33 +581,67 @@ fn forward_md(s: &mut String, f: &forward::Results) {
         idx(&SETUPS, Setup::Nft),
         idx(&SETUPS, Setup::Sg),
     );
-    let _ = writeln!(s, "New-flow UDP, delivered packets per second:\n");
-    let _ = writeln!(
-        s,
-        "| rules (ahead in chain) | unfiltered | iptables-legacy | iptables-nft | sg | sg / unfiltered | sg / legacy | sg / nft |"
-    );
-    let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|---:|---:|");
-    for (r, rules) in RULES.iter().enumerate() {
-        let d = |i: usize| Summary::of(&f.delivered[i][r]).show(kpps);
+    let fill = |i: usize| {
+        f.fill
+            .get(i)
+            .map(|v| v.iter().copied().min().unwrap_or(0))
+            .unwrap_or(0)
+    };
+    for (title, delivered, offered) in [
+        (
+            "table far from full (emptied before every 65,536 frames)",
+            &f.delivered,
+            &f.offered,
+        ),
+        (
+            "table full (filled first with 300,000 flows the VM opened; every new flow replaces one)",
+            &f.delivered_full,
+            &f.offered_full,
+        ),
+    ] {
+        if delivered.first().is_none_or(|v| v.iter().all(Vec::is_empty)) {
+            continue;
+        }
+        let _ = writeln!(s, "New-flow UDP, delivered packets per second, {title}:\n");
         let _ = writeln!(
             s,
-            "| {rules} ({}) | {} | {} | {} | {} | {} | {} | {} |",
-            f.chain_rules.get(r).copied().unwrap_or(0),
-            d(u),
-            d(l),
-            d(n),
-            d(sg),
-            ratio(&f.delivered[sg][r], &f.delivered[u][r]).show(pct),
-            ratio(&f.delivered[sg][r], &f.delivered[l][r]).show(times),
-            ratio(&f.delivered[sg][r], &f.delivered[n][r]).show(times),
+            "| rules (ahead in chain) | unfiltered | iptables-legacy | iptables-nft | sg | sg / unfiltered | sg / legacy | sg / nft |"
         );
+        let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|---:|---:|");
+        for (r, rules) in RULES.iter().enumerate() {
+            let d = |i: usize| Summary::of(&delivered[i][r]).show(kpps);
+            let _ = writeln!(
+                s,
+                "| {rules} ({}) | {} | {} | {} | {} | {} | {} | {} |",
+                f.chain_rules.get(r).copied().unwrap_or(0),
+                d(u),
+                d(l),
+                d(n),
+                d(sg),
+                ratio(&delivered[sg][r], &delivered[u][r]).show(pct),
+                ratio(&delivered[sg][r], &delivered[l][r]).show(times),
+                ratio(&delivered[sg][r], &delivered[n][r]).show(times),
+            );
+        }
+        let _ = writeln!(s, "\nOffered (sent) packets per second, same runs:\n");
+        let _ = writeln!(s, "| rules | unfiltered | iptables-legacy | iptables-nft | sg |");
+        let _ = writeln!(s, "|---|---:|---:|---:|---:|");
+        for (r, rules) in RULES.iter().enumerate() {
+            let o = |i: usize| Summary::of(&offered[i][r]).show(kpps);
+            let _ = writeln!(s, "| {rules} | {} | {} | {} | {} |", o(u), o(l), o(n), o(sg));
+        }
+        let _ = writeln!(s);
     }
-    let _ = writeln!(s, "\nOffered (sent) packets per second, same runs:\n");
-    let _ = writeln!(s, "| rules | unfiltered | iptables-legacy | iptables-nft | sg |");
-    let _ = writeln!(s, "|---|---:|---:|---:|---:|");
-    for (r, rules) in RULES.iter().enumerate() {
-        let o = |i: usize| Summary::of(&f.offered[i][r]).show(kpps);
-        let _ = writeln!(s, "| {rules} | {} | {} | {} | {} |", o(u), o(l), o(n), o(sg));
+    if !f.fill.is_empty() {
+        let _ = writeln!(
+            s,
+            "Entries after the fill (fewest over the rule counts; capacity {}): iptables-legacy \
+             {}, iptables-nft {}, sg {}.\n",
+            forward::CT_CAPACITY,
+            fill(l),
+            fill(n),
+            fill(sg)
+        );
     }
     let _ = writeln!(s, "\nEstablished TCP (one iperf3 stream), Gbit/s:\n");
     let _ = writeln!(
@@ -558,29 +665,30 @@ fn forward_md(s: &mut String, f: &forward::Results) {
     let _ = writeln!(
         s,
         "\nDiagnostics (one extra run per rule count, after the measured ones): time inside \
-         `sg_to_vm` per packet on this path (BPF_ENABLE_STATS), the port as measured, and the \
-         same port made stateless for one run (no conntrack entry per flow):\n"
+         `sg_to_vm` per packet on this path (BPF_ENABLE_STATS), the port as measured in each \
+         regime, and the same port made stateless for one run (no conntrack entry per flow):\n"
     );
     let _ = writeln!(
         s,
-        "| rules | sg_to_vm ns/packet | stateless: ns/packet | stateless: delivered pps | unfiltered pps (median) | per-packet budget for 90% |"
+        "| rules | sg_to_vm ns/packet, table full | far from full | stateless | stateless: delivered pps | unfiltered pps (median) | per-packet budget for 80% |"
     );
-    let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|");
+    let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|---:|");
     for (r, rules) in RULES.iter().enumerate() {
         let unf = Summary::of(&f.delivered[u][r]).median;
         let _ = writeln!(
             s,
-            "| {rules} | {} | {} | {} | {} | {:.0} ns |",
+            "| {rules} | {} | {} | {} | {} | {} | {:.0} ns |",
+            f.sg_prog_ns_full.get(r).map(|x| ns(*x)).unwrap_or_default(),
             f.sg_prog_ns.get(r).map(|x| ns(*x)).unwrap_or_default(),
             f.sg_prog_ns_stateless.get(r).map(|x| ns(*x)).unwrap_or_default(),
             f.sg_stateless_pps.get(r).map(|x| kpps(*x)).unwrap_or_default(),
             kpps(unf),
-            1e9 / unf / 9.0,
+            1e9 / unf / 4.0,
         );
     }
     let _ = writeln!(
         s,
-        "\n(At 90% of the unfiltered rate, sg may add one ninth of the unfiltered time per \
+        "\n(At 80% of the unfiltered rate, sg may add a quarter of the unfiltered time per \
          packet: the last column.)\n\n![forwarding, new-flow UDP](forwarding_udp.svg)\n\n\
          ![forwarding, established TCP](forwarding_tcp.svg)\n"
     );
