@@ -6,8 +6,8 @@
 //!
 //! Every frame goes, top-down in this file: parse (`parse`), port security and fixed rules
 //! (`portsec` from the VM, `fixed` towards it), fragments (`frag`), conntrack (`conntrack`),
-//! policy (`policy`), then the verdict and its accounting (`verdict`). Nothing is logged on
-//! this path.
+//! policy (`policy`), then the verdict and its accounting (`verdict`), then the events of the
+//! security-group log and `sg monitor` (`observe`) for the ports and packets someone asked for.
 #![no_std]
 #![no_main]
 
@@ -15,6 +15,7 @@ mod conntrack;
 mod fixed;
 mod frag;
 mod maps;
+mod observe;
 mod parse;
 mod policy;
 mod portsec;
@@ -64,7 +65,14 @@ fn classify(ctx: &TcContext, dir: u8) -> i32 {
     } else {
         decide(ctx, skb, &port, &mut d)
     };
-    verdict::finish(&port, &d, skb.len)
+    let verdict = verdict::finish(&port, &d, skb.len);
+    // 7. Events for the security-group log and `sg monitor`, only where someone asked.
+    if d.traced != TRACED_DRY
+        && (port.flags & (PORT_F_LOG_ACCEPT | PORT_F_LOG_DROP) != 0 || observe::monitor_on())
+    {
+        observe::sg_observe(ctx.skb.skb, &port, &d);
+    }
+    verdict
 }
 
 /// The decision for a filtered port.

@@ -61,7 +61,7 @@ const fn lpm<T>() -> u32 {
 }
 
 /// The expected shape of every pinned map; `max_entries` of the LRU maps follows the options.
-pub fn map_specs(opts: &LoadOptions) -> [MapSpec; 8] {
+pub fn map_specs(opts: &LoadOptions) -> [MapSpec; 11] {
     [
         MapSpec {
             name: MAP_PORTS,
@@ -118,6 +118,29 @@ pub fn map_specs(opts: &LoadOptions) -> [MapSpec; 8] {
             key_size: 4,
             value_size: size::<Counter>(),
             max_entries: MAX_RULES,
+        },
+        // Pinned so that events written while no agent runs wait for the next one, and so that
+        // a second instance of the programs (`sg debug`) writes into the same buffer.
+        MapSpec {
+            name: MAP_EVENTS,
+            map_type: MapType::RingBuf,
+            key_size: 0,
+            value_size: 0,
+            max_entries: EVENTS_BYTES,
+        },
+        MapSpec {
+            name: MAP_LOG_LIMITS,
+            map_type: MapType::Hash,
+            key_size: 4,
+            value_size: size::<LogLimit>(),
+            max_entries: MAX_PORTS,
+        },
+        MapSpec {
+            name: MAP_MONITOR,
+            map_type: MapType::Array,
+            key_size: 4,
+            value_size: size::<MonitorCfg>(),
+            max_entries: 1,
         },
     ]
 }
