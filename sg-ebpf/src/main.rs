@@ -22,6 +22,10 @@ mod portsec;
 mod verdict;
 
 use aya_ebpf::{bindings::__sk_buff, macros::classifier, programs::TcContext};
+// Per-stage debug records for `sg debug PORT on`. The agent loads the programs with aya-log's
+// level frozen at "off", so the verifier removes every call below; only the instance `sg debug`
+// loads (level debug), attached to the one port being debugged, runs them.
+use aya_log_ebpf::debug;
 use sg_common::*;
 
 use crate::{
@@ -65,6 +69,15 @@ fn classify(ctx: &TcContext, dir: u8) -> i32 {
     } else {
         decide(ctx, skb, &port, &mut d)
     };
+    debug!(
+        ctx,
+        "verdict: port {} dir {} reason {} rule {} ct_state {}",
+        port.port_idx,
+        d.dir,
+        d.reason,
+        d.rule,
+        d.ct_state
+    );
     let verdict = verdict::finish(&port, &d, skb.len);
     // 7. Events for the security-group log and `sg monitor`, only where someone asked.
     if d.traced != TRACED_DRY
@@ -86,6 +99,17 @@ fn decide(ctx: &TcContext, skb: &__sk_buff, port: &PortInfo, d: &mut Decision) -
     }
     let mut pkt = Pkt::EMPTY;
     let reason = parse::parse(ctx, &mut pkt);
+    debug!(
+        ctx,
+        "parse: l3 {} family {} proto {} frag {} sport {} dport {} reason {}",
+        pkt.l3,
+        pkt.family,
+        pkt.proto,
+        pkt.frag,
+        pkt.sport,
+        pkt.dport,
+        reason
+    );
     if reason != 0 {
         return reason;
     }
@@ -96,6 +120,7 @@ fn decide(ctx: &TcContext, skb: &__sk_buff, port: &PortInfo, d: &mut Decision) -
     //    Neutron node); towards the VM, iptables lets every non-IP frame through.
     if d.dir == DIR_EGRESS {
         let reason = portsec::frame(ctx, port, &pkt);
+        debug!(ctx, "port security (frame): reason {}", reason);
         if reason != 0 {
             return reason;
         }
@@ -125,6 +150,7 @@ fn decide_ip(ctx: &TcContext, port: &PortInfo, pkt: &Pkt, d: &mut Decision) -> u
     } else {
         fixed::before_conntrack(pkt)
     };
+    debug!(ctx, "fixed rules: reason {}", fixed);
     if fixed != UNDECIDED && !reason_allows(fixed) {
         return fixed;
     }
@@ -134,6 +160,7 @@ fn decide_ip(ctx: &TcContext, port: &PortInfo, pkt: &Pkt, d: &mut Decision) -> u
     ct.dry = d.traced == TRACED_DRY;
     conntrack::lookup(ctx, port, pkt, &mut ct);
     d.ct_state = ct.state;
+    debug!(ctx, "conntrack: state {} rule {}", ct.state, ct.rule);
 
     let reason = match fixed {
         UNDECIDED => match ct.state {
@@ -145,7 +172,7 @@ fn decide_ip(ctx: &TcContext, port: &PortInfo, pkt: &Pkt, d: &mut Decision) -> u
                 d.rule = ct.rule;
                 REASON_ALLOW_RELATED
             }
-            _ => rules(port, pkt, d),
+            _ => rules(ctx, port, pkt, d),
         },
         fixed => fixed,
     };
@@ -161,7 +188,7 @@ fn decide_ip(ctx: &TcContext, port: &PortInfo, pkt: &Pkt, d: &mut Decision) -> u
 /// security-group rules, then the INVALID drop, then the fallback drop. A rule that allows a
 /// packet allows it even when it is INVALID, as in iptables.
 #[inline(always)]
-fn rules(port: &PortInfo, pkt: &Pkt, d: &mut Decision) -> u8 {
+fn rules(ctx: &TcContext, port: &PortInfo, pkt: &Pkt, d: &mut Decision) -> u8 {
     if d.dir == DIR_INGRESS {
         let reason = fixed::provider(port, pkt);
         if reason != UNDECIDED {
@@ -177,6 +204,7 @@ fn rules(port: &PortInfo, pkt: &Pkt, d: &mut Decision) -> u8 {
         remote: if d.dir == DIR_INGRESS { pkt.src } else { pkt.dst },
     });
     d.class = hit.class;
+    debug!(ctx, "policy: class {} rule {}", hit.class, hit.rule);
     if hit.rule != 0 {
         d.rule = hit.rule;
         REASON_ALLOW_RULE

@@ -163,6 +163,10 @@ impl Default for LoadOptions {
     }
 }
 
+/// aya-log's level in the programs: frozen in `.rodata` at load, so at 0 ("off") the verifier
+/// removes every log call and the programs cost what they would without them.
+const LOG_LEVEL_OFF: u8 = 0;
+
 impl LoadOptions {
     /// Options that match the maps already pinned under `root` (capacities included), for
     /// tools that load a second instance over a running agent's maps.
@@ -232,10 +236,37 @@ impl Datapath {
     /// from `<root>/maps` when it is there and has the expected shape, and created and pinned
     /// otherwise. A pinned map with another shape is refused: reusing it would corrupt state.
     pub fn load(opts: &LoadOptions) -> Result<Self> {
+        Self::load_object(EBPF_OBJECT, opts, LOG_LEVEL_OFF, |_| Ok(()))
+    }
+
+    /// Loads the programs with their per-stage debug records on (aya-log level debug), sharing
+    /// the pinned maps of `opts`. The records go to `logger` through the returned reader, which
+    /// must live as long as the programs and be flushed when its fd is readable. For `sg debug`:
+    /// attached to one port's links only, so no other port runs the extra code.
+    pub fn load_debug<L: log::Log>(opts: &LoadOptions, logger: L) -> Result<(Self, aya_log::EbpfLogger<L>)> {
+        let mut reader = None;
+        let dp = Self::load_object(EBPF_OBJECT, opts, aya_log::Level::Debug as u8, |ebpf| {
+            reader = Some(
+                aya_log::EbpfLogger::init_with_logger(ebpf, logger)
+                    .context("reading the programs' aya-log buffer")?,
+            );
+            Ok(())
+        })?;
+        Ok((dp, reader.expect("set before the programs load")))
+    }
+
+    /// Loads `object` (this build's datapath, or another build of it for the benchmarks).
+    pub fn load_object(
+        object: &[u8],
+        opts: &LoadOptions,
+        log_level: u8,
+        before_programs: impl FnOnce(&mut Ebpf) -> Result<()>,
+    ) -> Result<Self> {
         let mut loader = EbpfLoader::new();
         loader
             .map_max_entries(MAP_CONNTRACK, opts.ct_entries)
-            .map_max_entries(MAP_FRAGS, opts.frag_entries);
+            .map_max_entries(MAP_FRAGS, opts.frag_entries)
+            .override_global(aya_log::LEVEL, &log_level, false);
         let map_dir = opts.pin_root.as_ref().map(|r| r.join("maps"));
         if let Some(dir) = &map_dir {
             fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -245,7 +276,8 @@ impl Datapath {
                 loader.map_pin_path(spec.name, path);
             }
         }
-        let mut ebpf = loader.load(EBPF_OBJECT).context("loading the sg eBPF object")?;
+        let mut ebpf = loader.load(object).context("loading the sg eBPF object")?;
+        before_programs(&mut ebpf)?;
         for (name, _) in PROGRAMS {
             let prog: &mut SchedClassifier = ebpf
                 .program_mut(name)

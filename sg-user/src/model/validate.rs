@@ -14,8 +14,8 @@ use super::error::{ValidationErrors, show};
 use super::input::{self, Kind, RawObject};
 use super::protocol;
 use super::{
-    AddressGroup, AddressPair, Direction, Ethertype, FixedIp, Member, Model, Port, Remote, Rule,
-    SecurityGroup,
+    AddressGroup, AddressPair, Direction, Ethertype, FixedIp, LogEvent, Member, Model, NetworkLog, Port,
+    Remote, Rule, SecurityGroup,
 };
 
 /// Reads one object's fields, recording errors against the object.
@@ -115,6 +115,7 @@ struct Parsed {
     sgs: Vec<(String, SecurityGroup, Vec<bool>)>,
     ags: Vec<(String, AddressGroup)>,
     ports: Vec<(String, Port)>,
+    logs: Vec<(String, NetworkLog)>,
 }
 
 pub(crate) fn build(
@@ -129,6 +130,7 @@ pub(crate) fn build(
         sgs: Vec::new(),
         ags: Vec::new(),
         ports: Vec::new(),
+        logs: Vec::new(),
     };
     for raw in &raws {
         match raw.kind {
@@ -143,6 +145,11 @@ pub(crate) fn build(
             }
             Kind::Port => {
                 parsed.ports.push((raw.origin.clone(), port(raw, &mut errs)));
+            }
+            Kind::Log => {
+                if let Some(log) = network_log(raw, &mut errs) {
+                    parsed.logs.push((raw.origin.clone(), log));
+                }
             }
         }
     }
@@ -716,6 +723,112 @@ fn multicast_overlap(net: IpNet, cidr: bool) -> Option<&'static str> {
 }
 
 // -------------------------------------------------------------------------------------------
+// Network logs (neutron/extensions/logging.py, neutron_lib/services/logapi)
+// -------------------------------------------------------------------------------------------
+
+/// A log object, or None when it is not one sg logs: Neutron's API knows other resource types
+/// (`firewall_group`), which only other drivers implement; those are refused, since sg would
+/// otherwise accept a log it never writes.
+fn network_log(raw: &RawObject, errs: &mut ValidationErrors) -> Option<NetworkLog> {
+    let mut f = Fields::new(&raw.fields, "log", &raw.origin, errs);
+    let name = f.opt_str("name").unwrap_or_default();
+    let project_id = f
+        .opt_str("project_id")
+        .or_else(|| f.opt_str("tenant_id"))
+        .unwrap_or_default();
+    match f.get("resource_type") {
+        Some(Value::String(t)) if t == "security_group" => {}
+        Some(v) => {
+            let v = v.clone();
+            f.err(
+                "resource_type",
+                &v,
+                "sg logs only resource_type \"security_group\" (Neutron's security-group logging)",
+            );
+        }
+        None => {
+            let v = f.map.get("resource_type").cloned().unwrap_or(Value::Null);
+            f.err("resource_type", &v, "missing required field");
+        }
+    }
+    let event = match f.get("event") {
+        None => LogEvent::All,
+        Some(Value::String(e)) if e == "ALL" => LogEvent::All,
+        Some(Value::String(e)) if e == "ACCEPT" => LogEvent::Accept,
+        Some(Value::String(e)) if e == "DROP" => LogEvent::Drop,
+        Some(v) => {
+            let v = v.clone();
+            f.err("event", &v, "must be one of \"ALL\", \"ACCEPT\", \"DROP\"");
+            LogEvent::All
+        }
+    };
+    let resource_id = f.opt_str("resource_id").filter(|s| !s.is_empty());
+    let target_id = f.opt_str("target_id").filter(|s| !s.is_empty());
+    let enabled = f.opt_bool("enabled", true);
+    let ok = f.ok;
+    ok.then(|| NetworkLog {
+        id: f.id.clone(),
+        name,
+        project_id,
+        resource_id,
+        target_id,
+        event,
+        enabled,
+    })
+}
+
+/// The logging plugin's checks: the group and the port exist, and a port named with a group
+/// is in it (`InvalidResourceConstraint`).
+fn check_logs(p: &Parsed, errs: &mut ValidationErrors) {
+    duplicates(
+        "log",
+        "id",
+        p.logs.iter().map(|(o, l)| (l.id.as_str(), o.as_str())),
+        "log id",
+        errs,
+    );
+    for (_, log) in &p.logs {
+        if let Some(g) = &log.resource_id
+            && !p.sgs.iter().any(|(_, s, _)| s.id == *g)
+        {
+            errs.push(
+                "log",
+                &log.id,
+                "resource_id",
+                show(&Value::from(g.as_str())),
+                "no security group with this id in the input",
+            );
+        }
+        if let Some(t) = &log.target_id {
+            match p.ports.iter().find(|(_, port)| port.id == *t) {
+                None => errs.push(
+                    "log",
+                    &log.id,
+                    "target_id",
+                    show(&Value::from(t.as_str())),
+                    "no port with this id in the input",
+                ),
+                Some((_, port)) => {
+                    if let Some(g) = &log.resource_id
+                        && !port.security_groups.contains(g)
+                    {
+                        errs.push(
+                            "log",
+                            &log.id,
+                            "target_id",
+                            show(&Value::from(t.as_str())),
+                            format!(
+                                "the port is not in security group {g} (resource_id), as Neutron requires"
+                            ),
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+// -------------------------------------------------------------------------------------------
 // Checks across objects
 // -------------------------------------------------------------------------------------------
 
@@ -771,6 +884,7 @@ fn rule_key(r: &Rule) -> String {
 }
 
 fn cross_check(p: &Parsed, errs: &mut ValidationErrors) {
+    check_logs(p, errs);
     duplicates(
         "security_group",
         "id",
@@ -912,6 +1026,7 @@ fn assemble(p: Parsed) -> Model {
     let security_groups: Vec<SecurityGroup> = p.sgs.into_iter().map(|(_, s, _)| s).collect();
     let address_groups: Vec<AddressGroup> = p.ags.into_iter().map(|(_, a)| a).collect();
     let ports: Vec<Port> = p.ports.into_iter().map(|(_, x)| x).collect();
+    let logs: Vec<NetworkLog> = p.logs.into_iter().map(|(_, x)| x).collect();
     let sg_index = security_groups
         .iter()
         .enumerate()
@@ -967,6 +1082,7 @@ fn assemble(p: Parsed) -> Model {
         security_groups,
         address_groups,
         ports,
+        logs,
         sg_index,
         ag_index,
         port_index,
