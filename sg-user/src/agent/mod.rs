@@ -45,6 +45,34 @@ pub struct AgentOptions {
     pub ct_entries: u32,
     pub gc_interval: Duration,
     pub dataplane: DataplaneOptions,
+    pub observe: ObserveOptions,
+}
+
+/// The security-group log, `/metrics`, and the control socket of `sg monitor` / `sg debug`
+/// (eBPF back end only).
+#[derive(Debug, Clone)]
+pub struct ObserveOptions {
+    /// Serve `/metrics` here.
+    pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Also export per-rule hit counters.
+    pub metrics_rule_hits: bool,
+    /// A file path, or `syslog` (Neutron's default).
+    pub log_output: String,
+    /// Per-port events per second and burst (Neutron's `rate_limit`, `burst_limit`).
+    pub log_rate_limit: u32,
+    pub log_burst_limit: u32,
+}
+
+impl Default for ObserveOptions {
+    fn default() -> Self {
+        Self {
+            metrics_addr: None,
+            metrics_rule_hits: false,
+            log_output: "syslog".into(),
+            log_rate_limit: sg_common::LOG_RATE_LIMIT,
+            log_burst_limit: sg_common::LOG_BURST_LIMIT,
+        }
+    }
 }
 
 /// Which back end enforces the input.
@@ -89,6 +117,40 @@ trait Dataplane {
     /// Periodic housekeeping.
     fn gc(&mut self);
     fn describe_exit(&self) -> String;
+    /// `sg debug PORT on|off`.
+    fn debug(&mut self, _req: &crate::observe::control::DebugRequest) -> Result<String, String> {
+        Err("`sg debug` needs the eBPF back end".into())
+    }
+}
+
+/// A port whose links run the debug instance of the programs (`sg debug PORT on`).
+struct DebugSession {
+    port: String,
+    device: String,
+    /// The debug instance; dropped once the normal programs are back on the links.
+    _dp: Datapath,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Drop for DebugSession {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// aya-log records of the debug instance, into the agent's log.
+struct DebugLog {
+    port: String,
+}
+
+impl log::Log for DebugLog {
+    fn enabled(&self, _: &log::Metadata) -> bool {
+        true
+    }
+    fn log(&self, record: &log::Record) {
+        info!(port = %self.port, "datapath debug: {}", record.args());
+    }
+    fn flush(&self) {}
 }
 
 /// The eBPF back end: compile, then swap maps and programs (agent::apply).
@@ -97,6 +159,37 @@ struct Ebpf {
     /// The last compilation applied, re-applied when interfaces change.
     current: Option<Compiled>,
     opts: AgentOptions,
+    shared: crate::observe::Shared,
+    debug: Option<DebugSession>,
+}
+
+impl Ebpf {
+    /// Tells the observers (log, monitor, metrics) what the ports are now.
+    fn publish(&self, generation: u64) {
+        let Some(c) = &self.current else { return };
+        let logs: std::collections::HashMap<&str, &model::PortLog> =
+            c.ports.iter().map(|p| (p.id.as_str(), &p.log)).collect();
+        let mut view = crate::observe::View {
+            generation,
+            ..Default::default()
+        };
+        for p in self.applier.ports() {
+            view.ports.insert(
+                p.port_idx,
+                crate::observe::PortView {
+                    id: p.id.clone(),
+                    device: p.device.clone(),
+                    ifindex: p.ifindex,
+                    enforced: p.ifindex.is_some(),
+                    log: logs.get(p.id.as_str()).map(|l| (*l).clone()).unwrap_or_default(),
+                },
+            );
+        }
+        for r in self.applier.run_state(generation).rules {
+            view.rules.insert(r.index, r);
+        }
+        self.shared.publish(view);
+    }
 }
 
 impl Dataplane for Ebpf {
@@ -104,6 +197,7 @@ impl Dataplane for Ebpf {
         let compiled = compile::compile(model, &self.opts.host);
         apply_and_record(&mut self.applier, &compiled, links, &self.opts, generation)?;
         self.current = Some(compiled);
+        self.publish(generation);
         Ok(())
     }
 
@@ -119,6 +213,7 @@ impl Dataplane for Ebpf {
             && let Some(c) = &self.current
         {
             apply_and_record(&mut self.applier, c, links, &self.opts, generation)?;
+            self.publish(generation);
         }
         Ok(())
     }
@@ -140,6 +235,74 @@ impl Dataplane for Ebpf {
             "exiting; maps and links stay pinned under {}, so enforcement continues",
             self.opts.pin_root.display()
         )
+    }
+
+    fn debug(&mut self, req: &crate::observe::control::DebugRequest) -> Result<String, String> {
+        // The normal programs back on the links of the port being debugged, if any.
+        let stop = |this: &mut Self| -> Result<Option<String>, String> {
+            let Some(s) = this.debug.take() else {
+                return Ok(None);
+            };
+            let iface = crate::datapath::Iface::new(&s.device, this.opts.netns.as_deref());
+            this.applier
+                .dp
+                .attach(&iface)
+                .map_err(|e| format!("restoring the programs of {}: {e:#}", s.device))?;
+            info!(port = %s.port, tap = %s.device, "datapath debug off");
+            Ok(Some(s.port.clone()))
+        };
+        if !req.on {
+            return match stop(self)? {
+                Some(p) => Ok(format!("debug records of port {p} are off")),
+                None => Ok("no port was being debugged".into()),
+            };
+        }
+        let view = self.shared.view();
+        let (_, port) = view.find_port(&req.port)?;
+        let (id, device) = (port.id.clone(), port.device.clone());
+        let iface = crate::datapath::Iface::new(&device, self.opts.netns.as_deref());
+        if port.ifindex.is_none() {
+            return Err(format!("port {id} has no tap ({device}) on this host"));
+        }
+        stop(self)?;
+        let opts = LoadOptions::matching_pins(&self.opts.pin_root).map_err(|e| format!("{e:#}"))?;
+        let (mut dp, mut reader) = Datapath::load_debug(&opts, DebugLog { port: id.clone() })
+            .map_err(|e| format!("loading the debug programs: {e:#}"))?;
+        dp.attach(&iface)
+            .map_err(|e| format!("swapping the debug programs into {device}: {e:#}"))?;
+        let flag = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let done = flag.clone();
+        // aya-log 0.3 does not poll by itself: a thread waits on the buffer and flushes it.
+        let spawned = std::thread::Builder::new()
+            .name("sg-debug".into())
+            .spawn(move || {
+                use std::os::fd::AsRawFd as _;
+                while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                    let mut pfd = libc::pollfd {
+                        fd: reader.as_raw_fd(),
+                        events: libc::POLLIN,
+                        revents: 0,
+                    };
+                    // SAFETY: one valid pollfd.
+                    unsafe { libc::poll(&mut pfd, 1, 200) };
+                    reader.flush();
+                }
+            });
+        if let Err(e) = spawned {
+            let _ = self.applier.dp.attach(&iface);
+            return Err(format!("starting the debug reader: {e}"));
+        }
+        info!(port = %id, tap = %device, "datapath debug on: per-stage records of this port follow");
+        self.debug = Some(DebugSession {
+            port: id.clone(),
+            device: device.clone(),
+            _dp: dp,
+            stop: flag,
+        });
+        Ok(format!(
+            "debug records of {device} ({id}) are on: they go to the agent's log; `sg debug {} off` ends them",
+            req.port
+        ))
     }
 }
 
@@ -193,6 +356,9 @@ impl Dataplane for Iptables {
 pub async fn run(opts: AgentOptions) -> Result<()> {
     let started = Instant::now();
     let mut generation = 0;
+    let shared = crate::observe::Shared::default();
+    let mut observers: Option<Observers> = None;
+    let (debug_tx, mut debug_rx) = tokio::sync::mpsc::unbounded_channel();
     let mut dp: Box<dyn Dataplane> = match &opts.dataplane {
         DataplaneOptions::Ebpf => {
             let dp = Datapath::load(&LoadOptions {
@@ -204,12 +370,16 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
                 warn!("ignoring the previous run state: {e:#}");
                 None
             });
-            let applier = Applier::adopt(dp, opts.netns.clone(), previous.as_ref())?;
+            let mut applier = Applier::adopt(dp, opts.netns.clone(), previous.as_ref())?;
+            applier.set_log_limits(opts.observe.log_rate_limit, opts.observe.log_burst_limit);
             generation = previous.map(|p| p.generation).unwrap_or(0);
+            observers = Some(Observers::start(&opts, shared.clone(), debug_tx.clone())?);
             Box::new(Ebpf {
                 applier,
                 current: None,
                 opts: opts.clone(),
+                shared: shared.clone(),
+                debug: None,
             })
         }
         DataplaneOptions::Iptables {
@@ -247,10 +417,22 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
             None
         }
     };
+    let metrics = observers.as_ref().and_then(|o| o.metrics.clone());
+    let timed = |dp: &mut Box<dyn Dataplane>, f: &mut dyn FnMut(&mut Box<dyn Dataplane>) -> Result<()>| {
+        let t = Instant::now();
+        let r = f(dp);
+        if let Some(m) = &metrics {
+            m.apply_duration.observe(t.elapsed().as_secs_f64());
+            if r.is_err() {
+                m.apply_errors.inc();
+            }
+        }
+        r
+    };
     let mut table = links.dump().await?;
     if let Some(m) = &initial {
         generation += 1;
-        dp.apply(m, &table, generation)?;
+        timed(&mut dp, &mut |dp| dp.apply(m, &table, generation))?;
     }
     info!(elapsed_ms = started.elapsed().as_millis() as u64, "ready");
 
@@ -272,7 +454,7 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
                 let new_table = links.dump().await?;
                 let changed = new_table != table;
                 table = new_table;
-                if let Err(e) = dp.links_changed(&deleted, &table, changed, generation) {
+                if let Err(e) = timed(&mut dp, &mut |dp| dp.links_changed(&deleted, &table, changed, generation)) {
                     error!("re-applying after an interface change: {e:#}");
                 }
             }
@@ -282,7 +464,7 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
                     Ok(m) => {
                         info!(model = %m.summary(), "input changed");
                         generation += 1;
-                        if let Err(e) = dp.apply(&m, &table, generation) {
+                        if let Err(e) = timed(&mut dp, &mut |dp| dp.apply(&m, &table, generation)) {
                             error!("{e:#}");
                         }
                     }
@@ -290,10 +472,83 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
                 }
             }
             _ = gc.tick() => dp.gc(),
+            Some(call) = debug_rx.recv() => {
+                let _ = call.reply.send(dp.debug(&call.request));
+            }
         }
+    }
+    // A port being debugged gets the normal programs back: nobody would read its records.
+    let _ = dp.debug(&crate::observe::control::DebugRequest {
+        port: String::new(),
+        on: false,
+    });
+    if let Some(o) = observers {
+        o.stop();
     }
     info!("{}", dp.describe_exit());
     Ok(())
+}
+
+/// The threads that watch the datapath for the operator: the event reader (security-group
+/// log, monitor), the control socket and `/metrics`.
+struct Observers {
+    monitors: std::sync::Arc<crate::observe::Monitors>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    reader: Option<std::thread::JoinHandle<()>>,
+    metrics: Option<crate::observe::metrics::AgentMetrics>,
+}
+
+impl Observers {
+    fn start(
+        opts: &AgentOptions,
+        shared: crate::observe::Shared,
+        debug: tokio::sync::mpsc::UnboundedSender<crate::observe::control::DebugCall>,
+    ) -> Result<Self> {
+        use std::sync::Arc;
+        let o = &opts.observe;
+        let monitors = Arc::new(crate::observe::Monitors::new(&opts.pin_root));
+        // A monitor of a previous agent is gone with it.
+        monitors.off();
+        let counters = Arc::new(crate::observe::EventCounters::default());
+        let sink = crate::observe::netlog::Sink::open(&o.log_output)?;
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let reader = crate::observe::spawn_reader(
+            &opts.pin_root,
+            shared.clone(),
+            Some(sink),
+            monitors.clone(),
+            counters.clone(),
+            stop.clone(),
+        )?;
+        let sock = crate::observe::control::serve(&opts.run_dir, shared.clone(), monitors.clone(), debug)?;
+        info!(socket = %sock.display(), log = %o.log_output, "control socket and security-group log ready");
+        let mut metrics = None;
+        if let Some(addr) = o.metrics_addr {
+            let m = Arc::new(crate::observe::metrics::Metrics::new(
+                &opts.pin_root,
+                shared,
+                counters,
+                o.metrics_rule_hits,
+            )?);
+            metrics = Some(m.agent.clone());
+            let bound = m.serve(addr)?;
+            info!(addr = %bound, "serving /metrics");
+        }
+        Ok(Self {
+            monitors,
+            stop,
+            reader: Some(reader),
+            metrics,
+        })
+    }
+
+    fn stop(mut self) {
+        self.monitors.off();
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(r) = self.reader.take() {
+            let _ = r.join();
+        }
+    }
 }
 
 fn apply_and_record(

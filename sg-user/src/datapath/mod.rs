@@ -412,6 +412,10 @@ impl Datapath {
         Ok(PerCpuHashMap::try_from(self.map_mut(MAP_STATS)?)?)
     }
 
+    pub fn log_limits(&mut self) -> Result<HashMap<&mut MapData, u32, LogLimit>> {
+        Ok(HashMap::try_from(self.map_mut(MAP_LOG_LIMITS)?)?)
+    }
+
     pub fn conntrack(&mut self) -> Result<HashMap<&mut MapData, CtKey, CtVal>> {
         Ok(HashMap::try_from(self.map_mut(MAP_CONNTRACK)?)?)
     }

@@ -1,0 +1,479 @@
+//! `sg agent --metrics-addr ADDR`: `/metrics` in the Prometheus text format (0.0.4).
+//!
+//! The datapath's counters are read from the pinned maps when Prometheus scrapes, through this
+//! thread's own descriptors, so a scrape shows the maps as they are and never waits for, or
+//! holds up, an apply. The agent's own measurements (apply durations and errors) are ordinary
+//! metrics it updates after each apply.
+//!
+//! Per-rule hit counters (`--metrics-rule-hits`) are off by default: their cardinality is the
+//! number of rules on the node.
+
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    os::fd::{AsFd as _, AsRawFd as _},
+    path::{Path, PathBuf},
+    sync::{Arc, atomic::Ordering},
+};
+
+use anyhow::{Context as _, Result};
+use aya::maps::{HashMap, MapData, MapInfo, MapType, PerCpuArray, PerCpuHashMap};
+use prometheus::{
+    Encoder as _, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+    core::{Collector, Desc},
+    proto::MetricFamily,
+};
+use sg_common::*;
+
+use super::{EventCounters, Shared, port_ids};
+use crate::pinned;
+
+/// What the agent records itself.
+#[derive(Clone)]
+pub struct AgentMetrics {
+    pub apply_duration: Histogram,
+    pub apply_errors: IntCounter,
+}
+
+/// The registry behind `/metrics`.
+pub struct Metrics {
+    pub registry: Registry,
+    pub agent: AgentMetrics,
+}
+
+impl Metrics {
+    pub fn new(
+        pin_root: &Path,
+        shared: Shared,
+        counters: Arc<EventCounters>,
+        rule_hits: bool,
+    ) -> Result<Self> {
+        let registry = Registry::new();
+        let apply_duration = Histogram::with_opts(
+            HistogramOpts::new(
+                "sg_apply_duration_seconds",
+                "Time to validate, compile and apply an input or an interface change.",
+            )
+            .buckets(prometheus::exponential_buckets(0.001, 2.0, 14)?),
+        )?;
+        let apply_errors = IntCounter::new(
+            "sg_apply_errors_total",
+            "Applies that failed; the running policy stayed as it was.",
+        )?;
+        registry.register(Box::new(apply_duration.clone()))?;
+        registry.register(Box::new(apply_errors.clone()))?;
+        registry.register(Box::new(MapCollector::new(
+            pin_root, shared, counters, rule_hits,
+        )?))?;
+        Ok(Self {
+            registry,
+            agent: AgentMetrics {
+                apply_duration,
+                apply_errors,
+            },
+        })
+    }
+
+    /// The exposition, in the Prometheus text format.
+    pub fn render(&self) -> Result<String> {
+        let mut out = Vec::new();
+        TextEncoder::new().encode(&self.registry.gather(), &mut out)?;
+        Ok(String::from_utf8(out)?)
+    }
+
+    /// Serves `/metrics` on `addr` from a thread of its own. Returns the bound address.
+    pub fn serve(self: Arc<Self>, addr: SocketAddr) -> Result<SocketAddr> {
+        let listener =
+            std::net::TcpListener::bind(addr).with_context(|| format!("binding {addr} for /metrics"))?;
+        listener.set_nonblocking(true)?;
+        let bound = listener.local_addr()?;
+        std::thread::Builder::new()
+            .name("sg-metrics".into())
+            .spawn(move || {
+                let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        tracing::error!("metrics server: {e}");
+                        return;
+                    }
+                };
+                rt.block_on(async move {
+                    let listener = match tokio::net::TcpListener::from_std(listener) {
+                        Ok(l) => l,
+                        Err(e) => {
+                            tracing::error!("metrics server: {e}");
+                            return;
+                        }
+                    };
+                    let app = axum::Router::new().route(
+                        "/metrics",
+                        axum::routing::get(move || {
+                            let m = self.clone();
+                            async move {
+                                match m.render() {
+                                    Ok(body) => (
+                                        axum::http::StatusCode::OK,
+                                        [(
+                                            axum::http::header::CONTENT_TYPE,
+                                            TextEncoder::new().format_type().to_string(),
+                                        )],
+                                        body,
+                                    ),
+                                    Err(e) => (
+                                        axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+                                        [(axum::http::header::CONTENT_TYPE, "text/plain".to_string())],
+                                        format!("{e:#}\n"),
+                                    ),
+                                }
+                            }
+                        }),
+                    );
+                    if let Err(e) = axum::serve(listener, app).await {
+                        tracing::error!("metrics server stopped: {e}");
+                    }
+                });
+            })?;
+        Ok(bound)
+    }
+}
+
+/// The families read from the maps at scrape time.
+struct MapCollector {
+    pin_root: PathBuf,
+    shared: Shared,
+    counters: Arc<EventCounters>,
+    rule_hits: bool,
+    descs: Vec<Desc>,
+}
+
+fn counter_vec(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric definition")
+}
+
+fn gauge_vec(name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric definition")
+}
+
+fn gauge(name: &str, help: &str) -> IntGauge {
+    IntGauge::new(name, help).expect("valid metric definition")
+}
+
+fn counter(name: &str, help: &str) -> IntCounter {
+    IntCounter::new(name, help).expect("valid metric definition")
+}
+
+const PORT_LABELS: [&str; 4] = ["port", "device", "direction", "reason"];
+
+/// Fresh instances of every family, so that each scrape starts from the maps alone.
+struct Families {
+    build_info: IntGaugeVec,
+    packets: IntCounterVec,
+    bytes: IntCounterVec,
+    ct_entries: IntGauge,
+    ct_capacity: IntGauge,
+    ports: IntGaugeVec,
+    map_entries: IntGaugeVec,
+    map_capacity: IntGaugeVec,
+    log_events: IntCounterVec,
+    log_lines: IntCounter,
+    log_write_errors: IntCounter,
+    monitor_events: IntCounterVec,
+    rule_packets: IntCounterVec,
+    rule_bytes: IntCounterVec,
+}
+
+impl Families {
+    fn new() -> Self {
+        Self {
+            build_info: gauge_vec("sg_build_info", "The running sg: always 1.", &["version"]),
+            packets: counter_vec(
+                "sg_packets_total",
+                "Packets decided on a port, by direction (to-vm, from-vm) and reason.",
+                &PORT_LABELS,
+            ),
+            bytes: counter_vec(
+                "sg_bytes_total",
+                "Bytes of the packets decided on a port, by direction and reason.",
+                &PORT_LABELS,
+            ),
+            ct_entries: gauge(
+                "sg_conntrack_entries",
+                "Entries in SG_CONNTRACK, expired ones included until collected.",
+            ),
+            ct_capacity: gauge(
+                "sg_conntrack_capacity",
+                "SG_CONNTRACK's capacity; a full table evicts the least recently used flow.",
+            ),
+            ports: gauge_vec(
+                "sg_ports",
+                "Managed ports by state: enforced (the tap has its entry), pending, no-tap.",
+                &["state"],
+            ),
+            map_entries: gauge_vec("sg_map_entries", "Entries in each pinned map.", &["map"]),
+            map_capacity: gauge_vec(
+                "sg_map_capacity",
+                "Capacity (max_entries) of each pinned map.",
+                &["map"],
+            ),
+            log_events: counter_vec(
+                "sg_log_events_total",
+                "Security-group log events of a port: admitted by its token bucket, limited by it, \
+                 or lost because the event buffer was full.",
+                &["port", "device", "result"],
+            ),
+            log_lines: counter("sg_log_lines_total", "Security-group log lines written."),
+            log_write_errors: counter(
+                "sg_log_write_errors_total",
+                "Security-group log lines that could not be written.",
+            ),
+            monitor_events: counter_vec(
+                "sg_monitor_events_total",
+                "Verdict events for `sg monitor` since it was last switched on, by result.",
+                &["result"],
+            ),
+            rule_packets: counter_vec(
+                "sg_rule_hits_packets_total",
+                "Packets of new flows a security-group rule admitted (--metrics-rule-hits).",
+                &["rule_index", "security_group_id", "rule_id"],
+            ),
+            rule_bytes: counter_vec(
+                "sg_rule_hits_bytes_total",
+                "Bytes of the packets a security-group rule admitted (--metrics-rule-hits).",
+                &["rule_index", "security_group_id", "rule_id"],
+            ),
+        }
+    }
+
+    fn descs(&self, rule_hits: bool) -> Vec<Desc> {
+        let mut v: Vec<Desc> = Vec::new();
+        let mut add = |c: &dyn Collector| v.extend(c.desc().into_iter().cloned());
+        add(&self.build_info);
+        add(&self.packets);
+        add(&self.bytes);
+        add(&self.ct_entries);
+        add(&self.ct_capacity);
+        add(&self.ports);
+        add(&self.map_entries);
+        add(&self.map_capacity);
+        add(&self.log_events);
+        add(&self.log_lines);
+        add(&self.log_write_errors);
+        add(&self.monitor_events);
+        if rule_hits {
+            add(&self.rule_packets);
+            add(&self.rule_bytes);
+        }
+        v
+    }
+}
+
+impl MapCollector {
+    fn new(pin_root: &Path, shared: Shared, counters: Arc<EventCounters>, rule_hits: bool) -> Result<Self> {
+        Ok(Self {
+            pin_root: pin_root.to_path_buf(),
+            shared,
+            counters,
+            rule_hits,
+            descs: Families::new().descs(rule_hits),
+        })
+    }
+
+    fn read(&self) -> Result<Vec<MetricFamily>> {
+        let f = Families::new();
+        let view = self.shared.view();
+        let ids = port_ids(&view);
+        let root = &self.pin_root;
+        f.build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+
+        let stats: PerCpuHashMap<MapData, StatKey, Counter> = pinned::open(root, MAP_STATS)?.try_into()?;
+        for item in stats.iter() {
+            let (k, per_cpu) = item?;
+            let (port, device) = ids.get(&k.port_idx).copied().unwrap_or(("", ""));
+            let dir = if k.dir == DIR_INGRESS { "to-vm" } else { "from-vm" };
+            let labels = [port, device, dir, reason_name(k.reason)];
+            let (p, b) = per_cpu
+                .iter()
+                .fold((0, 0), |a, c| (a.0 + c.packets, a.1 + c.bytes));
+            f.packets.with_label_values(&labels).inc_by(p);
+            f.bytes.with_label_values(&labels).inc_by(b);
+        }
+
+        for name in PINNED_MAPS {
+            let path = root.join("maps").join(name);
+            let info = MapInfo::from_pin(&path)?;
+            f.map_capacity
+                .with_label_values(&[name])
+                .set(info.max_entries() as i64);
+            let n = match info.map_type()? {
+                MapType::RingBuf => continue,
+                MapType::Array | MapType::PerCpuArray => info.max_entries() as u64,
+                _ => count_entries(&pinned::open(root, name)?, &info)?,
+            };
+            f.map_entries.with_label_values(&[name]).set(n as i64);
+            if name == MAP_CONNTRACK {
+                f.ct_entries.set(n as i64);
+                f.ct_capacity.set(info.max_entries() as i64);
+            }
+        }
+
+        let mut states: BTreeMap<&str, i64> = [("enforced", 0), ("pending", 0), ("no-tap", 0)].into();
+        for p in view.ports.values() {
+            let s = match (p.ifindex, p.enforced) {
+                (None, _) => "no-tap",
+                (Some(_), true) => "enforced",
+                (Some(_), false) => "pending",
+            };
+            *states.get_mut(s).expect("listed") += 1;
+        }
+        for (s, n) in states {
+            f.ports.with_label_values(&[s]).set(n);
+        }
+
+        let limits: HashMap<MapData, u32, LogLimit> = pinned::open(root, MAP_LOG_LIMITS)?.try_into()?;
+        for item in limits.iter() {
+            let (idx, b) = item?;
+            let (port, device) = ids.get(&idx).copied().unwrap_or(("", ""));
+            for (result, n) in [("admitted", b.admitted), ("limited", b.limited), ("lost", b.lost)] {
+                f.log_events.with_label_values(&[port, device, result]).inc_by(n);
+            }
+        }
+        f.log_lines
+            .inc_by(self.counters.log_lines.load(Ordering::Relaxed));
+        f.log_write_errors
+            .inc_by(self.counters.log_write_errors.load(Ordering::Relaxed));
+        let mon: aya::maps::Array<MapData, MonitorCfg> = pinned::open(root, MAP_MONITOR)?.try_into()?;
+        let m = mon.get(&0, 0)?;
+        for (result, n) in [
+            ("admitted", m.bucket.admitted),
+            ("limited", m.bucket.limited),
+            ("lost", m.bucket.lost),
+        ] {
+            f.monitor_events.with_label_values(&[result]).inc_by(n);
+        }
+
+        if self.rule_hits {
+            let hits: PerCpuArray<MapData, Counter> = pinned::open(root, MAP_RULE_HITS)?.try_into()?;
+            for (idx, rule) in &view.rules {
+                let c = hits.get(idx, 0)?;
+                let (p, b) = c.iter().fold((0, 0), |a, c| (a.0 + c.packets, a.1 + c.bytes));
+                let labels = [
+                    idx.to_string(),
+                    rule.security_group_id.clone(),
+                    rule.rule_id.clone(),
+                ];
+                f.rule_packets.with_label_values(&labels).inc_by(p);
+                f.rule_bytes.with_label_values(&labels).inc_by(b);
+            }
+        }
+
+        let mut out = Vec::new();
+        let mut add = |c: &dyn Collector| out.extend(c.collect());
+        add(&f.build_info);
+        add(&f.packets);
+        add(&f.bytes);
+        add(&f.ct_entries);
+        add(&f.ct_capacity);
+        add(&f.ports);
+        add(&f.map_entries);
+        add(&f.map_capacity);
+        add(&f.log_events);
+        add(&f.log_lines);
+        add(&f.log_write_errors);
+        add(&f.monitor_events);
+        if self.rule_hits {
+            add(&f.rule_packets);
+            add(&f.rule_bytes);
+        }
+        Ok(out)
+    }
+}
+
+impl Collector for MapCollector {
+    fn desc(&self) -> Vec<&Desc> {
+        self.descs.iter().collect()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        match self.read() {
+            Ok(v) => v,
+            Err(e) => {
+                // A scrape shows what it could read; the gap is in the agent's log.
+                tracing::warn!("metrics: reading the pinned maps: {e:#}");
+                Vec::new()
+            }
+        }
+    }
+}
+
+/// Entries of a hash or LPM map, counted with BPF_MAP_LOOKUP_BATCH: the kernel walks the map
+/// in a few syscalls instead of two per entry.
+fn count_entries(map: &aya::maps::Map, info: &MapInfo) -> Result<u64> {
+    let data: &MapData = match map {
+        aya::maps::Map::HashMap(m)
+        | aya::maps::Map::LruHashMap(m)
+        | aya::maps::Map::PerCpuHashMap(m)
+        | aya::maps::Map::LpmTrie(m) => m,
+        _ => return Ok(0),
+    };
+    const BATCH: usize = 4096;
+    let key_size = info.key_size() as usize;
+    let mut value_size = info.value_size() as usize;
+    if matches!(info.map_type()?, MapType::PerCpuHash) {
+        let cpus = aya::util::nr_cpus().map_err(|(w, e)| anyhow::anyhow!("{w}: {e}"))?;
+        value_size = value_size.next_multiple_of(8) * cpus;
+    }
+    let mut keys = vec![0u8; key_size * BATCH];
+    let mut values = vec![0u8; value_size * BATCH];
+    // The batch position: a bucket number for hash maps, a key for the generic walk (LPM).
+    let mut token_in = vec![0u8; key_size.max(8)];
+    let mut token_out = vec![0u8; key_size.max(8)];
+    let mut first = true;
+    let mut total = 0u64;
+    loop {
+        #[repr(C)]
+        #[derive(Default)]
+        struct Attr {
+            in_batch: u64,
+            out_batch: u64,
+            keys: u64,
+            values: u64,
+            count: u32,
+            map_fd: u32,
+            elem_flags: u64,
+            flags: u64,
+        }
+        let mut attr = Attr {
+            in_batch: if first { 0 } else { token_in.as_ptr() as u64 },
+            out_batch: token_out.as_mut_ptr() as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: values.as_mut_ptr() as u64,
+            count: BATCH as u32,
+            map_fd: data.fd().as_fd().as_raw_fd() as u32,
+            ..Default::default()
+        };
+        const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+        // SAFETY: the buffers hold BATCH keys and values of the map's sizes and two batch
+        // tokens of at least the key size, and outlive the call.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_LOOKUP_BATCH,
+                &mut attr as *mut Attr,
+                size_of::<Attr>() as u32,
+            )
+        };
+        total += attr.count as u64;
+        if rc != 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::ENOENT) {
+                return Ok(total);
+            }
+            return Err(e).context("BPF_MAP_LOOKUP_BATCH");
+        }
+        std::mem::swap(&mut token_in, &mut token_out);
+        first = false;
+    }
+}
