@@ -14,16 +14,59 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 
 use crate::model::addr::inet_ntop6;
 
-/// `str(Packet(data))` as os_ken 3.x prints it.
+/// `str(Packet(data))` as os_ken prints it. Its parser loop: stop at a buffer of zero bytes
+/// only, decode header after header while each names the next, stop at a header too short to
+/// decode (`struct.error`), and print what is left unless it is all zero padding.
 pub fn os_ken(data: &[u8]) -> String {
     let mut parts: Vec<String> = Vec::new();
-    let rest = ethernet(data, &mut parts);
-    if let Some(rest) = rest
-        && !rest.is_empty()
-    {
+    let mut rest = data;
+    let mut next = Some(Layer::Ethernet);
+    while let Some(layer) = next {
+        if all_zero(rest) {
+            break;
+        }
+        let Some((text, following, r)) = decode(layer, rest) else {
+            break;
+        };
+        parts.push(text);
+        next = following;
+        rest = r;
+    }
+    if !all_zero(rest) {
         parts.push(py_bytes(rest));
     }
     parts.join(", ")
+}
+
+fn all_zero(b: &[u8]) -> bool {
+    b.iter().all(|x| *x == 0)
+}
+
+#[derive(Clone, Copy)]
+enum Layer {
+    Ethernet,
+    Arp,
+    Ipv4,
+    Ipv6,
+    Tcp,
+    Udp,
+    Icmp,
+    Icmpv6,
+}
+
+type Decoded<'a> = Option<(String, Option<Layer>, &'a [u8])>;
+
+fn decode(layer: Layer, d: &[u8]) -> Decoded<'_> {
+    match layer {
+        Layer::Ethernet => ethernet(d),
+        Layer::Arp => arp(d),
+        Layer::Ipv4 => ipv4(d),
+        Layer::Ipv6 => ipv6(d),
+        Layer::Tcp => tcp(d),
+        Layer::Udp => udp(d),
+        Layer::Icmp => icmp(d, "icmp", "type"),
+        Layer::Icmpv6 => icmp(d, "icmpv6", "type_"),
+    }
 }
 
 fn be16(b: &[u8], i: usize) -> u16 {
@@ -76,32 +119,30 @@ pub fn py_bytes(b: &[u8]) -> String {
     s
 }
 
-/// Returns the undecoded rest, or None when a header was cut short (os_ken stops there and
-/// prints what it has, leaving out the broken header and the rest).
-fn ethernet<'a>(d: &'a [u8], out: &mut Vec<String>) -> Option<&'a [u8]> {
+fn ethernet(d: &[u8]) -> Decoded<'_> {
     if d.len() < 14 {
-        return Some(d);
+        return None;
     }
     let ethertype = be16(d, 12);
-    out.push(format!(
+    let text = format!(
         "ethernet(dst='{}',ethertype={ethertype},src='{}')",
         mac(&d[0..6]),
         mac(&d[6..12])
-    ));
-    let rest = &d[14..];
-    match ethertype {
-        0x0806 => arp(rest, out),
-        0x0800 => ipv4(rest, out),
-        0x86dd => ipv6(rest, out),
-        _ => Some(rest),
-    }
+    );
+    let next = match ethertype {
+        0x0806 => Some(Layer::Arp),
+        0x0800 => Some(Layer::Ipv4),
+        0x86dd => Some(Layer::Ipv6),
+        _ => None,
+    };
+    Some((text, next, &d[14..]))
 }
 
-fn arp<'a>(d: &'a [u8], out: &mut Vec<String>) -> Option<&'a [u8]> {
+fn arp(d: &[u8]) -> Decoded<'_> {
     if d.len() < 28 {
         return None;
     }
-    out.push(format!(
+    let text = format!(
         "arp(dst_ip='{}',dst_mac='{}',hlen={},hwtype={},opcode={},plen={},proto={},src_ip='{}',src_mac='{}')",
         v4(&d[24..28]),
         mac(&d[18..24]),
@@ -112,11 +153,11 @@ fn arp<'a>(d: &'a [u8], out: &mut Vec<String>) -> Option<&'a [u8]> {
         be16(d, 2),
         v4(&d[14..18]),
         mac(&d[8..14]),
-    ));
-    Some(&d[28..])
+    );
+    Some((text, None, &d[28..]))
 }
 
-fn ipv4<'a>(d: &'a [u8], out: &mut Vec<String>) -> Option<&'a [u8]> {
+fn ipv4(d: &[u8]) -> Decoded<'_> {
     if d.len() < 20 {
         return None;
     }
@@ -129,7 +170,7 @@ fn ipv4<'a>(d: &'a [u8], out: &mut Vec<String>) -> Option<&'a [u8]> {
         "None".to_string()
     };
     let flags_off = be16(d, 6);
-    out.push(format!(
+    let text = format!(
         "ipv4(csum={},dst='{}',flags={},header_length={ihl},identification={},offset={},option={option},proto={},src='{}',tos={},total_length={total},ttl={},version={})",
         be16(d, 10),
         v4(&d[16..20]),
@@ -141,25 +182,21 @@ fn ipv4<'a>(d: &'a [u8], out: &mut Vec<String>) -> Option<&'a [u8]> {
         d[1],
         d[8],
         d[0] >> 4,
-    ));
-    // os_ken: the payload is buf[header_length*4:total_length], decoded by protocol only
-    // when the packet is not a later fragment.
-    let end = total.min(d.len()).max(hlen.min(d.len()));
-    let payload = &d[hlen.min(d.len())..end];
-    if flags_off & 0x1fff != 0 {
-        return Some(payload);
-    }
-    l4(d[9], payload, out, false)
+    );
+    // os_ken: the payload is buf[header_length*4:total_length].
+    let from = hlen.min(d.len());
+    let to = total.min(d.len()).max(from);
+    Some((text, l4(d[9], false), &d[from..to]))
 }
 
-fn ipv6<'a>(d: &'a [u8], out: &mut Vec<String>) -> Option<&'a [u8]> {
+fn ipv6(d: &[u8]) -> Decoded<'_> {
     if d.len() < 40 {
         return None;
     }
     let vtf = be32(d, 0);
     let plen = be16(d, 4) as usize;
     let nxt = d[6];
-    out.push(format!(
+    let text = format!(
         "ipv6(dst='{}',ext_hdrs=[],flow_label={},hop_limit={},nxt={nxt},payload_length={plen},src='{}',traffic_class={},version={})",
         v6(&d[24..40]),
         vtf & 0xfffff,
@@ -167,22 +204,22 @@ fn ipv6<'a>(d: &'a [u8], out: &mut Vec<String>) -> Option<&'a [u8]> {
         v6(&d[8..24]),
         (vtf >> 20) & 0xff,
         vtf >> 28,
-    ));
+    );
     let end = (40 + plen).min(d.len());
-    l4(nxt, &d[40..end], out, true)
+    Some((text, l4(nxt, true), &d[40..end]))
 }
 
-fn l4<'a>(proto: u8, d: &'a [u8], out: &mut Vec<String>, v6: bool) -> Option<&'a [u8]> {
+fn l4(proto: u8, v6: bool) -> Option<Layer> {
     match proto {
-        6 => tcp(d, out),
-        17 => udp(d, out),
-        1 if !v6 => icmp(d, out, "icmp", "type"),
-        58 if v6 => icmp(d, out, "icmpv6", "type_"),
-        _ => Some(d),
+        6 => Some(Layer::Tcp),
+        17 => Some(Layer::Udp),
+        1 if !v6 => Some(Layer::Icmp),
+        58 if v6 => Some(Layer::Icmpv6),
+        _ => None,
     }
 }
 
-fn tcp<'a>(d: &'a [u8], out: &mut Vec<String>) -> Option<&'a [u8]> {
+fn tcp(d: &[u8]) -> Decoded<'_> {
     if d.len() < 20 {
         return None;
     }
@@ -193,7 +230,7 @@ fn tcp<'a>(d: &'a [u8], out: &mut Vec<String>) -> Option<&'a [u8]> {
     } else {
         "None".to_string()
     };
-    out.push(format!(
+    let text = format!(
         "tcp(ack={},bits={},csum={},dst_port={},offset={offset},option={option},seq={},src_port={},urgent={},window_size={})",
         be32(d, 8),
         be16(d, 12) & 0x1ff,
@@ -203,8 +240,8 @@ fn tcp<'a>(d: &'a [u8], out: &mut Vec<String>) -> Option<&'a [u8]> {
         be16(d, 0),
         be16(d, 18),
         be16(d, 14),
-    ));
-    Some(&d[hlen.max(20).min(d.len())..])
+    );
+    Some((text, None, &d[hlen.max(20).min(d.len())..]))
 }
 
 fn tcp_options(mut b: &[u8]) -> Vec<String> {
@@ -250,21 +287,21 @@ fn tcp_options(mut b: &[u8]) -> Vec<String> {
     out
 }
 
-fn udp<'a>(d: &'a [u8], out: &mut Vec<String>) -> Option<&'a [u8]> {
+fn udp(d: &[u8]) -> Decoded<'_> {
     if d.len() < 8 {
         return None;
     }
     let total = be16(d, 4) as usize;
-    out.push(format!(
+    let text = format!(
         "udp(csum={},dst_port={},src_port={},total_length={total})",
         be16(d, 6),
         be16(d, 2),
         be16(d, 0)
-    ));
-    Some(&d[8..total.clamp(8, d.len())])
+    );
+    Some((text, None, &d[8..total.clamp(8, d.len())]))
 }
 
-fn icmp<'a>(d: &'a [u8], out: &mut Vec<String>, name: &str, type_attr: &str) -> Option<&'a [u8]> {
+fn icmp<'a>(d: &'a [u8], name: &str, type_attr: &str) -> Decoded<'a> {
     if d.len() < 4 {
         return None;
     }
@@ -288,10 +325,8 @@ fn icmp<'a>(d: &'a [u8], out: &mut Vec<String>, name: &str, type_attr: &str) -> 
     } else {
         py_bytes(&d[4..])
     };
-    out.push(format!(
-        "{name}(code={code},csum={csum},data={data},{type_attr}={t})"
-    ));
-    Some(&[])
+    let text = format!("{name}(code={code},csum={csum},data={data},{type_attr}={t})");
+    Some((text, None, &[]))
 }
 
 /// `sg monitor`'s packet summary: addresses, protocol and what matters of it.
