@@ -57,11 +57,10 @@ pub extern "C" fn sg_observe(skb: *mut __sk_buff, port: *const PortInfo, d: *con
     let mut log_bucket: Option<*mut Bucket> = None;
     if log != 0
         && let Some(b) = SG_LOG_LIMITS.get_ptr_mut(port.port_idx)
+        && take(b, now)
     {
-        if take(b, now) {
-            flags |= log;
-            log_bucket = Some(b);
-        }
+        flags |= log;
+        log_bucket = Some(b);
     }
 
     let mut mon_bucket: Option<*mut Bucket> = None;

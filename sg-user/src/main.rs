@@ -638,14 +638,10 @@ TOTAL {summary} in {:.1?}",
             let (hello, conn) = control::call(&cli.run_dir, &req)?;
             eprintln!("{hello}");
             let mut out = std::io::stdout().lock();
-            let mut n = 0;
-            for line in conn.lines() {
+            for (n, line) in (1..).zip(conn.lines()) {
                 let line = line?;
-                if writeln!(out, "{line}").and_then(|_| out.flush()).is_err() {
-                    break;
-                }
-                n += 1;
-                if count.is_some_and(|c| n >= c) {
+                if writeln!(out, "{line}").and_then(|_| out.flush()).is_err() || count.is_some_and(|c| n >= c)
+                {
                     break;
                 }
             }

@@ -151,7 +151,7 @@ fn packet_summaries_match_os_ken() {
     ];
     t.truncate(14 + 20 + 20);
     t.extend_from_slice(&opts);
-    t[14 + 20 + 12] = ((20 + opts.len()) / 4 << 4) as u8;
+    t[14 + 20 + 12] = (((20 + opts.len()) / 4) << 4) as u8;
     let total = (20 + 20 + opts.len()) as u16;
     t[14 + 2..14 + 4].copy_from_slice(&total.to_be_bytes());
     frames.push(t);

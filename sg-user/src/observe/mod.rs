@@ -336,8 +336,9 @@ pub fn spawn_reader(
                     if e.flags & (EVENT_F_LOG_ACCEPT | EVENT_F_LOG_DROP) != 0
                         && let Some(sink) = sink.as_mut()
                     {
-                        match netlog::line(&e, &view) {
-                            Some(line) => match sink.write(&line) {
+                        // A port the view no longer has (removed since) has nothing to name.
+                        if let Some(line) = netlog::line(&e, &view) {
+                            match sink.write(&line) {
                                 Ok(()) => {
                                     counters.log_lines.fetch_add(1, Ordering::Relaxed);
                                 }
@@ -346,9 +347,7 @@ pub fn spawn_reader(
                                         warn!("writing the security-group log: {err:#}");
                                     }
                                 }
-                            },
-                            // A port the view no longer has (removed since): nothing to name.
-                            None => {}
+                            }
                         }
                     }
                     if e.flags & EVENT_F_MONITOR != 0 {
