@@ -76,6 +76,11 @@ pub struct Netns {
 impl Netns {
     pub fn new(prefix: &str) -> Result<Self> {
         let name = unique(prefix);
+        // The name carries this process's pid: one that exists belongs to a dead test process
+        // that was killed before its guards ran.
+        if std::path::Path::new("/run/netns").join(&name).exists() {
+            let _ = Command::new("ip").args(["netns", "delete", &name]).output();
+        }
         run("ip", &["netns", "add", &name])?;
         let ns = Self { name };
         ip_in(&ns.name, &["link", "set", "lo", "up"])?;
@@ -121,6 +126,14 @@ impl PinRoot {
     pub fn new() -> Result<Self> {
         ensure_bpffs()?;
         let path = std::path::PathBuf::from("/sys/fs/bpf").join(unique("sg-test-"));
+        // A test process killed before its guards ran leaves its pins; a later process with
+        // the same pid would adopt them. Their owner is dead (this pid is ours now).
+        if path.exists() {
+            if sg_user::datapath::detach_all(&path).is_err() {
+                std::fs::remove_dir_all(&path)
+                    .with_context(|| format!("removing the stale {}", path.display()))?;
+            }
+        }
         Ok(Self { path })
     }
 }
@@ -362,6 +375,8 @@ impl Agent {
         process_netns: Option<&str>,
     ) -> Result<Self> {
         let dir = std::env::temp_dir().join(unique("sg-agent-"));
+        // Never inherit a dead run's state.json: it would satisfy `wait_generation` at once.
+        let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir)?;
         let mut a = Self {
             child: None,
