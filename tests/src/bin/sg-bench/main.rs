@@ -18,6 +18,7 @@ mod env;
 mod flood;
 mod forward;
 mod memory;
+mod observe;
 mod plots;
 mod policy;
 mod report;
@@ -42,9 +43,13 @@ struct Args {
     /// The `sg` binary (release) for the agent restarts.
     #[arg(long, default_value = "target/release/sg")]
     sg: PathBuf,
-    /// Only these sections: classifier, forwarding, control, memory (repeatable).
+    /// Only these sections: classifier, forwarding, control, memory, observe (repeatable).
     #[arg(long)]
     only: Vec<String>,
+    /// The git revision whose datapath the observe section compares against (the datapath
+    /// before the security-group log, monitor and debug records).
+    #[arg(long, default_value = observe::DEFAULT_BASELINE)]
+    observe_baseline: String,
     /// Redraw results.md and the plots from a raw results file, measuring nothing.
     #[arg(long)]
     from_raw: Option<PathBuf>,
@@ -54,7 +59,7 @@ struct Args {
     dump_inputs: Option<PathBuf>,
 }
 
-const SECTIONS: [&str; 4] = ["classifier", "forwarding", "control", "memory"];
+const SECTIONS: [&str; 5] = ["classifier", "forwarding", "control", "memory", "observe"];
 
 fn main() -> Result<()> {
     let args = Args::parse();
@@ -156,6 +161,18 @@ fn measure(args: &Args) -> Result<All> {
     if want("memory") {
         section("memory", &mut all, &mut |a| {
             a.memory = Some(memory::run_all()?);
+            Ok(())
+        })?;
+    }
+    if want("observe") {
+        section("observe", &mut all, &mut |a| {
+            let root = std::env::current_dir()?;
+            a.observe = Some(observe::run(
+                if q { 5 } else { 11 },
+                1_000_000,
+                &args.observe_baseline,
+                &root,
+            )?);
             Ok(())
         })?;
     }
