@@ -238,8 +238,13 @@ pub fn run(rounds: usize, repeat: u32, baseline_rev: &str, root: &Path) -> Resul
         new.apply(&compiled, &links)?;
         let old_dp = Datapath::load_object(&baseline_obj, &LoadOptions::default(), 0, |_| Ok(()))?;
         let mut old = Applier::adopt(old_dp, None, None)?;
-        // The baseline has no log flags or maps: the unlogged port's entry is the same in both.
-        old.apply(&compiled, &links)?;
+        // The baseline has no log flags or maps: it gets the input without the log (the
+        // unlogged port, the one compared, has the same entry in both).
+        let mut plain = compiled.clone();
+        for p in &mut plain.ports {
+            p.info.flags &= !(PORT_F_LOG_ACCEPT | PORT_F_LOG_DROP);
+        }
+        old.apply(&plain, &links)?;
         let (mut new, mut old) = (new.dp, old.dp);
         prepare(&mut new, &pa)?;
         prepare(&mut new, &pb)?;
