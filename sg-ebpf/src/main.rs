@@ -80,9 +80,7 @@ fn classify(ctx: &TcContext, dir: u8) -> i32 {
     );
     let verdict = verdict::finish(&port, &d, skb.len);
     // 7. Events for the security-group log and `sg monitor`, only where someone asked.
-    if d.traced != TRACED_DRY
-        && (port.flags & (PORT_F_LOG_ACCEPT | PORT_F_LOG_DROP) != 0 || observe::monitor_on())
-    {
+    if d.traced != TRACED_DRY && (observe::log_candidate(&port, &d) || observe::monitor_on()) {
         observe::sg_observe(ctx.skb.skb, &port, &d);
     }
     verdict

@@ -31,6 +31,19 @@ pub fn monitor_on() -> bool {
     }
 }
 
+/// Whether the port's log wants this packet: a DROP, or the first packet of a flow a rule
+/// admitted. Established traffic of a logged port stops here, before any call.
+#[inline(always)]
+pub fn log_candidate(port: &PortInfo, d: &Decision) -> bool {
+    if reason_allows(d.reason) {
+        port.flags & PORT_F_LOG_ACCEPT != 0
+            && d.reason == REASON_ALLOW_RULE
+            && d.ct_state != CT_STATE_ESTABLISHED
+    } else {
+        port.flags & PORT_F_LOG_DROP != 0
+    }
+}
+
 /// A BPF global function: verified once, and none of its code is in the caller's path.
 #[unsafe(no_mangle)]
 #[inline(never)]
