@@ -38,6 +38,9 @@ pub const MAP_ADDRS: &str = "SG_ADDRS";
 pub const MAP_CLASSES: &str = "SG_CLASSES";
 pub const MAP_SERVICES: &str = "SG_SERVICES";
 pub const MAP_CONNTRACK: &str = "SG_CONNTRACK";
+pub const MAP_CT_ASSURED: &str = "SG_CT_ASSURED";
+pub const MAP_CT_EVENTS: &str = "SG_CT_EVENTS";
+pub const MAP_NEXT_IDS: &str = "SG_NEXT_IDS";
 pub const MAP_FRAGS: &str = "SG_FRAGS";
 pub const MAP_STATS: &str = "SG_STATS";
 pub const MAP_RULE_HITS: &str = "SG_RULE_HITS";
@@ -47,29 +50,38 @@ pub const MAP_LOG_LIMITS: &str = "SG_LOG_LIMITS";
 pub const MAP_MONITOR: &str = "SG_MONITOR";
 
 /// Every map sg pins, in a stable order.
-pub const PINNED_MAPS: [&str; 11] = [
+pub const PINNED_MAPS: [&str; 14] = [
     MAP_PORTS,
     MAP_ADDRS,
     MAP_CLASSES,
     MAP_SERVICES,
     MAP_CONNTRACK,
+    MAP_CT_ASSURED,
+    MAP_CT_EVENTS,
     MAP_FRAGS,
     MAP_STATS,
     MAP_RULE_HITS,
+    MAP_NEXT_IDS,
     MAP_EVENTS,
     MAP_LOG_LIMITS,
     MAP_MONITOR,
 ];
 
 // -------------------------------------------------------------------------------------------
-// Capacities (max_entries). The agent may override SG_CONNTRACK and SG_FRAGS at load time.
+// Capacities (max_entries). The agent may override SG_CONNTRACK, SG_CT_ASSURED and SG_FRAGS at
+// load time.
 // -------------------------------------------------------------------------------------------
 
 pub const MAX_PORTS: u32 = 16_384;
 pub const MAX_ADDRS: u32 = 262_144;
 pub const MAX_CLASSES: u32 = 1_048_576;
 pub const MAX_SERVICES: u32 = 1_048_576;
+/// SG_CONNTRACK: flows not yet assured.
 pub const DEFAULT_CT_ENTRIES: u32 = 262_144;
+/// SG_CT_ASSURED: assured flows.
+pub const DEFAULT_CT_ASSURED_ENTRIES: u32 = 262_144;
+/// SG_CT_EVENTS: (port, event) counters.
+pub const MAX_CT_EVENTS: u32 = 65_536;
 pub const DEFAULT_FRAG_ENTRIES: u32 = 8_192;
 pub const MAX_STATS: u32 = 65_536;
 /// Rule indexes are dense small integers assigned by the compiler; index 0 means "no rule".
@@ -115,6 +127,9 @@ pub const PORT_F_V6_FIXED: u32 = 1 << 4;
 /// IPv4 allowed address pair is a /0, as Neutron's arp_protect skips ARP protection then. The
 /// source-MAC check (ebtables `neutronMAC-<tap>`) applies to every filtered port regardless.
 pub const PORT_F_ARP_PROTECT: u32 = 1 << 5;
+/// The port left the input (or this host) while its tap still exists: every frame is dropped,
+/// both ways, until the tap goes. A firewall that loses track of a port fails closed.
+pub const PORT_F_CLOSED: u32 = 1 << 6;
 /// A Neutron network-log object covers this port with event ACCEPT or ALL: the first packet of
 /// every flow a security-group rule admits is sent to SG_EVENTS, within the port's SG_LOG_LIMITS
 /// token bucket.
@@ -140,6 +155,27 @@ pub struct PortInfo {
 }
 
 // -------------------------------------------------------------------------------------------
+// SG_NEXT_IDS: array of one `NextIds`, the agent's own. The programs never read it; it lives with
+// the maps because the ids it protects live in them: conntrack entries carry a policy id and a
+// port index (their zone) long after the policy or the port is gone. A restarted agent that gave
+// a freed id again would let an old flow skip its revocation check (same policy id) or hand a
+// deleted port's flows to a new port (same zone). Ids are therefore never reused while the maps
+// live.
+// -------------------------------------------------------------------------------------------
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct NextIds {
+    /// The next policy id to allocate: larger than every id ever used.
+    pub policy: u32,
+    /// The next address-set id.
+    pub addr_id: u32,
+    /// The next port index.
+    pub port_idx: u32,
+    pub _pad: u32,
+}
+
+// -------------------------------------------------------------------------------------------
 // SG_ADDRS: LPM trie of a port's addresses, keyed by addr_id.
 // -------------------------------------------------------------------------------------------
 
@@ -149,6 +185,11 @@ pub const ADDR_KIND_MAC: u8 = 1;
 pub const ADDR_KIND_PAIR_V4: u8 = 4;
 /// IPv6 IP/MAC pair, including the link-local address derived from the MAC.
 pub const ADDR_KIND_PAIR_V6: u8 = 6;
+/// (MAC, sender IPv4) that an ARP frame from the VM may carry: every IPv4 pair that has an
+/// address (Neutron's `arp_protect` address set, checked as pairs), and (MAC, 0.0.0.0/32) for
+/// RFC 5227 probes from each of those MACs. The MAC-only pair of a port without fixed IPs is
+/// not one: such a port has no IPv4 address, and Neutron drops all of its ARP.
+pub const ADDR_KIND_ARP_V4: u8 = 5;
 /// IPv4 fixed IP of the port (provider DHCP reply rule); mac is zero.
 pub const ADDR_KIND_FIXED_V4: u8 = 14;
 /// IPv6 fixed IP of the port (provider DHCPv6 reply rule); mac is zero.
@@ -238,10 +279,19 @@ pub struct ServiceVal {
 }
 
 // -------------------------------------------------------------------------------------------
-// SG_CONNTRACK: LRU hash, one entry per flow and port (the port is the zone, as the OVS
-// firewall does; Neutron's Linux bridge driver shares one zone per network). The 5-tuple is
-// normalised so that both directions find the same entry: (addr_a, port_a) <= (addr_b, port_b)
-// bytewise. Protocols without ports (other than ICMP) have zero ports.
+// Conntrack: one entry per flow and port (the port is the zone, as the OVS firewall does;
+// Neutron's Linux bridge driver shares one zone per network), in one of two tables:
+// - SG_CONNTRACK, an LRU hash: flows not yet assured (Linux IPS_ASSURED: a TCP handshake
+//   completed, a UDP exchange that went on after its first reply). When it is full, a new
+//   flow evicts the least recently used of them, as Linux's early drop sacrifices unassured
+//   flows.
+// - SG_CT_ASSURED, a plain hash: a flow moves there when it becomes assured, and nothing ever
+//   evicts it. When it is full, the flow stays in SG_CONNTRACK (`CT_F_UNPROTECTED`) and the
+//   event is counted.
+// A flood of new flows can therefore only push out flows that are not assured yet.
+// The 5-tuple is normalised so that both directions find the same entry:
+// (addr_a, port_a) <= (addr_b, port_b) bytewise. Protocols without ports (other than ICMP)
+// have zero ports.
 // ICMP/ICMPv6 queries are keyed by role, not by byte order, because Linux keeps a request from
 // A and a request from B with the same id apart: addr_a is the requester, port_a the query id,
 // port_b (request type << 8 | code), and CT_F_ORIG_A is always set.
@@ -268,6 +318,14 @@ pub const CT_F_SEEN_REPLY: u8 = 1 << 1;
 pub const CT_F_ASSURED: u8 = 1 << 2;
 /// The flow was admitted by the to-VM (ingress) policy; clear for from-VM (egress).
 pub const CT_F_ADMIT_INGRESS: u8 = 1 << 3;
+/// The flow was revoked: the port's policy no longer admits it in the orientation and
+/// direction it was admitted. The entry stays as a tombstone so that no packet of the flow,
+/// in either direction, re-admits it through the other direction's rules; it expires, is
+/// revived when a later policy admits the flow again, or is replaced by a new connection.
+pub const CT_F_REVOKED: u8 = 1 << 4;
+/// The flow is assured but did not fit in SG_CT_ASSURED (full): it stays in SG_CONNTRACK,
+/// where pressure can evict it. Counted as `CT_EV_ASSURED_FULL`.
+pub const CT_F_UNPROTECTED: u8 = 1 << 5;
 
 /// TCP states, numbered as Linux `enum tcp_conntrack` so that dumps read like /proc.
 pub const TCP_NONE: u8 = 0;
@@ -329,6 +387,7 @@ pub struct FragKey {
     pub port_idx: u32,
     pub dir: u8,
     pub family: u8,
+    /// The IPv4 protocol; 0 for IPv6, whose reassembly (like Linux's) does not key on it.
     pub proto: u8,
     pub _pad: u8,
     pub src: [u8; 16],
@@ -348,6 +407,33 @@ pub struct FragVal {
 
 /// Seconds a first-fragment verdict is remembered (Linux ipfrag_time).
 pub const FRAG_TIMEOUT_S: u64 = 30;
+
+// -------------------------------------------------------------------------------------------
+// SG_CT_EVENTS: per-CPU hash (port_idx, event) -> count. What happened to a port's conntrack
+// entries, so that `sg status` can tell how many of its flows pressure evicted: created minus
+// removed minus collected minus those still in the tables. The datapath counts CREATED,
+// REMOVED and ASSURED_FULL; the agent's garbage collector counts COLLECTED (one writer per
+// key, so userspace never races the datapath).
+// -------------------------------------------------------------------------------------------
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct CtEventKey {
+    pub port_idx: u32,
+    /// `CT_EV_*`.
+    pub event: u8,
+    pub _pad: [u8; 3],
+}
+
+/// A flow's entry was written into SG_CONNTRACK.
+pub const CT_EV_CREATED: u8 = 1;
+/// The datapath removed an entry: a closed or re-opened TCP flow, an expired or revoked entry
+/// replaced by a new flow.
+pub const CT_EV_REMOVED: u8 = 2;
+/// The agent's garbage collector deleted an expired entry, or one of a port that is gone.
+pub const CT_EV_COLLECTED: u8 = 3;
+/// A flow became assured while SG_CT_ASSURED was full (`CT_F_UNPROTECTED`).
+pub const CT_EV_ASSURED_FULL: u8 = 4;
 
 // -------------------------------------------------------------------------------------------
 // Verdict reasons. One code per way a packet can be decided; counted per port and direction
@@ -385,7 +471,11 @@ pub const REASON_DROP_NO_RULE: u8 = 42;
 pub const REASON_DROP_FRAG_NO_FIRST: u8 = 43;
 pub const REASON_DROP_FRAG_DENIED: u8 = 44;
 pub const REASON_DROP_IPV6_EXT: u8 = 45;
-pub const REASON_LAST: u8 = 45;
+/// A packet in the reply orientation of a revoked flow (`CT_F_REVOKED`).
+pub const REASON_DROP_REVOKED: u8 = 46;
+/// The port is closed (`PORT_F_CLOSED`): it left the input while its tap exists.
+pub const REASON_DROP_PORT_CLOSED: u8 = 47;
+pub const REASON_LAST: u8 = 47;
 
 /// Whether a reason code allows the packet.
 pub const fn reason_allows(reason: u8) -> bool {
@@ -424,6 +514,8 @@ pub const fn reason_name(reason: u8) -> &'static str {
         REASON_DROP_FRAG_NO_FIRST => "drop-frag-no-first",
         REASON_DROP_FRAG_DENIED => "drop-frag-denied",
         REASON_DROP_IPV6_EXT => "drop-ipv6-ext",
+        REASON_DROP_REVOKED => "drop-revoked",
+        REASON_DROP_PORT_CLOSED => "drop-port-closed",
         _ => "unknown",
     }
 }
@@ -466,6 +558,9 @@ pub const CT_STATE_ESTABLISHED: u8 = 2;
 pub const CT_STATE_RELATED: u8 = 3;
 pub const CT_STATE_INVALID: u8 = 4;
 pub const CT_STATE_UNTRACKED: u8 = 5;
+/// sg only: the packet belongs to a revoked flow (`CT_F_REVOKED`) and comes from the side
+/// that did not open it.
+pub const CT_STATE_REVOKED: u8 = 6;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
@@ -609,8 +704,8 @@ pub struct MonitorCfg {
 user_pod!(Event, Bucket, MonitorCfg,);
 
 user_pod!(
-    PortInfo, AddrKey, AddrVal, ClassKey, ClassVal, ServiceKey, ServiceVal, CtKey, CtVal, FragKey, FragVal,
-    StatKey, Counter, TraceRec,
+    PortInfo, AddrKey, AddrVal, ClassKey, ClassVal, ServiceKey, ServiceVal, CtKey, CtVal, CtEventKey,
+    FragKey, FragVal, StatKey, Counter, TraceRec, NextIds,
 );
 
 #[cfg(test)]
@@ -627,6 +722,8 @@ mod tests {
         assert_eq!(size_of::<ServiceKey>(), 16);
         assert_eq!(size_of::<CtKey>(), 44);
         assert_eq!(size_of::<CtVal>(), 24);
+        assert_eq!(size_of::<CtEventKey>(), 8);
+        assert_eq!(size_of::<NextIds>(), 16);
         assert_eq!(size_of::<FragKey>(), 44);
         assert_eq!(size_of::<StatKey>(), 8);
         assert_eq!(size_of::<TraceRec>(), 28);

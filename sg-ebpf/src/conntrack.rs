@@ -30,7 +30,7 @@ use aya_ebpf::{bindings::__sk_buff, helpers::bpf_ktime_get_ns, programs::TcConte
 use sg_common::*;
 
 use crate::{
-    maps::SG_CONNTRACK,
+    maps::{SG_CONNTRACK, SG_CT_ASSURED, SG_CT_EVENTS},
     parse::{
         self, FRAG_LATER, IPPROTO_DCCP, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_NONE, IPPROTO_SCTP,
         IPPROTO_TCP, IPPROTO_UDP, IPPROTO_UDPLITE, Pkt,
@@ -45,6 +45,17 @@ const OP_NONE: u8 = 0;
 const OP_CREATE: u8 = 1;
 const OP_UPDATE: u8 = 2;
 const OP_DELETE: u8 = 3;
+
+/// Which table holds the entry found under a packet's key (live, expired or revoked).
+const IN_NONE: u8 = 0;
+/// SG_CONNTRACK: not assured yet; pressure may evict it.
+const IN_NEW: u8 = 1;
+/// SG_CT_ASSURED: never evicted.
+const IN_ASSURED: u8 = 2;
+
+/// `bpf_map_update_elem` flag: only create.
+const BPF_NOEXIST: u64 = 1;
+const EEXIST: i32 = 17;
 
 /// The conntrack view of one packet. It crosses BPF global-function boundaries, so it holds
 /// no pointer: `commit` finds the entry again by key.
@@ -64,7 +75,14 @@ pub struct Ct {
     /// A traced packet (`sg trace`): compute everything, write nothing, so that tracing
     /// never changes what it observes.
     pub dry: bool,
-    _pad: [u8; 6],
+    /// The lookup found a revoked flow under the key (a tombstone, `CT_F_REVOKED`), which
+    /// counts as no entry for the side that opened it and drops the other side's packets.
+    revoked: bool,
+    /// The revoked flow's `CT_F_ORIG_A`: which side opened it.
+    revoked_orig_a: bool,
+    /// `IN_*`: the table of the entry under `key`, if any.
+    found: u8,
+    _pad: [u8; 3],
     timeout_s: u64,
     now: u64,
     key: CtKey,
@@ -80,7 +98,10 @@ impl Ct {
         tcp_state: TCP_NONE,
         set_flags: 0,
         dry: false,
-        _pad: [0; 6],
+        revoked: false,
+        revoked_orig_a: false,
+        found: IN_NONE,
+        _pad: [0; 3],
         timeout_s: 0,
         now: 0,
         _tail: [0; 4],
@@ -167,11 +188,68 @@ fn apply(ct: &Ct, e: *mut CtVal) {
                 (*e).flags |= ct.set_flags;
                 (*e).packets = (*e).packets.wrapping_add(1);
             }
+            if ct.found == IN_NEW {
+                protect(ct, e);
+            }
         }
-        OP_DELETE => {
+        OP_DELETE => remove(ct.found, &ct.key),
+        _ => {}
+    }
+}
+
+/// Moves a flow that has become assured from SG_CONNTRACK, where a flood of new flows can
+/// evict it, to SG_CT_ASSURED, where nothing does. When SG_CT_ASSURED is full the flow stays
+/// where it is, marked `CT_F_UNPROTECTED` so that this is tried (and counted) once.
+#[inline(always)]
+fn protect(ct: &Ct, e: *mut CtVal) {
+    // SAFETY: see `apply`.
+    let val = unsafe { *e };
+    if val.flags & CT_F_ASSURED == 0 || val.flags & CT_F_UNPROTECTED != 0 {
+        return;
+    }
+    match SG_CT_ASSURED.insert(&ct.key, &val, BPF_NOEXIST) {
+        Ok(()) => {
             let _ = SG_CONNTRACK.remove(&ct.key);
         }
-        _ => {}
+        // Another CPU moved it first.
+        Err(err) if err == -EEXIST => {
+            let _ = SG_CONNTRACK.remove(&ct.key);
+        }
+        Err(_) => {
+            // SAFETY: see `apply`.
+            unsafe { (*e).flags |= CT_F_UNPROTECTED };
+            event(ct.key.zone, CT_EV_ASSURED_FULL);
+        }
+    }
+}
+
+/// Removes the entry under `key` from the table `found` names, and counts it.
+#[inline(always)]
+fn remove(found: u8, key: &CtKey) {
+    let removed = match found {
+        IN_ASSURED => SG_CT_ASSURED.remove(key).is_ok(),
+        IN_NEW => SG_CONNTRACK.remove(key).is_ok(),
+        _ => false,
+    };
+    if removed {
+        event(key.zone, CT_EV_REMOVED);
+    }
+}
+
+/// Counts one conntrack event of a port (SG_CT_EVENTS, per CPU).
+#[inline(always)]
+fn event(port_idx: u32, event: u8) {
+    let key = CtEventKey {
+        port_idx,
+        event,
+        _pad: [0; 3],
+    };
+    match SG_CT_EVENTS.get_ptr_mut(&key) {
+        // SAFETY: a per-CPU value: only this CPU writes it, and not re-entrantly.
+        Some(c) => unsafe { *c += 1 },
+        None => {
+            let _ = SG_CT_EVENTS.insert(&key, &1, 0);
+        }
     }
 }
 
@@ -211,14 +289,23 @@ pub extern "C" fn sg_ct_commit(ct: *const Ct, dir: u8, policy: u32, rule: u32) -
                 _pad: [0; 2],
                 packets: 1,
             };
-            // A dead entry under the same key is simply overwritten.
-            let _ = SG_CONNTRACK.insert(&ct.key, &val, 0);
+            // An expired or revoked entry under the key makes way for the new flow, which
+            // starts where every flow starts: among those not assured yet.
+            remove(ct.found, &ct.key);
+            // Only create: if another CPU created the flow meanwhile, that entry stands.
+            if SG_CONNTRACK.insert(&ct.key, &val, BPF_NOEXIST).is_ok() {
+                event(ct.key.zone, CT_EV_CREATED);
+            }
         }
         OP_UPDATE => {
             // Found again by key: a map-value pointer cannot cross the global-function
             // boundary. If the entry was evicted meanwhile, the update is lost, as it would
             // be a moment later anyway.
-            if let Some(e) = SG_CONNTRACK.get_ptr_mut(&ct.key) {
+            let e = match ct.found {
+                IN_ASSURED => SG_CT_ASSURED.get_ptr_mut(&ct.key),
+                _ => SG_CONNTRACK.get_ptr_mut(&ct.key),
+            };
+            if let Some(e) = e {
                 apply(ct, e);
             }
         }
@@ -290,40 +377,89 @@ fn has_ports(proto: u8) -> bool {
     )
 }
 
-/// The live entry under `key`, or null. An expired entry counts as absent. An entry admitted
-/// under another policy id is re-checked against the port's current policy (revocation,
-/// design §4): still allowed, it moves to the new id and rule; no longer allowed, it is
-/// deleted and the packet is decided as one without state. Entries admitted by a fixed rule
-/// (rule 0) do not depend on the security-group rules and just move to the new id.
+/// The live entry under `ct.key` (in SG_CT_ASSURED or SG_CONNTRACK; `ct.found` says which), or
+/// null. An expired entry counts as absent. An entry admitted under another policy id is
+/// re-checked against the port's current policy (revocation, design §4 and §8): still allowed,
+/// it moves to the new id and rule; no longer allowed, it becomes a tombstone (`CT_F_REVOKED`),
+/// which counts as no entry here and sets `ct.revoked` so that the caller can keep the flow's
+/// other side from re-opening it. A tombstone is re-checked like any entry when the policy
+/// changes again, and revived if admitted. Every packet that finds a tombstone keeps it for
+/// another `revoked_timeout`, so a sender that keeps retransmitting never outlives it. Entries
+/// admitted by a fixed rule (rule 0) do not depend on the security-group rules and just move to
+/// the new id.
 #[inline(always)]
-fn live_entry(key: &CtKey, port: &PortInfo, now: u64, dry: bool) -> *mut CtVal {
-    let Some(e) = SG_CONNTRACK.get_ptr_mut(key) else {
-        return core::ptr::null_mut();
+fn live_entry(port: &PortInfo, ct: &mut Ct) -> *mut CtVal {
+    // Assured flows first: they carry most packets.
+    let e = match SG_CT_ASSURED.get_ptr_mut(&ct.key) {
+        Some(e) => {
+            ct.found = IN_ASSURED;
+            e
+        }
+        None => match SG_CONNTRACK.get_ptr_mut(&ct.key) {
+            Some(e) => {
+                ct.found = IN_NEW;
+                e
+            }
+            None => return core::ptr::null_mut(),
+        },
     };
     // SAFETY: a map value pointer from this lookup; see `commit` about concurrency.
     unsafe {
-        if (*e).expires_ns <= now {
+        if (*e).expires_ns <= ct.now {
             return core::ptr::null_mut();
         }
+        let mut revoked = (*e).flags & CT_F_REVOKED != 0;
         if (*e).policy != port.policy {
             if (*e).rule != 0 {
-                let rule = recheck(key, (*e).flags, port);
-                if rule == 0 {
-                    if !dry {
-                        let _ = SG_CONNTRACK.remove(key);
+                let rule = recheck(&ct.key, (*e).flags, port);
+                revoked = rule == 0;
+                if !ct.dry {
+                    if revoked {
+                        (*e).flags |= CT_F_REVOKED;
+                    } else {
+                        (*e).rule = rule;
+                        (*e).flags &= !CT_F_REVOKED;
                     }
-                    return core::ptr::null_mut();
-                }
-                if !dry {
-                    (*e).rule = rule;
                 }
             }
-            if !dry {
+            if !ct.dry {
                 (*e).policy = port.policy;
             }
         }
+        if revoked {
+            ct.revoked = true;
+            ct.revoked_orig_a = (*e).flags & CT_F_ORIG_A != 0;
+            if !ct.dry {
+                (*e).expires_ns = ct.now + revoked_timeout(ct.key.proto) * NS_PER_S;
+            }
+            return core::ptr::null_mut();
+        }
     }
     e
+}
+
+/// How long a tombstone outlives the last packet of its flow: longer than the gap between a
+/// sender's retransmissions (TCP backs off up to 120 s), so that it does not expire while the
+/// VM still tries, and a retransmission cannot re-open the flow through the other direction's
+/// rules.
+#[inline(always)]
+fn revoked_timeout(proto: u8) -> u64 {
+    match proto {
+        IPPROTO_TCP => timeout::TCP_UNACK,
+        IPPROTO_UDP | IPPROTO_UDPLITE => timeout::UDP_REPLIED,
+        IPPROTO_ICMP | IPPROTO_ICMPV6 => timeout::ICMP,
+        _ => timeout::GENERIC,
+    }
+}
+
+/// A packet without a live entry whose key holds a revoked flow: a packet from the side that
+/// did not open the flow must not start it again in its own direction (a VM's reply stream
+/// through the default egress rule), unless it is a TCP SYN, a new connection. Such a packet
+/// is `CT_STATE_REVOKED`. Packets from the opening side are decided as packets without state:
+/// the current rules of the admitting direction decide them, as the re-check just did.
+#[inline(always)]
+fn revoked_reply(ct: &Ct, src_is_a: bool, tcp_syn: bool) -> bool {
+    ct.revoked && src_is_a != ct.revoked_orig_a && !tcp_syn
 }
 
 /// The port's current policy for the flow's first packet: its original direction, remote and
@@ -414,7 +550,12 @@ fn flow(port: &PortInfo, pkt: &Pkt, ct: &mut Ct) -> *mut CtVal {
         ct.state = CT_STATE_INVALID;
         return core::ptr::null_mut();
     }
-    let entry = live_entry(&ct.key, port, ct.now, ct.dry);
+    let entry = live_entry(port, ct);
+    let syn = pkt.proto == IPPROTO_TCP && tcp_index(pkt.tcp_flags) == TCP_SYN_SET;
+    if entry.is_null() && revoked_reply(ct, src_is_a, syn) {
+        ct.state = CT_STATE_REVOKED;
+        return entry;
+    }
     if pkt.proto == IPPROTO_TCP {
         return tcp(ct, entry, pkt.tcp_flags);
     }
@@ -612,7 +753,8 @@ fn tcp(ct: &mut Ct, entry: *mut CtVal, flags: u8) -> *mut CtVal {
         // with a FIN or the RST came from the same side, and otherwise lets the SYN through
         // as IGNORED; sg always re-opens (same verdict while the rules admit the SYN).
         if !ct.dry {
-            let _ = SG_CONNTRACK.remove(&ct.key);
+            remove(ct.found, &ct.key);
+            ct.found = IN_NONE;
         }
         tcp_new(ct, index);
         return core::ptr::null_mut();
@@ -726,7 +868,11 @@ fn icmp(port: &PortInfo, pkt: &Pkt, ct: &mut Ct) -> *mut CtVal {
         is_request,
     );
     ct.src_is_a = is_request;
-    let entry = live_entry(&ct.key, port, ct.now, ct.dry);
+    let entry = live_entry(port, ct);
+    if entry.is_null() && revoked_reply(ct, is_request, false) {
+        ct.state = CT_STATE_REVOKED;
+        return entry;
+    }
     ct.timeout_s = timeout::ICMP;
     if entry.is_null() {
         // Only a request can start a flow ("valid_new"); a reply without one is INVALID.
@@ -852,7 +998,7 @@ fn related(ctx: &TcContext, port: &PortInfo, pkt: &Pkt, ct: &mut Ct) {
             core::mem::swap(&mut k.port_a, &mut k.port_b);
         }
     }
-    let entry = live_entry(&ct.key, port, ct.now, ct.dry);
+    let entry = live_entry(port, ct);
     if entry.is_null() {
         return;
     }

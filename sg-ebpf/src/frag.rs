@@ -7,13 +7,18 @@ use sg_common::*;
 
 use crate::{maps::SG_FRAGS, parse::Pkt};
 
+/// A datagram as Linux reassembly identifies it: IPv4 by (source, destination, id, protocol),
+/// IPv6 by (source, destination, id) only. An IPv6 fragment header's next header is the
+/// datagram's protocol only in the first fragment: with options after the fragment header a
+/// later fragment names those options (RFC 8200 §4.5 uses the first fragment's value), so the
+/// protocol is left out of the IPv6 key.
 #[inline(always)]
 fn key(port: &PortInfo, dir: u8, pkt: &Pkt) -> FragKey {
     FragKey {
         port_idx: port.port_idx,
         dir,
         family: pkt.family,
-        proto: pkt.proto,
+        proto: if pkt.family == FAMILY_V6 { 0 } else { pkt.proto },
         _pad: 0,
         src: pkt.src,
         dst: pkt.dst,

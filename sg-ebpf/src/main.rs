@@ -64,7 +64,9 @@ fn classify(ctx: &TcContext, dir: u8) -> i32 {
         },
         ..Default::default()
     };
-    d.reason = if port.flags & PORT_F_FILTERED == 0 {
+    d.reason = if port.flags & PORT_F_CLOSED != 0 {
+        REASON_DROP_PORT_CLOSED
+    } else if port.flags & PORT_F_FILTERED == 0 {
         REASON_ALLOW_UNFILTERED
     } else {
         decide(ctx, skb, &port, &mut d)
@@ -170,6 +172,8 @@ fn decide_ip(ctx: &TcContext, port: &PortInfo, pkt: &Pkt, d: &mut Decision) -> u
                 d.rule = ct.rule;
                 REASON_ALLOW_RELATED
             }
+            // The other side of a revoked flow: no rule of this direction may re-open it.
+            CT_STATE_REVOKED => REASON_DROP_REVOKED,
             _ => rules(ctx, port, pkt, d),
         },
         fixed => fixed,

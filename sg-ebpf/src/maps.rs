@@ -23,10 +23,22 @@ pub static SG_CLASSES: LpmTrie<ClassKey, ClassVal, { MAX_CLASSES as usize }> = L
 #[btf_map]
 pub static SG_SERVICES: LpmTrie<ServiceKey, ServiceVal, { MAX_SERVICES as usize }> = LpmTrie::new();
 
-/// Per-port connection tracking. LRU: a full table evicts the least recently used flow instead
-/// of refusing new ones. The agent may resize it at load time.
+/// Per-port connection tracking of flows not yet assured. LRU: when it is full, a new flow
+/// evicts the least recently used of them instead of being refused (Linux's early drop). The
+/// agent may resize it at load time.
 #[btf_map]
 pub static SG_CONNTRACK: LruHashMap<CtKey, CtVal, { DEFAULT_CT_ENTRIES as usize }> = LruHashMap::new();
+
+/// Assured flows, which nothing evicts: a flood of new flows cannot push them out. The agent may
+/// resize it at load time.
+#[btf_map]
+pub static SG_CT_ASSURED: HashMap<CtKey, CtVal, { DEFAULT_CT_ASSURED_ENTRIES as usize }> = HashMap::new();
+
+/// Conntrack events per (port, event), from which `sg status` tells evicted flows. Allocated as
+/// ports have events (BPF_F_NO_PREALLOC): a preallocated per-CPU table would cost its full size
+/// on every CPU.
+#[btf_map]
+pub static SG_CT_EVENTS: PerCpuHashMap<CtEventKey, u64, { MAX_CT_EVENTS as usize }, 1> = PerCpuHashMap::new();
 
 /// First-fragment verdicts that later fragments of the same datagram follow.
 #[btf_map]
@@ -55,3 +67,8 @@ pub static SG_LOG_LIMITS: HashMap<u32, LogLimit, { MAX_PORTS as usize }> = HashM
 /// Whether a `sg monitor` is attached, what it wants, and its token bucket.
 #[btf_map]
 pub static SG_MONITOR: Array<MonitorCfg, 1> = Array::new();
+
+/// The agent's id high-water marks (sg-common `NextIds`). The programs never read it: it is
+/// here so that it is pinned, and lives, with the maps whose ids it keeps from being reused.
+#[btf_map]
+pub static SG_NEXT_IDS: Array<NextIds, 1> = Array::new();

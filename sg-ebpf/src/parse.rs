@@ -265,6 +265,11 @@ pub struct ExtWalk {
 /// most `MAX_EXT_HDRS` of them. A non-first fragment stops the walk: its protocol is the
 /// fragment header's next header and it carries no L4 header. An atomic fragment (offset 0,
 /// no M flag) is a whole packet, as for Linux.
+///
+/// Every header must lie wholly inside the IP payload (`end`): bytes after it (Ethernet
+/// padding, or a crafted trailer) are not part of the packet, and a header that reaches into
+/// them is a truncated packet (`drop-malformed`), as for the kernel, which trims the skb to
+/// the payload length before parsing.
 #[inline(always)]
 pub fn ext_walk(ctx: &TcContext, first: u8, start: u32, end: u32) -> Result<ExtWalk, u8> {
     let mut w = ExtWalk {
@@ -277,6 +282,10 @@ pub fn ext_walk(ctx: &TcContext, first: u8, start: u32, end: u32) -> Result<ExtW
     while i < MAX_EXT_HDRS {
         let len = match w.proto {
             NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST | NEXTHDR_AUTH => {
+                // The shortest of these is 8 bytes ((0 + 1) * 8; AH (0 + 2) * 4).
+                if w.off + 8 > end {
+                    return Err(REASON_DROP_MALFORMED);
+                }
                 let x: [u8; 2] = load(ctx, w.off)?;
                 let len = if w.proto == NEXTHDR_AUTH {
                     (x[1] as u32 + 2) * 4
@@ -287,6 +296,9 @@ pub fn ext_walk(ctx: &TcContext, first: u8, start: u32, end: u32) -> Result<ExtW
                 len
             }
             NEXTHDR_FRAGMENT => {
+                if w.off + 8 > end {
+                    return Err(REASON_DROP_MALFORMED);
+                }
                 let x: [u8; 8] = load(ctx, w.off)?;
                 let fo = be16(x[2], x[3]);
                 let id = u32::from_be_bytes([x[4], x[5], x[6], x[7]]);

@@ -67,9 +67,12 @@ fn frame_checks(ctx: &TcContext, port: &PortInfo, pkt: &Pkt) -> u8 {
 }
 
 /// neutronARP-<tap>, tightened as the OVS firewall does: the sender hardware address is the
-/// frame's source MAC and (source MAC, sender IP) is an IPv4 pair of the port. A probe
-/// (sender IP 0.0.0.0, RFC 5227) is allowed. No check when an IPv4 pair is a /0
-/// (`PORT_F_ARP_PROTECT` clear), as Neutron's arp_protect skips the chain then.
+/// frame's source MAC and (source MAC, sender IP) is one of the port's ARP senders
+/// (`ADDR_KIND_ARP_V4`: its IPv4 pairs that have an address, and probes with sender IP
+/// 0.0.0.0, RFC 5227, from their MACs). A port without an IPv4 address has none, and all its
+/// ARP is dropped, as Neutron's DROP-policy chain with no allow rule does. No check when an
+/// IPv4 pair is a /0 (`PORT_F_ARP_PROTECT` clear), as Neutron's arp_protect skips the chain
+/// then.
 #[inline(always)]
 fn arp(ctx: &TcContext, port: &PortInfo, pkt: &Pkt) -> u8 {
     if port.flags & PORT_F_ARP_PROTECT == 0 {
@@ -85,11 +88,7 @@ fn arp(ctx: &TcContext, port: &PortInfo, pkt: &Pkt) -> u8 {
     spa[..4].copy_from_slice(&a[14..18]);
     // ebtables' --arp-ip-src only matches IPv4-over-Ethernet ARP.
     let ipv4_arp = a[2] == 0x08 && a[3] == 0x00 && a[4] == 6 && a[5] == 4;
-    let probe = spa == ZERO_ADDR;
-    if ipv4_arp
-        && sha == pkt.src_mac
-        && (probe || port_has(port.addr_id, ADDR_KIND_PAIR_V4, &pkt.src_mac, &spa))
-    {
+    if ipv4_arp && sha == pkt.src_mac && port_has(port.addr_id, ADDR_KIND_ARP_V4, &pkt.src_mac, &spa) {
         REASON_ALLOW_ARP
     } else {
         REASON_DROP_SPOOF_ARP

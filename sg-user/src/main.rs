@@ -73,9 +73,14 @@ enum Cmd {
         /// Named network namespace holding the taps (namespace compute nodes).
         #[arg(long)]
         netns: Option<String>,
-        /// Conntrack table capacity (entries).
+        /// Conntrack capacity for flows not assured yet (SG_CONNTRACK, LRU: when it is full, a
+        /// new flow evicts the least recently used of them).
         #[arg(long, default_value_t = sg_common::DEFAULT_CT_ENTRIES)]
         ct_entries: u32,
+        /// Conntrack capacity for assured flows (SG_CT_ASSURED, never evicted) [default: the
+        /// value of --ct-entries].
+        #[arg(long)]
+        ct_assured_entries: Option<u32>,
         /// How often expired conntrack entries and stale pins are collected.
         #[arg(long, default_value_t = 10_000)]
         gc_interval_ms: u64,
@@ -148,8 +153,13 @@ enum Cmd {
         #[command(subcommand)]
         what: IptablesCmd,
     },
-    /// Ports, taps, attachment state, policy ids and counters.
+    /// Whether the agent runs, and each port's state checked against the kernel: enforced,
+    /// closed, no tap, or unfiltered. Exits 3 when the agent is down or a tap is unfiltered.
     Status {
+        /// Only this port (id, id prefix or tap name): exits 0 if and only if it is enforced,
+        /// 3 otherwise. A cheap check for "is this port filtered now".
+        #[arg(long)]
+        port: Option<String>,
         #[arg(long)]
         json: bool,
     },
@@ -217,11 +227,15 @@ enum Cmd {
         #[arg(long)]
         no_shrink: bool,
     },
-    /// Remove sg's links and pins.
+    /// Remove sg's links and pins. Refused while an agent runs on the pin root.
     Detach {
         /// Everything sg pinned under --pin-root.
         #[arg(long)]
         all: bool,
+        /// Detach even though an agent holds the pin root. That agent notices and restores
+        /// enforcement at once: stop it first to remove sg from the node.
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -434,6 +448,7 @@ fn run(cli: Cli) -> Result<()> {
             host,
             netns,
             ct_entries,
+            ct_assured_entries,
             gc_interval_ms,
             dataplane,
             backend,
@@ -460,6 +475,7 @@ fn run(cli: Cli) -> Result<()> {
                 run_dir: cli.run_dir,
                 netns,
                 ct_entries,
+                ct_assured_entries: ct_assured_entries.unwrap_or(ct_entries),
                 gc_interval: std::time::Duration::from_millis(gc_interval_ms),
                 dataplane: match dataplane {
                     DataplaneArg::Ebpf => agent::DataplaneOptions::Ebpf,
@@ -514,12 +530,26 @@ fn run(cli: Cli) -> Result<()> {
                 started.elapsed().as_millis()
             );
         }
-        Cmd::Status { json } => {
+        Cmd::Status { port, json } => {
             let src = inspect::Sources {
                 pin_root: &cli.pin_root,
                 run_dir: &cli.run_dir,
             };
-            print_out(json, &inspect::status(&src)?, inspect::status_text)?;
+            let ok = match port {
+                Some(id) => {
+                    let p = inspect::port_state(&src, &id)?;
+                    print_out(json, &p, |p| inspect::status_table(std::slice::from_ref(p)))?;
+                    p.enforced
+                }
+                None => {
+                    let status = inspect::status(&src)?;
+                    print_out(json, &status, inspect::status_text)?;
+                    status.healthy
+                }
+            };
+            if !ok {
+                std::process::exit(3);
+            }
         }
         Cmd::Show {
             what: ShowWhat::Port { id, json },
@@ -601,7 +631,7 @@ fn run(cli: Cli) -> Result<()> {
                 let ipt: Box<dyn diff::backend::Backend> =
                     Box::new(diff::backend::Iptables::new(topo, &cfg.host, flavour)?);
                 let ebpf: Box<dyn diff::backend::Backend> =
-                    Box::new(diff::backend::Ebpf::new(topo, &cfg.host, &cfg.model, tag)?);
+                    Box::new(diff::backend::Ebpf::new(topo, &cfg.host, tag)?);
                 Ok((ipt, ebpf))
             };
             let started = std::time::Instant::now();
@@ -654,8 +684,22 @@ TOTAL {summary} in {:.1?}",
             let (msg, _) = control::call(&cli.run_dir, &req)?;
             println!("{msg}");
         }
-        Cmd::Detach { all } => {
+        Cmd::Detach { all, force } => {
             anyhow::ensure!(all, "only `sg detach --all` is supported");
+            if let Some(pid) = agent::lock::holder(&cli.pin_root)? {
+                anyhow::ensure!(
+                    force,
+                    "an sg agent (pid {pid}) holds {}: detaching would leave its taps unfiltered \
+                     while it reports them enforced. Stop the agent first (its pins stay and keep \
+                     enforcing), then detach. --force detaches anyway, and the running agent \
+                     restores enforcement at once",
+                    cli.pin_root.display()
+                );
+                eprintln!(
+                    "warning: detaching under a running agent (pid {pid}); it will restore its \
+                     maps and links"
+                );
+            }
             let n = datapath::detach_all(&cli.pin_root)
                 .with_context(|| format!("removing pins under {}", cli.pin_root.display()))?;
             println!("removed {n} pins under {}", cli.pin_root.display());

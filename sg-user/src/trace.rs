@@ -206,10 +206,12 @@ pub fn stage_of(reason: u8) -> &'static str {
         | REASON_DROP_DHCP_SPOOF
         | REASON_DROP_DHCP6_SPOOF
         | REASON_DROP_RA => "fixed-rules",
-        REASON_ALLOW_ESTABLISHED | REASON_ALLOW_RELATED | REASON_DROP_INVALID => "conntrack",
+        REASON_ALLOW_ESTABLISHED | REASON_ALLOW_RELATED | REASON_DROP_INVALID | REASON_DROP_REVOKED => {
+            "conntrack"
+        }
         REASON_ALLOW_RULE | REASON_DROP_NO_RULE => "policy",
         REASON_ALLOW_FRAG | REASON_DROP_FRAG_NO_FIRST | REASON_DROP_FRAG_DENIED => "fragments",
-        REASON_ALLOW_UNFILTERED | REASON_ALLOW_NON_IP => "port",
+        REASON_ALLOW_UNFILTERED | REASON_ALLOW_NON_IP | REASON_DROP_PORT_CLOSED => "port",
         _ => "unknown",
     }
 }
@@ -221,6 +223,7 @@ pub fn ct_state_name(s: u8) -> &'static str {
         CT_STATE_RELATED => "RELATED",
         CT_STATE_INVALID => "INVALID",
         CT_STATE_UNTRACKED => "UNTRACKED",
+        CT_STATE_REVOKED => "REVOKED",
         _ => "-",
     }
 }

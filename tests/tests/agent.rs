@@ -272,7 +272,7 @@ fn tap_deleted_and_recreated_is_filtered_again() {
         // The new tap gets its programs back; until then the agent may not have seen it yet.
         let deadline = Instant::now() + MUST_HAPPEN;
         loop {
-            let status = agent.cli(&["status", "--json"]).unwrap();
+            let (_, status, _) = agent.cli_status(&["status", "--json"]).unwrap();
             let v: Value = serde_json::from_str(&status).unwrap();
             let ifindex = v["ports"][0]["ifindex"].as_u64();
             let now = sg_tests::run("ip", &["-n", &node.host.name, "-j", "link", "show", TAP]).unwrap();
@@ -419,7 +419,7 @@ fn detach_all_removes_every_link_and_pin() {
         "still filtered after the agent stopped"
     );
     let out = agent.cli(&["detach", "--all"]).unwrap();
-    assert!(out.contains("removed 10 pins"), "2 links and 8 maps: {out}");
+    assert!(out.contains("removed 13 pins"), "2 links and 11 maps: {out}");
     assert!(!agent.pins.path.exists(), "the pin root is gone");
     assert!(
         tcp_reachable(&peer.name, vm_ip(), 22, MUST_HAPPEN).unwrap(),

@@ -476,6 +476,89 @@ fn from_vm_arp() {
     run(&mut dp, IF, &cases, true);
 }
 
+/// A port without fixed IPs has one MAC-only pair, which lets it send IPv4 from any address,
+/// but no IPv4 address to announce: Neutron drops all of its ARP (issue 17 F1), probes too.
+/// Allowed-address-pair addresses remain announceable from their MACs.
+#[test]
+fn from_vm_arp_without_ipv4_addresses() {
+    let bare = PortSpec::new(IF, PORT, VM_MAC).stateful();
+    let mut dp = load(&bare, &base_rules());
+    let cases = vec![
+        out_drop(
+            "reply claiming the router's IP (the issue's frame)",
+            arp(VM_MAC, 2, VM_MAC, "192.168.206.1", "192.168.206.10"),
+            REASON_DROP_SPOOF_ARP,
+        ),
+        out_drop(
+            "request from an address of its own choosing",
+            arp(VM_MAC, 1, VM_MAC, VM4, ROUTER4),
+            REASON_DROP_SPOOF_ARP,
+        ),
+        out_drop(
+            "probe",
+            arp(VM_MAC, 1, VM_MAC, "0.0.0.0", VM4),
+            REASON_DROP_SPOOF_ARP,
+        ),
+        out_ok(
+            "IPv4 from any source still passes the MAC-only pair",
+            from_vm(udp("192.0.2.77", 1, REMOTE4, 53)),
+            REASON_ALLOW_RULE,
+        ),
+    ];
+    run(&mut dp, IF, &cases, true);
+
+    let v6_only = PortSpec::new(IF, PORT, VM_MAC).fixed_ip(VM6).stateful();
+    let mut dp = load(&v6_only, &base_rules());
+    let cases = vec![out_drop(
+        "an IPv6-only port: any ARP",
+        arp(VM_MAC, 1, VM_MAC, VM4, ROUTER4),
+        REASON_DROP_SPOOF_ARP,
+    )];
+    run(&mut dp, IF, &cases, true);
+
+    let with_pair = PortSpec::new(IF, PORT, VM_MAC).pair(AAP_MAC, AAP4).stateful();
+    let mut dp = load(&with_pair, &base_rules());
+    let cases = vec![
+        out_ok(
+            "pair IP from the pair MAC",
+            arp(AAP_MAC, 2, AAP_MAC, "10.0.1.20", ROUTER4),
+            REASON_ALLOW_ARP,
+        ),
+        out_ok(
+            "probe from the pair MAC",
+            arp(AAP_MAC, 1, AAP_MAC, "0.0.0.0", "10.0.1.20"),
+            REASON_ALLOW_ARP,
+        ),
+        out_drop(
+            "another IP from the pair MAC",
+            arp(AAP_MAC, 2, AAP_MAC, "192.168.206.1", ROUTER4),
+            REASON_DROP_SPOOF_ARP,
+        ),
+        out_drop(
+            "anything from the port MAC, which has no address",
+            arp(VM_MAC, 2, VM_MAC, "10.0.1.20", ROUTER4),
+            REASON_DROP_SPOOF_ARP,
+        ),
+        out_drop(
+            "probe from the port MAC",
+            arp(VM_MAC, 1, VM_MAC, "0.0.0.0", ROUTER4),
+            REASON_DROP_SPOOF_ARP,
+        ),
+    ];
+    run(&mut dp, IF, &cases, true);
+
+    let open = PortSpec::new(IF, PORT, VM_MAC)
+        .pair(VM_MAC, "0.0.0.0/0")
+        .stateful();
+    let mut dp = load(&open, &base_rules());
+    let cases = vec![out_ok(
+        "an IPv4 pair of /0 turns ARP protection off",
+        arp(VM_MAC, 2, VM_MAC, "192.168.206.1", ROUTER4),
+        REASON_ALLOW_ARP,
+    )];
+    run(&mut dp, IF, &cases, true);
+}
+
 #[test]
 fn from_vm_ipv6() {
     let mut dp = load(&base_port(), &base_rules());
@@ -694,10 +777,10 @@ fn spoof_chains_follow_neutrons_pair_lists() {
             from_vm(tcp("2001:db8::99", 1, REMOTE6, 443, TCP_SYN)),
             REASON_ALLOW_RULE,
         ),
-        out_ok(
-            "ARP with any sender IP",
+        out_drop(
+            "but no ARP: the port has no IPv4 address to announce (as in Neutron)",
             arp(VM_MAC, 2, VM_MAC, "172.16.0.1", ROUTER4),
-            REASON_ALLOW_ARP,
+            REASON_DROP_SPOOF_ARP,
         ),
         out_drop(
             "still not from another MAC",
@@ -1280,6 +1363,171 @@ fn fragments_follow_the_first() {
         ),
     ];
     // One sequence: later fragments need their first.
+    run(&mut dp, IF, &cases, false);
+}
+
+/// An IPv6 frame towards the VM whose IP payload (as the payload length says) is `payload`,
+/// followed by `trailer`: bytes in the frame beyond the IP packet, as padding or a crafted
+/// frame may carry.
+fn v6_to_vm(next: u8, payload: &[u8], trailer: &[u8]) -> Vec<u8> {
+    let mut bytes = sg_user::packet::ipv6_header(ip6(REMOTE6), ip6(VM6), next, payload.len(), 64);
+    bytes.extend_from_slice(payload);
+    bytes.extend_from_slice(trailer);
+    ether(GW_MAC, VM_MAC, 0x86dd, bytes)
+}
+
+fn ip6(s: &str) -> [u8; 16] {
+    match ip(s) {
+        std::net::IpAddr::V6(a) => a.octets(),
+        std::net::IpAddr::V4(_) => panic!("{s} is not IPv6"),
+    }
+}
+
+/// An IPv6 fragment header: next header, offset in 8-byte units, more-fragments, id.
+fn frag_hdr(next: u8, offset_units: u16, more: bool, id: u32) -> Vec<u8> {
+    let mut h = vec![next, 0];
+    h.extend_from_slice(&((offset_units << 3) | more as u16).to_be_bytes());
+    h.extend_from_slice(&id.to_be_bytes());
+    h
+}
+
+/// An 8-byte destination-options (or hop-by-hop, routing) header naming `next`.
+fn opts_hdr(next: u8) -> Vec<u8> {
+    vec![next, 0, 1, 4, 0, 0, 0, 0]
+}
+
+/// A TCP SYN header from port 40000 to `dport`.
+fn tcp_syn_hdr(dport: u16) -> Vec<u8> {
+    let mut t = vec![0x9c, 0x40];
+    t.extend_from_slice(&dport.to_be_bytes());
+    t.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0x50, TCP_SYN, 0xfa, 0xf0, 0, 0, 0, 0]);
+    t
+}
+
+/// Every IPv6 extension header is read inside the IP payload (issue 17 F2): a header that
+/// lies, wholly or partly, in the bytes after the payload is a truncated packet. The crafted
+/// chain primes a first fragment of an allowed TCP datagram, then hides a SYN to a denied
+/// port behind a fragment header that sits beyond the payload and carries the primed id.
+#[test]
+fn ipv6_extension_headers_stay_inside_the_payload() {
+    let mut dp = load(&base_port(), &base_rules());
+    let id = 0x5117;
+    let mut primer = frag_hdr(6, 0, true, id);
+    primer.extend(tcp_syn_hdr(22));
+    let hidden = |payload: Vec<u8>, trailer_from: usize| {
+        let mut all = payload;
+        all.extend(frag_hdr(6, 1, false, id));
+        all.extend(tcp_syn_hdr(23));
+        let (p, t) = all.split_at(trailer_from);
+        (p.to_vec(), t.to_vec())
+    };
+    let (p1, t1) = hidden(opts_hdr(44), 8);
+    let (p2, t2) = hidden(opts_hdr(44), 12);
+    let (p3, t3) = hidden(Vec::new(), 4);
+    let (p4, t4) = hidden(opts_hdr(44), 16);
+    let cases = vec![
+        in_ok(
+            "primer: first fragment of a TCP datagram to port 22",
+            v6_to_vm(44, &primer, &[]),
+            REASON_ALLOW_RULE,
+        )
+        .rule(5),
+        in_drop(
+            "destination options end the payload, a later-fragment header follows outside it",
+            v6_to_vm(60, &p1, &t1),
+            REASON_DROP_MALFORMED,
+        ),
+        in_drop(
+            "a later-fragment header with 4 of its 8 bytes inside the payload",
+            v6_to_vm(60, &p2, &t2),
+            REASON_DROP_MALFORMED,
+        ),
+        in_drop(
+            "a later-fragment header first, 4 of its 8 bytes inside the payload",
+            v6_to_vm(44, &p3, &t3),
+            REASON_DROP_MALFORMED,
+        ),
+        in_ok(
+            "the same fragment wholly inside the payload follows its first fragment",
+            v6_to_vm(60, &p4, &t4),
+            REASON_ALLOW_FRAG,
+        )
+        .rule(5),
+        in_drop(
+            "hop-by-hop ends the payload, destination options follow outside it",
+            v6_to_vm(0, &opts_hdr(60), &opts_hdr(6)),
+            REASON_DROP_MALFORMED,
+        ),
+        in_drop(
+            "a first-fragment header outside the payload",
+            v6_to_vm(
+                60,
+                &opts_hdr(44),
+                &[frag_hdr(6, 0, true, id + 1), tcp_syn_hdr(22)].concat(),
+            ),
+            REASON_DROP_MALFORMED,
+        ),
+    ];
+    // One sequence: the hidden fragments need the primed first fragment.
+    run(&mut dp, IF, &cases, false);
+}
+
+/// Later fragments are keyed like their first fragment, by (source, destination, id) as Linux
+/// reassembly identifies an IPv6 datagram (issue 17 F3): the next header of a later fragment's
+/// fragment header is not the datagram's protocol when options follow the fragment header.
+#[test]
+fn ipv6_later_fragments_match_a_first_fragment_with_options_after_the_fragment_header() {
+    let mut dp = load(&base_port(), &base_rules());
+    let udp53 = |len: u16| {
+        let mut u = vec![0, 1, 0, 53];
+        u.extend_from_slice(&len.to_be_bytes());
+        u.extend_from_slice(&[0, 0]);
+        u.extend(vec![0; 16]);
+        u
+    };
+    let first = |id: u32, dport_hi: u8| {
+        let mut p = frag_hdr(60, 0, true, id);
+        p.extend(opts_hdr(17));
+        let mut u = udp53(40);
+        u[2] = dport_hi;
+        p.extend(u);
+        v6_to_vm(44, &p, &[])
+    };
+    let later = |id: u32, next: u8| {
+        let mut p = frag_hdr(next, 4, false, id);
+        p.extend(vec![0x5a; 16]);
+        v6_to_vm(44, &p, &[])
+    };
+    let cases = vec![
+        in_ok(
+            "first fragment: fragment header, destination options, UDP 53",
+            first(0x600, 0),
+            REASON_ALLOW_RULE,
+        )
+        .rule(13),
+        in_ok(
+            "its later fragment (fragment header naming destination options)",
+            later(0x600, 60),
+            REASON_ALLOW_FRAG,
+        )
+        .rule(13),
+        in_ok(
+            "another later fragment naming UDP itself",
+            later(0x600, 17),
+            REASON_ALLOW_FRAG,
+        )
+        .rule(13),
+        in_drop(
+            "first fragment to a closed port (UDP 309)",
+            first(0x601, 1),
+            REASON_DROP_NO_RULE,
+        ),
+        in_drop(
+            "its later fragment follows the drop",
+            later(0x601, 60),
+            REASON_DROP_FRAG_DENIED,
+        ),
+    ];
     run(&mut dp, IF, &cases, false);
 }
 

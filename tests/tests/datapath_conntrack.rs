@@ -45,12 +45,13 @@ fn load(port: &PortSpec, rules: &[Rule]) -> Datapath {
     dp
 }
 
+/// Every entry of both conntrack tables.
 fn entries(dp: &mut Datapath) -> Vec<(CtKey, CtVal)> {
-    dp.conntrack()
+    dp.conntrack_entries()
         .unwrap()
-        .iter()
-        .collect::<Result<Vec<_>, _>>()
-        .unwrap()
+        .into_iter()
+        .map(|(k, v, _)| (k, v))
+        .collect()
 }
 
 /// The one conntrack entry there must be.
@@ -713,17 +714,357 @@ fn revocation_on_a_policy_switch() {
             REASON_ALLOW_ESTABLISHED,
         ),
         in_drop(
-            "HTTPS SYN-ACK: egress rule gone, so no state: INVALID",
+            "HTTPS SYN-ACK: egress rule gone, the flow is revoked",
             in_tcp(TCP_SYN | TCP_ACK),
-            REASON_DROP_INVALID,
-        ),
+            REASON_DROP_REVOKED,
+        )
+        .state(CT_STATE_REVOKED),
     ];
     run(&mut dp, IF, &seq, false);
     let e = entries(&mut dp);
-    assert_eq!(e.len(), 2, "SSH and HTTPS entries deleted: {e:?}");
+    assert_eq!(e.len(), 4, "{e:?}");
+    let revoked: Vec<u16> = e
+        .iter()
+        .filter(|(_, v)| v.flags & CT_F_REVOKED != 0)
+        .map(|(k, _)| k.port_a.min(k.port_b))
+        .collect();
+    assert_eq!(revoked.len(), 2, "SSH and HTTPS are tombstones: {e:?}");
+    assert!(revoked.contains(&22) && revoked.contains(&443), "{e:?}");
     for (k, v) in e {
         assert_eq!(v.policy, 70, "{k:?} moved to the new policy");
     }
+}
+
+/// Revocation follows the flow, not the packet (issue 17 A): a flow that only a removed
+/// ingress rule admitted stops in both directions. The VM's next packet, in the flow's reply
+/// orientation, must not re-admit it as a new flow through the default egress rule, as it did
+/// when the revoked entry was simply deleted. The tombstone keeps the flow dead until it
+/// expires, a policy admits the flow again, or a SYN opens a new connection on the tuple.
+#[test]
+fn revocation_follows_the_flow_not_the_packet() {
+    let port = port();
+    // 1: ingress TCP 80, 2: ingress UDP 5000, 3: egress IPv4 any (every VM has it).
+    let gen1 = vec![
+        Rule::ingress_v4().tcp(80, 80),
+        Rule::ingress_v4().udp(5000, 5000),
+        Rule::egress_v4(),
+    ];
+    let mut dp = load(&port, &gen1);
+    let web_in = |sport: u16, flags| to_vm(tcp("192.0.2.1", sport, VM4, 80, flags));
+    let web_out = |dport: u16, flags| from_vm(tcp(VM4, 80, "192.0.2.1", dport, flags));
+    let udp_in = || to_vm(udp(REMOTE4, 40000, VM4, 5000));
+    let udp_out = || from_vm(udp(VM4, 5000, REMOTE4, 40000));
+    let mut seq = Vec::new();
+    for sport in [50001, 50002] {
+        seq.extend([
+            in_ok("client SYN (rule 1)", web_in(sport, TCP_SYN), REASON_ALLOW_RULE).rule(1),
+            out_ok(
+                "SYN-ACK",
+                web_out(sport, TCP_SYN | TCP_ACK),
+                REASON_ALLOW_ESTABLISHED,
+            ),
+            in_ok("ACK", web_in(sport, TCP_ACK), REASON_ALLOW_ESTABLISHED),
+            out_ok(
+                "the VM sends the data (iperf3 -R)",
+                web_out(sport, TCP_PSH | TCP_ACK),
+                REASON_ALLOW_ESTABLISHED,
+            ),
+        ]);
+    }
+    seq.extend([
+        in_ok("UDP to the VM (rule 2)", udp_in(), REASON_ALLOW_RULE).rule(2),
+        out_ok("the VM's UDP stream back", udp_out(), REASON_ALLOW_ESTABLISHED),
+    ]);
+    run(&mut dp, IF, &seq, false);
+
+    // Generation 2: the ingress rules are removed; the egress rule stays (as policy 70's rule 1).
+    fixture::install_policy(&mut dp, 70, &[Rule::egress_v4()]).unwrap();
+    fixture::set_policy(&mut dp, &port, 70).unwrap();
+    let seq = [
+        out_drop(
+            "the VM's next data segment: the flow is revoked, not re-admitted by the egress rule",
+            web_out(50001, TCP_PSH | TCP_ACK),
+            REASON_DROP_REVOKED,
+        )
+        .state(CT_STATE_REVOKED),
+        in_drop(
+            "the client's ACK: no rule admits it",
+            web_in(50001, TCP_ACK),
+            REASON_DROP_NO_RULE,
+        ),
+        out_drop(
+            "and the VM's retransmission",
+            web_out(50001, TCP_PSH | TCP_ACK),
+            REASON_DROP_REVOKED,
+        ),
+        in_drop(
+            "the client first on the other connection",
+            web_in(50002, TCP_PSH | TCP_ACK),
+            REASON_DROP_NO_RULE,
+        ),
+        out_drop(
+            "then the VM on it",
+            web_out(50002, TCP_PSH | TCP_ACK),
+            REASON_DROP_REVOKED,
+        ),
+        out_drop("the VM's UDP stream", udp_out(), REASON_DROP_REVOKED),
+        in_drop(
+            "an ICMP error about the revoked UDP flow relates to nothing",
+            to_vm(icmp_error(REMOTE4, VM4, 3, 3, &udp(VM4, 5000, REMOTE4, 40000))),
+            REASON_DROP_INVALID,
+        ),
+        out_ok(
+            "a new connection from the VM on the first flow's tuple (a SYN) is the egress rule's",
+            web_out(50001, TCP_SYN),
+            REASON_ALLOW_RULE,
+        )
+        .rule(1), // policy 70's only rule
+    ];
+    run(&mut dp, IF, &seq, false);
+    let e = entries(&mut dp);
+    assert_eq!(e.len(), 3, "two tombstones and the new connection: {e:?}");
+    let revoked = e.iter().filter(|(_, v)| v.flags & CT_F_REVOKED != 0).count();
+    assert_eq!(revoked, 2, "{e:?}");
+    for (k, v) in &e {
+        assert_eq!(v.policy, 70, "{k:?} was re-checked against policy 70");
+    }
+
+    // Generation 3: the rules are back, under a new policy id: the revoked flows are re-checked
+    // again, and admitted.
+    fixture::install_policy(&mut dp, 71, &gen1).unwrap();
+    fixture::set_policy(&mut dp, &port, 71).unwrap();
+    let seq = [
+        out_ok(
+            "the UDP flow is admitted again",
+            udp_out(),
+            REASON_ALLOW_ESTABLISHED,
+        )
+        .rule(2),
+        out_ok(
+            "so is the second TCP connection",
+            web_out(50002, TCP_PSH | TCP_ACK),
+            REASON_ALLOW_ESTABLISHED,
+        )
+        .rule(1),
+        in_ok("both ways", web_in(50002, TCP_ACK), REASON_ALLOW_ESTABLISHED),
+    ];
+    run(&mut dp, IF, &seq, false);
+    assert!(
+        entries(&mut dp).iter().all(|(_, v)| v.flags & CT_F_REVOKED == 0),
+        "revived"
+    );
+}
+
+/// The two conntrack tables (issue 17 E): a flow starts in SG_CONNTRACK (LRU) and moves to
+/// SG_CT_ASSURED, which nothing evicts, once assured (a TCP handshake completed, a UDP
+/// exchange that went on after its reply). When SG_CT_ASSURED is full the flow stays in the
+/// LRU table, marked and counted. SG_CT_EVENTS counts what the datapath did to each port's
+/// entries.
+#[test]
+fn assured_flows_move_where_no_flood_reaches_them() {
+    let port = port();
+    let mut dp = Datapath::load(&LoadOptions {
+        ct_assured_entries: 2,
+        ..Default::default()
+    })
+    .unwrap();
+    fixture::install(&mut dp, &port, &rules()).unwrap();
+    let placed = |dp: &mut Datapath, low_port: u16| -> Option<(bool, u8)> {
+        dp.conntrack_entries()
+            .unwrap()
+            .into_iter()
+            .find(|(k, _, _)| k.port_a.min(k.port_b) == low_port)
+            .map(|(_, v, protected)| (protected, v.flags))
+    };
+    let out = |sport: u16, flags| from_vm(tcp(VM4, sport, REMOTE4, 443, flags));
+    let back = |sport: u16, flags| to_vm(tcp(REMOTE4, 443, VM4, sport, flags));
+    let handshake = |dp: &mut Datapath, sport: u16| {
+        run(
+            dp,
+            IF,
+            &[
+                out_ok("SYN", out(sport, TCP_SYN), REASON_ALLOW_RULE),
+                in_ok(
+                    "SYN-ACK",
+                    back(sport, TCP_SYN | TCP_ACK),
+                    REASON_ALLOW_ESTABLISHED,
+                ),
+            ],
+            false,
+        );
+        assert_eq!(
+            placed(dp, 443).map(|(p, _)| p),
+            Some(false),
+            "replied but not assured: still evictable"
+        );
+        run(
+            dp,
+            IF,
+            &[out_ok("ACK", out(sport, TCP_ACK), REASON_ALLOW_ESTABLISHED)],
+            false,
+        );
+    };
+
+    // First flow: assured by the handshake's last ACK, then protected.
+    handshake(&mut dp, 40001);
+    let (protected, flags) = placed(&mut dp, 443).unwrap();
+    assert!(protected && flags & CT_F_ASSURED != 0, "{flags:#x}");
+    run(
+        &mut dp,
+        IF,
+        &[in_ok(
+            "data from the protected table",
+            back(40001, TCP_PSH | TCP_ACK),
+            REASON_ALLOW_ESTABLISHED,
+        )],
+        false,
+    );
+    dp.clear_flows().unwrap();
+
+    // A UDP exchange is not assured by its reply, only by the packet after it.
+    let q = || from_vm(udp(VM4, 5000, REMOTE4, 53));
+    let a = || to_vm(udp(REMOTE4, 53, VM4, 5000));
+    run(
+        &mut dp,
+        IF,
+        &[
+            out_ok("query", q(), REASON_ALLOW_RULE),
+            in_ok("answer", a(), REASON_ALLOW_ESTABLISHED),
+        ],
+        false,
+    );
+    assert_eq!(placed(&mut dp, 53).map(|(p, _)| p), Some(false));
+    run(
+        &mut dp,
+        IF,
+        &[out_ok("next query", q(), REASON_ALLOW_ESTABLISHED)],
+        false,
+    );
+    assert_eq!(placed(&mut dp, 53).map(|(p, _)| p), Some(true));
+
+    // SG_CT_ASSURED holds 2: the UDP stream and one TCP flow.
+    handshake(&mut dp, 40002);
+    assert_eq!(placed(&mut dp, 443).map(|(p, _)| p), Some(true));
+    assert_eq!(dp.ct_event(PORT, CT_EV_ASSURED_FULL).unwrap(), 0);
+    // Expire it: a new flow under its key removes the dead entry from SG_CT_ASSURED (counted)
+    // and starts in SG_CONNTRACK like any flow.
+    let k443 = dp
+        .conntrack_entries()
+        .unwrap()
+        .into_iter()
+        .find(|(k, _, _)| k.port_a.min(k.port_b) == 443)
+        .unwrap()
+        .0;
+    let mut v = dp.conntrack_assured().unwrap().get(&k443, 0).unwrap();
+    v.expires_ns = 1;
+    dp.conntrack_assured().unwrap().insert(k443, v, 0).unwrap();
+    let removed_before = dp.ct_event(PORT, CT_EV_REMOVED).unwrap();
+    handshake(&mut dp, 40002);
+    assert_eq!(
+        dp.ct_event(PORT, CT_EV_REMOVED).unwrap(),
+        removed_before + 1,
+        "the dead entry made way"
+    );
+    let (protected, _) = placed(&mut dp, 443).unwrap();
+    assert!(protected, "it had room again");
+    handshake(&mut dp, 40003);
+    let flows: Vec<(u16, bool, u8)> = dp
+        .conntrack_entries()
+        .unwrap()
+        .into_iter()
+        .map(|(k, v, p)| (k.port_a.max(k.port_b), p, v.flags))
+        .collect();
+    let third = flows.iter().find(|f| f.0 == 40003).unwrap();
+    assert!(!third.1, "no room in SG_CT_ASSURED: {flows:?}");
+    assert_ne!(third.2 & CT_F_UNPROTECTED, 0, "{flows:?}");
+    assert_eq!(dp.ct_event(PORT, CT_EV_ASSURED_FULL).unwrap(), 1);
+    run(
+        &mut dp,
+        IF,
+        &[
+            in_ok(
+                "it still works",
+                back(40003, TCP_PSH | TCP_ACK),
+                REASON_ALLOW_ESTABLISHED,
+            ),
+            out_ok(
+                "both ways",
+                out(40003, TCP_PSH | TCP_ACK),
+                REASON_ALLOW_ESTABLISHED,
+            ),
+        ],
+        false,
+    );
+    assert_eq!(
+        dp.ct_event(PORT, CT_EV_ASSURED_FULL).unwrap(),
+        1,
+        "tried and counted once"
+    );
+    // Every flow created was counted.
+    assert_eq!(dp.ct_event(PORT, CT_EV_CREATED).unwrap(), 5);
+}
+
+/// An agent of this build over pins of an earlier one, which had a single conntrack table
+/// (SG_CONNTRACK, same shape) and neither SG_CT_ASSURED nor SG_CT_EVENTS: the missing maps are
+/// created, the old table is reused, and an assured flow in it is still known and moves to
+/// SG_CT_ASSURED on its next packet.
+#[test]
+fn pins_of_a_single_table_build_are_adopted() {
+    let pins = sg_tests::PinRoot::new().unwrap();
+    let opts = LoadOptions {
+        pin_root: Some(pins.path.clone()),
+        ..Default::default()
+    };
+    let port = port();
+    let sport = 40100;
+    {
+        let mut dp = Datapath::load(&opts).unwrap();
+        fixture::install(&mut dp, &port, &rules()).unwrap();
+        run(
+            &mut dp,
+            IF,
+            &[
+                out_ok(
+                    "SYN",
+                    from_vm(tcp(VM4, sport, REMOTE4, 443, TCP_SYN)),
+                    REASON_ALLOW_RULE,
+                ),
+                in_ok(
+                    "SYN-ACK",
+                    to_vm(tcp(REMOTE4, 443, VM4, sport, TCP_SYN | TCP_ACK)),
+                    REASON_ALLOW_ESTABLISHED,
+                ),
+                out_ok(
+                    "ACK",
+                    from_vm(tcp(VM4, sport, REMOTE4, 443, TCP_ACK)),
+                    REASON_ALLOW_ESTABLISHED,
+                ),
+            ],
+            false,
+        );
+        // What the earlier build left: the assured flow in its only table.
+        let (k, v, protected) = dp.conntrack_entries().unwrap().remove(0);
+        assert!(protected && v.flags & CT_F_ASSURED != 0);
+        dp.conntrack_assured().unwrap().remove(&k).unwrap();
+        dp.conntrack().unwrap().insert(k, v, 0).unwrap();
+    }
+    for name in [MAP_CT_ASSURED, MAP_CT_EVENTS] {
+        std::fs::remove_file(pins.path.join("maps").join(name)).unwrap();
+    }
+    let mut dp = Datapath::load(&opts).expect("pins of the earlier build are adopted");
+    run(
+        &mut dp,
+        IF,
+        &[in_ok(
+            "the flow is still known",
+            to_vm(tcp(REMOTE4, 443, VM4, sport, TCP_PSH | TCP_ACK)),
+            REASON_ALLOW_ESTABLISHED,
+        )],
+        false,
+    );
+    let e = dp.conntrack_entries().unwrap();
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert!(e[0].2, "and now protected: {e:?}");
 }
 
 #[test]

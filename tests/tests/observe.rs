@@ -570,8 +570,10 @@ fn prometheus_scrapes_the_agent() {
     );
     for family in [
         "sg_build_info{",
-        "sg_conntrack_entries ",
-        "sg_conntrack_capacity 262144",
+        "sg_conntrack_entries{table=\"unassured\"} ",
+        "sg_conntrack_entries{table=\"assured\"} ",
+        "sg_conntrack_capacity{table=\"unassured\"} 262144",
+        "sg_conntrack_capacity{table=\"assured\"} 262144",
         "sg_apply_duration_seconds_bucket{",
         "sg_apply_errors_total 0",
         "sg_ports{state=\"enforced\"} 1",

@@ -42,8 +42,19 @@ enum Cmd {
     },
 }
 
-fn main() -> Result<()> {
-    let cli = Cli::parse();
+/// A failed step prints what failed and what to do, not a backtrace (which anyhow would add
+/// under RUST_BACKTRACE=1).
+fn main() -> std::process::ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("Error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
     match cli.cmd.unwrap_or(Cmd::Setup) {
         Cmd::Setup => setup::run(),
         Cmd::Build { release } => {

@@ -1,19 +1,29 @@
-//! The agent: follow taps, watch the input, reconcile the datapath.
+//! The agent: follow taps, watch the input, reconcile the datapath, and keep enforcement in
+//! place.
 //!
 //! The loop drives one of two back ends (`--dataplane`): sg's eBPF datapath, or Neutron's own
 //! iptables ruleset ([`crate::iptables`], for hosts without eBPF and as the reference side of
-//! the differential test). One loop, three sources of change:
-//! - the input file or directory changed (inotify): validate, compile, apply; a rejected input
-//!   is logged and the running policy stays as it is;
-//! - an interface appeared, disappeared or was renamed (rtnetlink): re-apply the last good
-//!   compilation against the new name → ifindex table;
-//! - a timer: collect expired conntrack entries and pins of vanished interfaces.
+//! the differential test). Its sources of change:
+//! - the input file or directory changed ([`watch`]): validate, compile, apply; a rejected
+//!   input is logged and the running policy stays as it is;
+//! - a tap appeared, went or was renamed: the taps thread ([`taps`]) enforces it on its own,
+//!   at once, and tells the loop, which records where each port is enforced;
+//! - a pin vanished ([`pins`]), or the housekeeping timer: check that every map and link is
+//!   still pinned and attached, and restore what someone removed; collect expired conntrack
+//!   entries and pins of vanished interfaces; compare the input's identity in case an event
+//!   was missed; record that the agent is alive ([`lock::AgentRecord`]);
+//! - `sg debug` through the control socket ([`crate::observe`], whose threads read the maps
+//!   and events without ever waiting for this loop).
 //!
+//! An agent holds an exclusive lock on its pin root ([`lock::PinLock`]) for its whole life.
 //! Exiting (SIGTERM, SIGINT, or a crash) leaves maps and links pinned: enforcement stays, and
 //! the next agent takes the links over with an atomic program swap.
 
 pub mod apply;
 pub mod links;
+pub mod lock;
+mod pins;
+pub mod taps;
 mod watch;
 
 use std::{
@@ -22,12 +32,19 @@ use std::{
 };
 
 use anyhow::{Context as _, Result};
-use tokio::signal::unix::{SignalKind, signal};
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::mpsc::UnboundedReceiver,
+};
 use tracing::{error, info, warn};
 
-use self::apply::{Applier, RunState, log_report};
+use self::{
+    apply::{Applier, RunState, log_report},
+    lock::{AgentRecord, PinLock},
+    pins::PinWatch,
+};
 use crate::{
-    compile::{self, Compiled},
+    compile,
     datapath::{Datapath, LoadOptions},
     iptables, model, pinned,
 };
@@ -42,7 +59,9 @@ pub struct AgentOptions {
     pub run_dir: PathBuf,
     /// Named netns holding the taps (for namespace compute nodes); `None`: this one.
     pub netns: Option<String>,
+    /// Capacity of SG_CONNTRACK (flows not assured yet) and of SG_CT_ASSURED.
     pub ct_entries: u32,
+    pub ct_assured_entries: u32,
     pub gc_interval: Duration,
     pub dataplane: DataplaneOptions,
     pub observe: ObserveOptions,
@@ -90,7 +109,7 @@ pub enum DataplaneOptions {
 }
 
 /// Loads, validates and compiles the input. Errors carry every validation problem.
-pub fn load_and_compile(path: &Path, host: &str) -> Result<(model::Model, Compiled)> {
+pub fn load_and_compile(path: &Path, host: &str) -> Result<(model::Model, compile::Compiled)> {
     let model = load(path)?;
     let compiled = compile::compile(&model, host);
     Ok((model, compiled))
@@ -100,20 +119,15 @@ fn load(path: &Path) -> Result<model::Model> {
     model::load(path).map_err(|e| anyhow::anyhow!("{} rejected:\n{e}", path.display()))
 }
 
-type LinkTable = std::collections::BTreeMap<String, u32>;
-
 /// What the reconcile loop drives: one of the two back ends.
 trait Dataplane {
     /// Applies a validated input. On error the running policy stays as it was.
-    fn apply(&mut self, model: &model::Model, links: &LinkTable, generation: u64) -> Result<()>;
-    /// Interfaces appeared, went or were renamed (`changed`: the name → ifindex table differs).
-    fn links_changed(
-        &mut self,
-        deleted: &[u32],
-        links: &LinkTable,
-        changed: bool,
-        generation: u64,
-    ) -> Result<()>;
+    fn apply(&mut self, model: &model::Model, generation: u64) -> Result<()>;
+    /// The taps thread enforced, moved or lost a tap: record where ports are enforced now.
+    fn taps_changed(&mut self, generation: u64) -> Result<()>;
+    /// Checks that enforcement is in place and restores what someone removed. An error is
+    /// fatal: the agent can no longer stand for what is enforced.
+    fn check(&mut self, generation: u64) -> Result<()>;
     /// Periodic housekeeping.
     fn gc(&mut self);
     fn describe_exit(&self) -> String;
@@ -156,70 +170,137 @@ impl log::Log for DebugLog {
 /// The eBPF back end: compile, then swap maps and programs (agent::apply).
 struct Ebpf {
     applier: Applier,
-    /// The last compilation applied, re-applied when interfaces change.
-    current: Option<Compiled>,
     opts: AgentOptions,
+    lock: PinLock,
+    /// An input has been applied: the applier knows which ports are gone.
+    applied: bool,
+    /// The log objects covering each port (by port id) of the last compilation applied.
+    logs: std::collections::HashMap<String, model::PortLog>,
     shared: crate::observe::Shared,
     debug: Option<DebugSession>,
 }
 
 impl Ebpf {
-    /// Tells the observers (log, monitor, metrics) what the ports are now.
-    fn publish(&self, generation: u64) {
-        let Some(c) = &self.current else { return };
-        let logs: std::collections::HashMap<&str, &model::PortLog> =
-            c.ports.iter().map(|p| (p.id.as_str(), &p.log)).collect();
+    /// Writes the run state for the CLI and tells the observers (log, monitor, metrics) what
+    /// the ports are now: both follow every apply and every move of a tap.
+    fn save_state(&self, generation: u64) -> Result<()> {
+        let state = self.applier.run_state(generation);
         let mut view = crate::observe::View {
             generation,
             ..Default::default()
         };
-        for p in self.applier.ports() {
+        for p in &state.ports {
             view.ports.insert(
                 p.port_idx,
                 crate::observe::PortView {
                     id: p.id.clone(),
                     device: p.device.clone(),
                     ifindex: p.ifindex,
-                    enforced: p.ifindex.is_some(),
-                    log: logs.get(p.id.as_str()).map(|l| (*l).clone()).unwrap_or_default(),
+                    enforced: p.ifindex.is_some() && !p.closed,
+                    closed: p.closed,
+                    log: self.logs.get(&p.id).cloned().unwrap_or_default(),
                 },
             );
         }
-        for r in self.applier.run_state(generation).rules {
-            view.rules.insert(r.index, r);
+        for r in &state.rules {
+            view.rules.insert(r.index, r.clone());
         }
         self.shared.publish(view);
+        state.save(&self.opts.run_dir).context("writing the run state")
     }
 }
 
 impl Dataplane for Ebpf {
-    fn apply(&mut self, model: &model::Model, links: &LinkTable, generation: u64) -> Result<()> {
+    fn apply(&mut self, model: &model::Model, generation: u64) -> Result<()> {
         let compiled = compile::compile(model, &self.opts.host);
-        apply_and_record(&mut self.applier, &compiled, links, &self.opts, generation)?;
-        self.current = Some(compiled);
-        self.publish(generation);
-        Ok(())
+        let t = Instant::now();
+        let result = self.applier.apply(&compiled);
+        self.applied = true;
+        self.logs = compiled
+            .ports
+            .iter()
+            .map(|p| (p.id.clone(), p.log.clone()))
+            .collect();
+        if let Ok(report) = &result {
+            log_report(report, &compiled);
+            if report.changed() {
+                info!(
+                    elapsed_us = t.elapsed().as_micros() as u64,
+                    generation, "apply done"
+                );
+            }
+        }
+        // Also after a partial failure: the ports that were switched are recorded.
+        self.save_state(generation)?;
+        result.map(|_| ())
     }
 
-    fn links_changed(
-        &mut self,
-        deleted: &[u32],
-        links: &LinkTable,
-        changed: bool,
-        generation: u64,
-    ) -> Result<()> {
-        let forgot = self.applier.forget_deleted(deleted);
-        if (changed || forgot)
-            && let Some(c) = &self.current
-        {
-            apply_and_record(&mut self.applier, c, links, &self.opts, generation)?;
-            self.publish(generation);
+    fn taps_changed(&mut self, generation: u64) -> Result<()> {
+        self.save_state(generation)
+    }
+
+    fn check(&mut self, generation: u64) -> Result<()> {
+        // Another agent on the pin root, or another map pinned in ours, ends this agent; any
+        // other failure (the pins being removed while they are restored) is retried at the
+        // next wake-up.
+        let fatal = |e: &anyhow::Error| e.is::<lock::Taken>() || e.is::<crate::datapath::ForeignPin>();
+        let root = self.opts.pin_root.clone();
+        let mut restored = false;
+        if !self.lock.still_held() {
+            error!(
+                pin_root = %root.display(),
+                "the pin root was removed under the running agent (sg detach --all --force?): \
+                 taking it back and restoring maps and links"
+            );
+            match PinLock::acquire(&root) {
+                Ok(l) => self.lock = l,
+                Err(e) if fatal(&e) => return Err(e.context("taking the removed pin root back")),
+                Err(e) => {
+                    error!("taking the removed pin root back: {e:#}; retrying");
+                    return Ok(());
+                }
+            }
+            restored = true;
+        }
+        let maps = match self.applier.dp.repin_maps() {
+            Ok(m) => m,
+            Err(e) if fatal(&e) => return Err(e.context("restoring the map pins")),
+            Err(e) => {
+                error!("restoring the map pins: {e:#}; retrying");
+                return Ok(());
+            }
+        };
+        if !maps.is_empty() {
+            error!(
+                maps = ?maps,
+                "map pins were removed under the running agent: pinned again (flows and counters kept)"
+            );
+            restored = true;
+        }
+        match self.applier.taps().verify() {
+            Ok(0) => {}
+            Ok(n) => {
+                error!(
+                    links = n,
+                    "tcx links were removed under the running agent: attached and pinned again"
+                );
+                restored = true;
+            }
+            Err(e) => error!("checking the taps' links: {e:#}"),
+        }
+        if restored {
+            self.save_state(generation)?;
         }
         Ok(())
     }
 
     fn gc(&mut self) {
-        match pinned::collect_expired(&self.opts.pin_root) {
+        // Entries of ports that left the input go too, once an input has been applied: before
+        // that the agent does not know which ports are gone.
+        let ports: Option<std::collections::BTreeSet<u32>> = self
+            .applied
+            .then(|| self.applier.ports().map(|p| p.port_idx).collect());
+        match pinned::collect_expired(&self.opts.pin_root, ports.as_ref()) {
             Ok(n) if n > 0 => info!(deleted = n, "conntrack: expired entries collected"),
             Ok(_) => {}
             Err(e) => warn!("conntrack GC: {e:#}"),
@@ -238,38 +319,48 @@ impl Dataplane for Ebpf {
     }
 
     fn debug(&mut self, req: &crate::observe::control::DebugRequest) -> Result<String, String> {
-        // The normal programs back on the links of the port being debugged, if any.
-        let stop = |this: &mut Self| -> Result<Option<String>, String> {
-            let Some(s) = this.debug.take() else {
-                return Ok(None);
+        if !req.on {
+            let Some(s) = self.debug.take() else {
+                return Ok("no port was being debugged".into());
             };
-            let iface = crate::datapath::Iface::new(&s.device, this.opts.netns.as_deref());
-            this.applier
-                .dp
-                .attach(&iface)
+            self.applier
+                .taps()
+                .debug(None)
                 .map_err(|e| format!("restoring the programs of {}: {e:#}", s.device))?;
             info!(port = %s.port, tap = %s.device, "datapath debug off");
-            Ok(Some(s.port.clone()))
-        };
-        if !req.on {
-            return match stop(self)? {
-                Some(p) => Ok(format!("debug records of port {p} are off")),
-                None => Ok("no port was being debugged".into()),
-            };
+            return Ok(format!("debug records of port {} are off", s.port));
         }
         let view = self.shared.view();
         let (_, port) = view.find_port(&req.port)?;
         let (id, device) = (port.id.clone(), port.device.clone());
-        let iface = crate::datapath::Iface::new(&device, self.opts.netns.as_deref());
+        if port.closed {
+            return Err(format!("port {id} left the input: its tap {device} is closed"));
+        }
         if port.ifindex.is_none() {
             return Err(format!("port {id} has no tap ({device}) on this host"));
         }
-        stop(self)?;
         let opts = LoadOptions::matching_pins(&self.opts.pin_root).map_err(|e| format!("{e:#}"))?;
         let (mut dp, mut reader) = Datapath::load_debug(&opts, DebugLog { port: id.clone() })
             .map_err(|e| format!("loading the debug programs: {e:#}"))?;
-        dp.attach(&iface)
-            .map_err(|e| format!("swapping the debug programs into {device}: {e:#}"))?;
+        let progs = dp
+            .tap_handles()
+            .map_err(|e| format!("the debug programs: {e:#}"))?
+            .progs;
+        // The taps thread swaps them into the port's links (the tap, or the hybrid veth) and
+        // the normal programs back into the links of a port debugged before.
+        let had = self.debug.take();
+        let (_, point) = self
+            .applier
+            .taps()
+            .debug(Some(taps::DebugPrograms {
+                device: device.clone(),
+                progs,
+            }))
+            .map_err(|e| format!("swapping the debug programs into {device}: {e:#}"))?
+            .expect("debugging a device");
+        if let Some(h) = had {
+            info!(port = %h.port, tap = %h.device, "datapath debug off");
+        }
         let flag = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let done = flag.clone();
         // aya-log 0.3 does not poll by itself: a thread waits on the buffer and flushes it.
@@ -289,10 +380,10 @@ impl Dataplane for Ebpf {
                 }
             });
         if let Err(e) = spawned {
-            let _ = self.applier.dp.attach(&iface);
+            let _ = self.applier.taps().debug(None);
             return Err(format!("starting the debug reader: {e}"));
         }
-        info!(port = %id, tap = %device, "datapath debug on: per-stage records of this port follow");
+        info!(port = %id, tap = %device, point = %point.name, "datapath debug on: per-stage records of this port follow");
         self.debug = Some(DebugSession {
             port: id.clone(),
             device: device.clone(),
@@ -316,7 +407,7 @@ struct Iptables {
 }
 
 impl Dataplane for Iptables {
-    fn apply(&mut self, model: &model::Model, _links: &LinkTable, generation: u64) -> Result<()> {
+    fn apply(&mut self, model: &model::Model, generation: u64) -> Result<()> {
         let t = Instant::now();
         // Established flows survive a rule removal under iptables (RELATED,ESTABLISHED comes
         // first) until Neutron's agent deletes their conntrack entries: apply_change does too.
@@ -330,18 +421,33 @@ impl Dataplane for Iptables {
         if let Some(e) = change.conntrack_error {
             warn!("conntrack cleanup: {e}");
         }
+        if let Some(old) = &self.current {
+            let now: std::collections::BTreeSet<&str> = model
+                .local_ports(&self.render.host)
+                .iter()
+                .map(|p| p.id.as_str())
+                .collect();
+            for p in old.local_ports(&self.render.host) {
+                if !now.contains(p.id.as_str()) {
+                    warn!(port = %p.id, tap = %p.device, "port left the input: its chains are removed");
+                }
+            }
+        }
         self.current = Some(model.clone());
         RunState {
             generation,
-            ports: Vec::new(),
-            rules: Vec::new(),
+            ..Default::default()
         }
         .save(&self.run_dir)
         .context("writing the run state")
     }
 
-    /// The rules match taps by name (physdev), so they need no change when taps come and go.
-    fn links_changed(&mut self, _: &[u32], _: &LinkTable, _: bool, _: u64) -> Result<()> {
+    fn taps_changed(&mut self, _: u64) -> Result<()> {
+        Ok(())
+    }
+
+    /// The rules match taps by name (physdev) and live in the kernel's tables.
+    fn check(&mut self, _: u64) -> Result<()> {
         Ok(())
     }
 
@@ -354,16 +460,37 @@ impl Dataplane for Iptables {
 }
 
 pub async fn run(opts: AgentOptions) -> Result<()> {
+    let mut record: Option<AgentRecord> = None;
+    let result = run_inner(&opts, &mut record).await;
+    if let Some(r) = &mut record {
+        let reason = match &result {
+            Ok(signal) => signal.to_string(),
+            Err(e) => format!("error: {e:#}"),
+        };
+        if let Err(e) = r.stopped(&opts.run_dir, &reason) {
+            warn!("recording the agent's exit: {e:#}");
+        }
+    }
+    result.map(|_| ())
+}
+
+async fn run_inner(opts: &AgentOptions, record: &mut Option<AgentRecord>) -> Result<&'static str> {
     let started = Instant::now();
     let mut generation = 0;
+    let mut tap_events: Option<UnboundedReceiver<()>> = None;
+    let mut pin_watch: Option<PinWatch> = None;
     let shared = crate::observe::Shared::default();
     let mut observers: Option<Observers> = None;
     let (debug_tx, mut debug_rx) = tokio::sync::mpsc::unbounded_channel();
     let mut dp: Box<dyn Dataplane> = match &opts.dataplane {
         DataplaneOptions::Ebpf => {
+            // First the lock: nothing is touched while another agent runs on this root.
+            let lock = PinLock::acquire(&opts.pin_root)?;
+            *record = Some(AgentRecord::start(&opts.run_dir, &opts.pin_root)?);
             let dp = Datapath::load(&LoadOptions {
                 pin_root: Some(opts.pin_root.clone()),
                 ct_entries: opts.ct_entries,
+                ct_assured_entries: opts.ct_assured_entries,
                 ..Default::default()
             })?;
             let previous = RunState::load(&opts.run_dir).unwrap_or_else(|e| {
@@ -373,11 +500,15 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
             let mut applier = Applier::adopt(dp, opts.netns.clone(), previous.as_ref())?;
             applier.set_log_limits(opts.observe.log_rate_limit, opts.observe.log_burst_limit);
             generation = previous.map(|p| p.generation).unwrap_or(0);
-            observers = Some(Observers::start(&opts, shared.clone(), debug_tx.clone())?);
+            tap_events = Some(applier.taps().subscribe()?);
+            pin_watch = Some(PinWatch::new(&opts.pin_root, opts.netns.as_deref())?);
+            observers = Some(Observers::start(opts, shared.clone(), debug_tx.clone())?);
             Box::new(Ebpf {
                 applier,
-                current: None,
                 opts: opts.clone(),
+                lock,
+                applied: false,
+                logs: Default::default(),
                 shared: shared.clone(),
                 debug: None,
             })
@@ -404,35 +535,28 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
             })
         }
     };
-    let mut links = links::Links::open(opts.netns.as_deref())?;
     let mut watcher = watch::Watcher::new(&opts.state)?;
 
-    let initial = match load(&opts.state) {
-        Ok(m) => {
-            info!(input = %opts.state.display(), model = %m.summary(), "input loaded");
-            Some(m)
-        }
-        Err(e) => {
-            error!("{e:#}");
-            None
-        }
-    };
+    // Every apply is timed and its failures counted for /metrics.
     let metrics = observers.as_ref().and_then(|o| o.metrics.clone());
-    let timed = |dp: &mut Box<dyn Dataplane>, f: &mut dyn FnMut(&mut Box<dyn Dataplane>) -> Result<()>| {
+    let timed_apply = |dp: &mut Box<dyn Dataplane>, m: &model::Model, generation: u64| {
         let t = Instant::now();
-        let r = f(dp);
-        if let Some(m) = &metrics {
-            m.apply_duration.observe(t.elapsed().as_secs_f64());
+        let r = dp.apply(m, generation);
+        if let Some(x) = &metrics {
+            x.apply_duration.observe(t.elapsed().as_secs_f64());
             if r.is_err() {
-                m.apply_errors.inc();
+                x.apply_errors.inc();
             }
         }
         r
     };
-    let mut table = links.dump().await?;
-    if let Some(m) = &initial {
-        generation += 1;
-        timed(&mut dp, &mut |dp| dp.apply(m, &table, generation))?;
+    match load(&opts.state) {
+        Ok(m) => {
+            info!(input = %opts.state.display(), model = %m.summary(), "input loaded");
+            generation += 1;
+            timed_apply(&mut dp, &m, generation)?;
+        }
+        Err(e) => error!("{e:#}"),
     }
     info!(elapsed_ms = started.elapsed().as_millis() as u64, "ready");
 
@@ -440,43 +564,63 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut gc = tokio::time::interval(opts.gc_interval);
     gc.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
+    let reload = |dp: &mut Box<dyn Dataplane>, generation: &mut u64| match load(&opts.state) {
+        Ok(m) => {
+            info!(model = %m.summary(), "input changed");
+            *generation += 1;
+            if let Err(e) = timed_apply(dp, &m, *generation) {
+                error!("{e:#}");
+            }
+        }
+        Err(e) => error!("{e:#}\nthe running policy is unchanged"),
+    };
+    let exit = loop {
         tokio::select! {
-            _ = sigterm.recv() => break,
-            _ = sigint.recv() => break,
-            ev = links.changed() => {
-                let Some(mut deleted) = ev else {
-                    anyhow::bail!("the rtnetlink connection closed");
-                };
-                // Taps come in bursts (create, rename, up): settle, then read the table once.
-                tokio::time::sleep(Duration::from_millis(20)).await;
-                deleted.extend(links.drain());
-                let new_table = links.dump().await?;
-                let changed = new_table != table;
-                table = new_table;
-                if let Err(e) = timed(&mut dp, &mut |dp| dp.links_changed(&deleted, &table, changed, generation)) {
-                    error!("re-applying after an interface change: {e:#}");
+            _ = sigterm.recv() => break "stopped by SIGTERM",
+            _ = sigint.recv() => break "stopped by SIGINT",
+            ev = recv(&mut tap_events) => {
+                // The taps thread holds the sender for its whole life.
+                anyhow::ensure!(ev.is_some(), "the taps thread stopped: new taps would go unfiltered");
+                if let Some(rx) = &mut tap_events {
+                    while rx.try_recv().is_ok() {}
+                }
+                if let Err(e) = dp.taps_changed(generation) {
+                    error!("{e:#}");
+                }
+            }
+            fired = fired(&mut pin_watch) => {
+                fired?;
+                dp.check(generation)?;
+                if let Some(w) = &mut pin_watch {
+                    w.rearm();
                 }
             }
             changed = watcher.changed() => {
                 changed?;
-                match load(&opts.state) {
-                    Ok(m) => {
-                        info!(model = %m.summary(), "input changed");
-                        generation += 1;
-                        if let Err(e) = timed(&mut dp, &mut |dp| dp.apply(&m, &table, generation)) {
-                            error!("{e:#}");
-                        }
-                    }
-                    Err(e) => error!("{e:#}\nthe running policy is unchanged"),
+                reload(&mut dp, &mut generation);
+            }
+            _ = gc.tick() => {
+                dp.check(generation)?;
+                if let Some(w) = &mut pin_watch {
+                    w.rearm();
+                }
+                dp.gc();
+                // A backstop for any event the input watch missed.
+                if watcher.check() {
+                    warn!("the input changed without an event the watch saw");
+                    reload(&mut dp, &mut generation);
+                }
+                if let Some(r) = record.as_mut()
+                    && let Err(e) = r.alive(&opts.run_dir)
+                {
+                    warn!("recording that the agent is alive: {e:#}");
                 }
             }
-            _ = gc.tick() => dp.gc(),
             Some(call) = debug_rx.recv() => {
                 let _ = call.reply.send(dp.debug(&call.request));
             }
         }
-    }
+    };
     // A port being debugged gets the normal programs back: nobody would read its records.
     let _ = dp.debug(&crate::observe::control::DebugRequest {
         port: String::new(),
@@ -486,7 +630,7 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
         o.stop();
     }
     info!("{}", dp.describe_exit());
-    Ok(())
+    Ok(exit)
 }
 
 /// The threads that watch the datapath for the operator: the event reader (security-group
@@ -551,24 +695,16 @@ impl Observers {
     }
 }
 
-fn apply_and_record(
-    applier: &mut Applier,
-    compiled: &Compiled,
-    table: &LinkTable,
-    opts: &AgentOptions,
-    generation: u64,
-) -> Result<()> {
-    let t = Instant::now();
-    let report = applier.apply(compiled, table)?;
-    log_report(&report, compiled);
-    if report.changed() {
-        info!(
-            elapsed_us = t.elapsed().as_micros() as u64,
-            generation, "apply done"
-        );
+async fn recv(rx: &mut Option<UnboundedReceiver<()>>) -> Option<()> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
     }
-    applier
-        .run_state(generation)
-        .save(&opts.run_dir)
-        .context("writing the run state")
+}
+
+async fn fired(w: &mut Option<PinWatch>) -> Result<()> {
+    match w {
+        Some(w) => w.fired().await,
+        None => std::future::pending().await,
+    }
 }

@@ -35,6 +35,7 @@ pub mod lpm;
 mod render;
 
 use std::collections::BTreeSet;
+use std::net::{IpAddr, Ipv4Addr};
 
 /// The compiler's lookups are its hot loop (a prefix's ancestors, up to 129 probes each);
 /// SipHash's resistance to flooding buys nothing on the operator's own input.
@@ -43,10 +44,11 @@ use std::fmt;
 
 use ipnet::IpNet;
 use sg_common::{
-    ADDR_KEY_FIXED_BITS, ADDR_KIND_FIXED_V4, ADDR_KIND_FIXED_V6, ADDR_KIND_MAC, ADDR_KIND_PAIR_V4,
-    ADDR_KIND_PAIR_V6, AddrKey, AddrVal, CLASS_KEY_FIXED_BITS, ClassKey, ClassVal, PORT_F_ARP_PROTECT,
-    PORT_F_FILTERED, PORT_F_LOG_ACCEPT, PORT_F_LOG_DROP, PORT_F_SPOOF_V4, PORT_F_SPOOF_V6, PORT_F_STATEFUL,
-    PORT_F_V6_FIXED, PortInfo, SERVICE_KEY_ANY_PROTO_BITS, ServiceKey, ServiceVal,
+    ADDR_KEY_FIXED_BITS, ADDR_KIND_ARP_V4, ADDR_KIND_FIXED_V4, ADDR_KIND_FIXED_V6, ADDR_KIND_MAC,
+    ADDR_KIND_PAIR_V4, ADDR_KIND_PAIR_V6, AddrKey, AddrVal, CLASS_KEY_FIXED_BITS, ClassKey, ClassVal,
+    PORT_F_ARP_PROTECT, PORT_F_FILTERED, PORT_F_LOG_ACCEPT, PORT_F_LOG_DROP, PORT_F_SPOOF_V4,
+    PORT_F_SPOOF_V6, PORT_F_STATEFUL, PORT_F_V6_FIXED, PortInfo, SERVICE_KEY_ANY_PROTO_BITS, ServiceKey,
+    ServiceVal,
 };
 
 use crate::model::protocol::{PROTO_ICMP, is_icmp_protocol, is_port_protocol};
@@ -626,6 +628,19 @@ fn compile_port(model: &Model, port: &Port, policy: u32, addr_id: u32) -> Compil
     for (kind, pairs) in [(ADDR_KIND_PAIR_V4, &v4_pairs), (ADDR_KIND_PAIR_V6, &v6_pairs)] {
         for (i, pair) in pairs.iter().enumerate() {
             push(kind, pair.mac, pair.net, i as u32 + 1);
+        }
+    }
+    // ARP senders: the IPv4 pairs that have an address, and a probe from each of their MACs.
+    // A port with no IPv4 address (only the MAC-only pair) gets none: all its ARP is dropped.
+    for (i, pair) in v4_pairs.iter().enumerate() {
+        if let Some(net) = pair.net {
+            push(ADDR_KIND_ARP_V4, pair.mac, Some(net), i as u32 + 1);
+            push(
+                ADDR_KIND_ARP_V4,
+                pair.mac,
+                Some(IpNet::from(IpAddr::V4(Ipv4Addr::UNSPECIFIED))),
+                0,
+            );
         }
     }
     for f in &port.fixed_ips {

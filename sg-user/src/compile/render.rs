@@ -6,9 +6,9 @@ use std::fmt::Write;
 
 use serde::Serialize;
 use sg_common::{
-    ADDR_KEY_FIXED_BITS, ADDR_KIND_FIXED_V4, ADDR_KIND_FIXED_V6, ADDR_KIND_MAC, ADDR_KIND_PAIR_V4,
-    ADDR_KIND_PAIR_V6, AddrKey, CLASS_KEY_FIXED_BITS, ClassKey, FAMILY_V4, PORT_F_ARP_PROTECT,
-    PORT_F_FILTERED, PORT_F_SPOOF_V4, PORT_F_SPOOF_V6, PORT_F_STATEFUL, PORT_F_V6_FIXED,
+    ADDR_KEY_FIXED_BITS, ADDR_KIND_ARP_V4, ADDR_KIND_FIXED_V4, ADDR_KIND_FIXED_V6, ADDR_KIND_MAC,
+    ADDR_KIND_PAIR_V4, ADDR_KIND_PAIR_V6, AddrKey, CLASS_KEY_FIXED_BITS, ClassKey, FAMILY_V4,
+    PORT_F_ARP_PROTECT, PORT_F_FILTERED, PORT_F_SPOOF_V4, PORT_F_SPOOF_V6, PORT_F_STATEFUL, PORT_F_V6_FIXED,
     SERVICE_KEY_ANY_PROTO_BITS, SERVICE_KEY_PROTO_BITS, ServiceKey,
 };
 
@@ -61,6 +61,7 @@ fn addr_kind(kind: u8) -> (&'static str, u8) {
         ADDR_KIND_MAC => ("mac", 0),
         ADDR_KIND_PAIR_V4 => ("pair_v4", 4),
         ADDR_KIND_PAIR_V6 => ("pair_v6", 6),
+        ADDR_KIND_ARP_V4 => ("arp_v4", 4),
         ADDR_KIND_FIXED_V4 => ("fixed_v4", 4),
         ADDR_KIND_FIXED_V6 => ("fixed_v6", 6),
         _ => ("?", 0),

@@ -440,6 +440,23 @@ fn mac_only_pair_and_missing_families() {
         .collect();
     assert_eq!(mac_only.len(), 1);
     assert_eq!(mac_only[0].prefix_len, ADDR_KEY_FIXED_BITS);
+    // No IPv4 address, so nothing to announce: Neutron drops all ARP from such a port.
+    assert!(
+        p.addrs.iter().all(|e| e.key.kind != ADDR_KIND_ARP_V4),
+        "a port without fixed IPs has no ARP sender"
+    );
+    let q = &c.ports.iter().find(|x| x.id == "q").unwrap();
+    let arp: Vec<_> = q
+        .addrs
+        .iter()
+        .filter(|e| e.key.kind == ADDR_KIND_ARP_V4)
+        .map(|e| (e.key.addr[..4].to_vec(), e.prefix_len - ADDR_KEY_FIXED_BITS))
+        .collect();
+    assert_eq!(
+        arp,
+        vec![(vec![10, 0, 0, 1], 32), (vec![0, 0, 0, 0], 32)],
+        "its address and probes"
+    );
 }
 
 #[test]

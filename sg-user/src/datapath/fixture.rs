@@ -399,6 +399,13 @@ pub fn install_port(dp: &mut Datapath, port: &PortSpec, policy: u32) -> Result<(
             entries.push((kind, mac, net, i as u32 + 1));
         }
     }
+    // As the compiler: ARP senders are the IPv4 pairs with an address, plus probes.
+    for (i, (mac, net)) in port.spoof_pairs(false).into_iter().enumerate() {
+        if let Some(net) = net {
+            entries.push((ADDR_KIND_ARP_V4, mac, Some(net), i as u32 + 1));
+            entries.push((ADDR_KIND_ARP_V4, mac, Some("0.0.0.0/32".parse().unwrap()), 0));
+        }
+    }
     for ip in &port.fixed_ips {
         let kind = if ip.is_ipv6() {
             ADDR_KIND_FIXED_V6

@@ -28,7 +28,7 @@ use self::{
 };
 use crate::{
     model::Model,
-    packet::{Body, Frame},
+    packet::{Body, Frame, IpPacket, L4},
 };
 
 static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
@@ -136,8 +136,11 @@ pub struct Config {
 
 /// The always-delivered frame that closes a shot (see `wire`): a foreign ethertype towards a
 /// VM from the uplink (iptables never sees non-IP, sg lets it through to the VM), an ARP probe
-/// from a VM's own MAC otherwise (iptables never sees ARP, sg allows probes). `n` makes it
-/// unique.
+/// from a VM's own MAC otherwise (iptables never sees ARP, sg allows probes from a MAC with an
+/// IPv4 address). A port whose MAC has no IPv4 address may send no ARP at all (as in Neutron):
+/// its sentinel is a duplicate-address-detection neighbour solicitation from `::`, which
+/// Neutron's chains and sg both let out before any rule (and in before any rule, towards a VM)
+/// and neither tracks. `n` makes it unique.
 fn sentinel(model: &Model, from: &Side, to: &Side, n: u32) -> Frame {
     let tpa = [10, 255, (n >> 8) as u8, n as u8];
     match from {
@@ -156,6 +159,28 @@ fn sentinel(model: &Model, from: &Side, to: &Side, n: u32) -> Frame {
                 },
             }
         }
+        Side::Vm(id) if model.port(id).is_some_and(|p| !may_send_arp_probes(p)) => {
+            let mac = model.port(id).map(|p| p.mac.0).unwrap_or([2, 0, 0, 0, 0, 1]);
+            // Target fe80::5347:<n>, solicited-node group ff02::1:ff47:<n>.
+            let target: std::net::Ipv6Addr = format!("fe80::5347:{:x}", n & 0xffff).parse().expect("address");
+            let t = target.octets();
+            let group =
+                std::net::Ipv6Addr::from([0xff, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0xff, t[13], t[14], t[15]]);
+            let mut p = IpPacket::new(
+                std::net::Ipv6Addr::UNSPECIFIED.into(),
+                group.into(),
+                L4::Icmp {
+                    icmp_type: 135,
+                    code: 0,
+                    rest: [0; 4],
+                },
+            )
+            .with_payload(t.to_vec());
+            // A flow label no scenario frame uses (theirs count up from 1).
+            p.ident = 0xf_0000 | (n & 0xffff);
+            let g = group.octets();
+            Frame::ip(mac, [0x33, 0x33, g[12], g[13], g[14], g[15]], p)
+        }
         Side::Vm(id) => {
             let mac = model.port(id).map(|p| p.mac.0).unwrap_or([2, 0, 0, 0, 0, 1]);
             Frame {
@@ -172,6 +197,18 @@ fn sentinel(model: &Model, from: &Side, to: &Side, n: u32) -> Frame {
             }
         }
     }
+}
+
+/// Whether sg lets an ARP probe from the port's own MAC out: the port is not filtered, its
+/// ARP protection is off (an IPv4 pair of /0), or its MAC has an IPv4 address.
+fn may_send_arp_probes(p: &crate::model::Port) -> bool {
+    !p.is_filtered()
+        || p.allowed_address_pairs
+            .iter()
+            .any(|a| a.net.addr().is_ipv4() && a.net.prefix_len() == 0)
+        || p.spoof_pairs(crate::model::Ethertype::IPv4)
+            .iter()
+            .any(|x| x.mac == p.mac && x.net.is_some())
 }
 
 /// Raw sockets on every VM and uplink of a topology.

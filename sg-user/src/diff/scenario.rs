@@ -781,8 +781,9 @@ impl Ctx<'_> {
         steps
     }
 
-    /// A flow admitted by one rule, then that rule removed, then the flow's next packets. Or
-    /// a denied SYN, then a rule added for it, then the SYN again.
+    /// A flow admitted by one rule, then that rule removed, then the flow's next packets: the
+    /// client's first, or the VM's first (a VM sending the data, as `iperf3 -R` does). Or a
+    /// denied SYN, then a rule added for it, then the SYN again.
     fn change(&mut self, eth: Ethertype) -> Option<Vec<Step>> {
         let candidates: Vec<(usize, usize)> = self
             .model
@@ -820,6 +821,36 @@ impl Ctx<'_> {
         let remote = self.remote(eth, Direction::Ingress);
         let dport = rule.port_range_min.unwrap();
         let cport = self.rng.random_range(32768..60999u16);
+        // Whether the removal revokes the flow: no other rule of the port admits it. Then sg
+        // stops it in both directions. Neutron deletes its conntrack entry, and when the egress
+        // rules admit the VM's next packet as a new flow (mid-stream pickup), it re-opens the
+        // flow and the client's packets pass again as its replies (D13): after the change, the
+        // VM's frames and the client's frames that follow one are sg's documented verdicts.
+        // Otherwise both back ends drop them, compared. A stateless port has no flow to revoke:
+        // every frame is compared.
+        let edited = remove.apply(self.model);
+        let admits = |dir: Direction, port: u16| {
+            crate::compile::reference_first_rule(
+                &edited,
+                &self.port.security_groups,
+                &crate::compile::Packet {
+                    dir,
+                    remote,
+                    proto: 6,
+                    port,
+                },
+            )
+            .is_some()
+        };
+        let revoked = !admits(Direction::Ingress, dport);
+        let documented = revoked && admits(Direction::Egress, cport) && self.model.port_stateful(self.port);
+        let revoked_frame = |step: Step| match step {
+            Step::Send(mut s) if documented => {
+                s.documented = Some(("D13", false));
+                Step::Send(s)
+            }
+            step => step,
+        };
         let mk = |me: &mut Self, to_vm: bool, flags: u8, seq: u32, ack: u32| {
             let (src, dst, sp, dp) = if to_vm {
                 (remote, own, cport, dport)
@@ -842,7 +873,9 @@ impl Ctx<'_> {
             let f = me.frame(to_vm, p);
             Step::Send(me.shot_dir(to_vm, vec![f]))
         };
-        if self.rng.random_bool(0.5) {
+        let variant = self.rng.random_range(0..3u32);
+        if variant == 0 {
+            // The client speaks first after the removal.
             Some(vec![
                 mk(self, true, TCP_SYN, 100, 0),
                 mk(self, false, TCP_SYN | TCP_ACK, 900, 101),
@@ -852,8 +885,29 @@ impl Ctx<'_> {
                     edit: remove.clone(),
                 },
                 mk(self, true, TCP_PSH | TCP_ACK, 101, 901),
-                mk(self, false, TCP_PSH | TCP_ACK, 901, 102),
-                mk(self, true, TCP_PSH | TCP_ACK, 102, 902),
+                revoked_frame(mk(self, false, TCP_PSH | TCP_ACK, 901, 102)),
+                revoked_frame(mk(self, true, TCP_PSH | TCP_ACK, 102, 902)),
+            ])
+        } else if variant == 1 && revoked {
+            // The VM sends the data and keeps sending after the removal (iperf3 -R); its
+            // segments run ahead of what the client has acknowledged, as a stream's do.
+            let far = 901 + 200_000;
+            // Sent whatever happened to the VM's segment: a real client acknowledges what it
+            // received before the change.
+            let ack = revoked_frame(mk(self, true, TCP_ACK, 101, 902));
+            Some(vec![
+                mk(self, true, TCP_SYN, 100, 0),
+                mk(self, false, TCP_SYN | TCP_ACK, 900, 101),
+                mk(self, true, TCP_ACK, 101, 901),
+                mk(self, false, TCP_PSH | TCP_ACK, 901, 101),
+                mk(self, true, TCP_ACK, 101, 902),
+                Step::Change {
+                    what: format!("remove rule {} ({})", rule.id, rule.describe()),
+                    edit: remove.clone(),
+                },
+                revoked_frame(mk(self, false, TCP_PSH | TCP_ACK, far, 101)),
+                ack,
+                revoked_frame(mk(self, false, TCP_PSH | TCP_ACK, far + 1, 101)),
             ])
         } else {
             Some(vec![
@@ -920,8 +974,9 @@ impl Ctx<'_> {
                 tpa: [10, 250, 0, 1],
             },
         };
-        // The sender is the port's only if a pair of its MAC covers it (a MAC-only pair covers
-        // everything); an IPv4 pair of /0 turns Neutron's ARP protection off altogether.
+        // The sender is the port's only if a pair of its MAC with an address covers it (the
+        // MAC-only pair of a port without fixed IPs carries no address: all of that port's ARP
+        // is dropped, as in Neutron); an IPv4 pair of /0 turns ARP protection off altogether.
         let arp_off = self
             .port
             .allowed_address_pairs
@@ -931,7 +986,7 @@ impl Ctx<'_> {
             .port
             .spoof_pairs(Ethertype::IPv4)
             .iter()
-            .any(|p| p.mac.0 == vm_mac && p.net.is_none_or(|n| n.trunc().contains(&IpAddr::V4(spa))));
+            .any(|p| p.mac.0 == vm_mac && p.net.is_some_and(|n| n.trunc().contains(&IpAddr::V4(spa))));
         let mut s = self.shot(self.vm(), self.uplink(), vec![arp]);
         s.documented = Some(("D10", arp_off || owned));
         steps.push(Step::Send(s));

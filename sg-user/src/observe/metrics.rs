@@ -19,7 +19,7 @@ use std::{
 use anyhow::{Context as _, Result};
 use aya::maps::{HashMap, MapData, MapInfo, MapType, PerCpuArray, PerCpuHashMap};
 use prometheus::{
-    Encoder as _, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    Encoder as _, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
     TextEncoder,
     core::{Collector, Desc},
     proto::MetricFamily,
@@ -155,10 +155,6 @@ fn gauge_vec(name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
     IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric definition")
 }
 
-fn gauge(name: &str, help: &str) -> IntGauge {
-    IntGauge::new(name, help).expect("valid metric definition")
-}
-
 fn counter(name: &str, help: &str) -> IntCounter {
     IntCounter::new(name, help).expect("valid metric definition")
 }
@@ -170,8 +166,8 @@ struct Families {
     build_info: IntGaugeVec,
     packets: IntCounterVec,
     bytes: IntCounterVec,
-    ct_entries: IntGauge,
-    ct_capacity: IntGauge,
+    ct_entries: IntGaugeVec,
+    ct_capacity: IntGaugeVec,
     ports: IntGaugeVec,
     map_entries: IntGaugeVec,
     map_capacity: IntGaugeVec,
@@ -197,17 +193,22 @@ impl Families {
                 "Bytes of the packets decided on a port, by direction and reason.",
                 &PORT_LABELS,
             ),
-            ct_entries: gauge(
+            ct_entries: gauge_vec(
                 "sg_conntrack_entries",
-                "Entries in SG_CONNTRACK, expired ones included until collected.",
+                "Conntrack entries, expired ones included until collected, by table: unassured \
+                 (SG_CONNTRACK) or assured (SG_CT_ASSURED).",
+                &["table"],
             ),
-            ct_capacity: gauge(
+            ct_capacity: gauge_vec(
                 "sg_conntrack_capacity",
-                "SG_CONNTRACK's capacity; a full table evicts the least recently used flow.",
+                "Capacity of a conntrack table; a full unassured table evicts its least recently \
+                 used flow, a full assured table admits no new assured flow.",
+                &["table"],
             ),
             ports: gauge_vec(
                 "sg_ports",
-                "Managed ports by state: enforced (the tap has its entry), pending, no-tap.",
+                "Managed ports by state: enforced (the tap or its hybrid veth has the port's \
+                 entry), pending, no-tap, closed (left the input while its tap exists).",
                 &["state"],
             ),
             map_entries: gauge_vec("sg_map_entries", "Entries in each pinned map.", &["map"]),
@@ -313,15 +314,24 @@ impl MapCollector {
                 _ => count_entries(&pinned::open(root, name)?, &info)?,
             };
             f.map_entries.with_label_values(&[name]).set(n as i64);
-            if name == MAP_CONNTRACK {
-                f.ct_entries.set(n as i64);
-                f.ct_capacity.set(info.max_entries() as i64);
+            let table = match name {
+                MAP_CONNTRACK => Some("unassured"),
+                MAP_CT_ASSURED => Some("assured"),
+                _ => None,
+            };
+            if let Some(t) = table {
+                f.ct_entries.with_label_values(&[t]).set(n as i64);
+                f.ct_capacity
+                    .with_label_values(&[t])
+                    .set(info.max_entries() as i64);
             }
         }
 
-        let mut states: BTreeMap<&str, i64> = [("enforced", 0), ("pending", 0), ("no-tap", 0)].into();
+        let mut states: BTreeMap<&str, i64> =
+            [("enforced", 0), ("pending", 0), ("no-tap", 0), ("closed", 0)].into();
         for p in view.ports.values() {
             let s = match (p.ifindex, p.enforced) {
+                _ if p.closed => "closed",
                 (None, _) => "no-tap",
                 (Some(_), true) => "enforced",
                 (Some(_), false) => "pending",

@@ -36,8 +36,10 @@ pub struct PortView {
     pub id: String,
     pub device: String,
     pub ifindex: Option<u32>,
-    /// The tap has the port's SG_PORTS entry.
+    /// The tap (or its hybrid veth) has the port's SG_PORTS entry.
     pub enforced: bool,
+    /// The port left the input while its tap exists: every frame is dropped.
+    pub closed: bool,
     pub log: PortLog,
 }
 
@@ -108,7 +110,10 @@ pub fn stage(reason: u8) -> &'static str {
         | REASON_ALLOW_DHCP_REPLY
         | REASON_ALLOW_DHCP6_REPLY => "fixed-rules",
         REASON_ALLOW_FRAG | REASON_DROP_FRAG_NO_FIRST | REASON_DROP_FRAG_DENIED => "fragment",
-        REASON_ALLOW_ESTABLISHED | REASON_ALLOW_RELATED | REASON_DROP_INVALID => "conntrack",
+        REASON_ALLOW_ESTABLISHED | REASON_ALLOW_RELATED | REASON_DROP_INVALID | REASON_DROP_REVOKED => {
+            "conntrack"
+        }
+        REASON_DROP_PORT_CLOSED => "port-closed",
         REASON_ALLOW_RULE | REASON_DROP_NO_RULE => "policy",
         _ => "unknown",
     }

@@ -40,8 +40,8 @@ use crate::{
     policy::{self, DENY_PORT, Doc, HOST, MATCH_PORT},
 };
 
-/// The datapath before issue 15.
-pub const DEFAULT_BASELINE: &str = "2f08e75";
+/// The datapath before issue 15: main when it was last merged into this branch.
+pub const DEFAULT_BASELINE: &str = "407e703";
 const GW_MAC: Mac = [0xfa, 0x16, 0x3e, 0xff, 0, 1];
 const REMOTE: &str = "203.0.113.7";
 
@@ -235,7 +235,7 @@ pub fn run(rounds: usize, repeat: u32, baseline_rev: &str, root: &Path) -> Resul
         };
         let (pa, pb) = (port(&a, 0)?, port(&b, 1)?);
         let mut new = Applier::adopt(Datapath::load(&LoadOptions::default())?, None, None)?;
-        new.apply(&compiled, &links)?;
+        new.apply(&compiled)?;
         let old_dp = Datapath::load_object(&baseline_obj, &LoadOptions::default(), 0, |_| Ok(()))?;
         let mut old = Applier::adopt(old_dp, None, None)?;
         // The baseline has no log flags or maps: it gets the input without the log (the
@@ -244,7 +244,7 @@ pub fn run(rounds: usize, repeat: u32, baseline_rev: &str, root: &Path) -> Resul
         for p in &mut plain.ports {
             p.info.flags &= !(PORT_F_LOG_ACCEPT | PORT_F_LOG_DROP);
         }
-        old.apply(&plain, &links)?;
+        old.apply(&plain)?;
         let (mut new, mut old) = (new.dp, old.dp);
         prepare(&mut new, &pa)?;
         prepare(&mut new, &pb)?;
@@ -318,24 +318,16 @@ fn scrape(r: &mut Results, scrapes: usize) -> Result<()> {
     ns.ip_batch(&batch)?;
     let nsname = ns.0.clone();
     let pin_path = pins.0.clone();
-    let devs = devices.clone();
     let first_apply = &compiled;
-    let (links, mut applier) = netns::run_in(
-        Some(&ns.0),
-        move || -> Result<(BTreeMap<String, u32>, Applier)> {
-            let links: BTreeMap<String, u32> = devs
-                .iter()
-                .map(|d| Ok((d.clone(), netns::ifindex(d)?)))
-                .collect::<Result<_>>()?;
-            let dp = Datapath::load(&LoadOptions {
-                pin_root: Some(pin_path),
-                ..Default::default()
-            })?;
-            let mut a = Applier::adopt(dp, Some(nsname), None)?;
-            a.apply(first_apply, &links)?;
-            Ok((links, a))
-        },
-    )??;
+    let mut applier = netns::run_in(Some(&ns.0), move || -> Result<Applier> {
+        let dp = Datapath::load(&LoadOptions {
+            pin_root: Some(pin_path),
+            ..Default::default()
+        })?;
+        let mut a = Applier::adopt(dp, Some(nsname), None)?;
+        a.apply(first_apply)?;
+        Ok(a)
+    })??;
     // Counters on every port (four reasons each) and 20,000 flows, as a busy node has.
     let mut view = observe::View::default();
     for p in applier.ports() {
@@ -411,7 +403,7 @@ fn scrape(r: &mut Results, scrapes: usize) -> Result<()> {
         netns::run_in(Some(&ns_name), move || -> Result<()> {
             let mut flip = false;
             while !s2.load(Ordering::Relaxed) {
-                applier.apply(if flip { &changed } else { &compiled }, &links)?;
+                applier.apply(if flip { &changed } else { &compiled })?;
                 flip = !flip;
                 a2.fetch_add(1, Ordering::Relaxed);
             }
