@@ -474,6 +474,25 @@ fn debug_records_for_one_port() {
         log.contains("datapath debug: parse: l3 2 family 4 proto 17") && log.contains("policy: class")
     })
     .unwrap_or_else(|e| panic!("{e}; agent log:\n{}", agent.log_text()));
+    // The agent's link check keeps the debug build where it is: a removed link comes back
+    // with it, and the other link keeps it.
+    let from_pin = sg_user::datapath::link_pin_path(&agent.pins.path, &iface, ifindex, PROG_FROM_VM);
+    let (debug_to, debug_from) = (link_prog(&pin), link_prog(&from_pin));
+    std::fs::remove_file(&pin).unwrap();
+    agent
+        .wait_log("enforcement was removed from under the agent", 1)
+        .unwrap();
+    wait_until("the link pin back", MUST_HAPPEN, || pin.exists()).unwrap();
+    assert_eq!(
+        link_prog(&pin),
+        debug_to,
+        "the restored link runs the debug build"
+    );
+    assert_eq!(
+        link_prog(&from_pin),
+        debug_from,
+        "the other link kept the debug build"
+    );
     let msg = agent.cli(&["debug", TAP, "off"]).unwrap();
     assert!(msg.contains("off"), "{msg}");
     assert_eq!(link_prog(&pin), normal, "the normal program is back");
