@@ -601,6 +601,26 @@ fn prometheus_scrapes_the_agent() {
     ] {
         assert!(body.contains(family), "{family} missing from:\n{body}");
     }
+    // The tries' entry counts are the agent's own count of what it wrote: they match the maps.
+    for name in [MAP_CLASSES, MAP_SERVICES, MAP_ADDRS] {
+        let map = pinned::open(&agent.pins.path, name).unwrap();
+        let aya::maps::Map::LpmTrie(data) = &map else {
+            panic!("{name} is not an LPM trie")
+        };
+        let mut n = 0;
+        sg_user::datapath::batch::lookup_all(
+            data,
+            data.info().unwrap().key_size() as usize,
+            data.info().unwrap().value_size() as usize,
+            false,
+            256,
+            |_, _| n += 1,
+        )
+        .unwrap();
+        assert!(n > 0, "{name} is empty");
+        let line = format!("sg_map_entries{{map=\"{name}\"}} {n}\n");
+        assert!(body.contains(&line), "{line:?} missing from:\n{body}");
+    }
 
     let pport = free_port(&ns);
     let dir = std::env::temp_dir().join(unique("sg-prom-"));

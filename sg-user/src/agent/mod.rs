@@ -205,6 +205,7 @@ impl Ebpf {
         for r in &state.rules {
             view.rules.insert(r.index, r.clone());
         }
+        view.map_entries.extend(self.applier.lpm_entries());
         self.shared.publish(view);
         state.save(&self.opts.run_dir).context("writing the run state")
     }

@@ -51,6 +51,8 @@ pub struct View {
     pub ports: BTreeMap<u32, PortView>,
     /// By rule index.
     pub rules: BTreeMap<u32, LiveRule>,
+    /// Entries of the maps only the agent writes (the LPM tries), as the agent counts them.
+    pub map_entries: BTreeMap<&'static str, usize>,
 }
 
 impl View {

@@ -330,6 +330,7 @@ fn scrape(r: &mut Results, scrapes: usize) -> Result<()> {
     })??;
     // Counters on every port (four reasons each) and 20,000 flows, as a busy node has.
     let mut view = observe::View::default();
+    view.map_entries.extend(applier.lpm_entries());
     for p in applier.ports() {
         view.ports.insert(
             p.port_idx,
