@@ -179,6 +179,7 @@ fn decide_ip(ctx: &TcContext, port: &PortInfo, pkt: &Pkt, d: &mut Decision) -> u
         fixed => fixed,
     };
 
+    d.first = (port.flags & PORT_F_STATEFUL == 0 || ct.creates()) as u8;
     // 6. State is written only for a packet every stage accepted.
     if reason_allows(reason) && d.traced != TRACED_DRY {
         conntrack::commit(&ct, d.dir, port.policy, d.rule);

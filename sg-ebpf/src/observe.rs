@@ -3,9 +3,9 @@
 //! (`PORT_F_LOG_*`) or a monitor is attached (`SG_MONITOR.enabled`), so a node where nobody
 //! logs or watches pays one flag test and one inlined array read per packet.
 //!
-//! - Log: ACCEPT for a packet a security-group rule admits without an established flow (the
-//!   first packet of a flow, as the OVS driver's `ct_state=+new-est` log flows see it); DROP
-//!   for every dropped packet. Each port has its own token bucket (SG_LOG_LIMITS).
+//! - Log: ACCEPT for the first packet of a flow a security-group rule admits (the packet that
+//!   creates its conntrack entry; every admitted packet of a stateless port); DROP for every
+//!   dropped packet. Each port has its own token bucket (SG_LOG_LIMITS).
 //! - Monitor: every verdict of the chosen port (or all) with a chosen reason, through one
 //!   node-wide bucket in SG_MONITOR.
 //!
@@ -32,13 +32,12 @@ pub fn monitor_on() -> bool {
 }
 
 /// Whether the port's log wants this packet: a DROP, or the first packet of a flow a rule
-/// admitted. Established traffic of a logged port stops here, before any call.
+/// admitted. The other packets of a logged port's flows, answered or not, stop here, before
+/// any call.
 #[inline(always)]
 pub fn log_candidate(port: &PortInfo, d: &Decision) -> bool {
     if reason_allows(d.reason) {
-        port.flags & PORT_F_LOG_ACCEPT != 0
-            && d.reason == REASON_ALLOW_RULE
-            && d.ct_state != CT_STATE_ESTABLISHED
+        port.flags & PORT_F_LOG_ACCEPT != 0 && d.reason == REASON_ALLOW_RULE && d.first != 0
     } else {
         port.flags & PORT_F_LOG_DROP != 0
     }
@@ -57,15 +56,12 @@ pub extern "C" fn sg_observe(skb: *mut __sk_buff, port: *const PortInfo, d: *con
     let mut flags = 0u8;
 
     let mut log = 0u8;
-    if reason_allows(d.reason) {
-        if port.flags & PORT_F_LOG_ACCEPT != 0
-            && d.reason == REASON_ALLOW_RULE
-            && d.ct_state != CT_STATE_ESTABLISHED
-        {
-            log = EVENT_F_LOG_ACCEPT;
-        }
-    } else if port.flags & PORT_F_LOG_DROP != 0 {
-        log = EVENT_F_LOG_DROP;
+    if log_candidate(port, d) {
+        log = if reason_allows(d.reason) {
+            EVENT_F_LOG_ACCEPT
+        } else {
+            EVENT_F_LOG_DROP
+        };
     }
     let mut log_bucket: Option<*mut Bucket> = None;
     if log != 0

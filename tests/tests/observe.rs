@@ -189,8 +189,9 @@ fn drops_counted(agent: &Agent) -> u64 {
         .sum()
 }
 
-/// ACCEPT for the first packet of a flow a rule admits, DROP for a dropped packet; the line
-/// is Neutron's, with os_ken's rendering of the very frame; the right log objects and project.
+/// ACCEPT for the first packet of a flow a rule admits, and only for it, DROP for a dropped
+/// packet; the line is Neutron's, with os_ken's rendering of the very frame; the right log
+/// objects and project.
 #[test]
 fn security_group_log_lines() {
     let n = node();
@@ -235,10 +236,43 @@ fn security_group_log_lines() {
         assert_eq!(body, msg);
     }
     // The VM answers the SYN (a RST: nothing listens), the flow is established: no more lines.
-    // A second SYN of the same flow before any reply would be logged again, as in OVS.
     assert_eq!(lines.len(), 2, "{lines:#?}");
     let b = bucket(&agent);
     assert_eq!((b.admitted, b.limited, b.lost), (2, 0, 0));
+
+    // A flow nobody answers (the VM's datagrams to an address nobody has): its first packet
+    // is logged, the second is not, although conntrack still calls it NEW (DIFFERENCES D21).
+    let vm = RawSock::open(&n.node.vms[0].ns.name, "eth0").unwrap();
+    let out = Frame::ip(VM_MAC, n.peer_mac, udp(VM_IP, 40000, "192.168.206.99", 7000)).build();
+    let from_vm_by_rule = || {
+        pinned::stats(&agent.pins.path)
+            .unwrap()
+            .iter()
+            .filter(|(k, _)| k.dir == DIR_EGRESS && k.reason == REASON_ALLOW_RULE)
+            .map(|(_, c)| c.packets)
+            .sum::<u64>()
+    };
+    vm.send(&out).unwrap();
+    vm.send(&out).unwrap();
+    wait_until("both datagrams decided", MUST_HAPPEN, || from_vm_by_rule() == 2).unwrap();
+    let b = bucket(&agent);
+    assert_eq!(
+        (b.admitted, b.limited, b.lost),
+        (3, 0, 0),
+        "one event for the flow"
+    );
+    wait_until("three log lines", MUST_HAPPEN, || log_lines(&path).len() >= 3).unwrap();
+    let lines = log_lines(&path);
+    assert_eq!(lines.len(), 3, "{lines:#?}");
+    let want = os_ken(&[snap(&out).to_vec()]);
+    assert!(
+        lines[2].ends_with(&format!(
+            "action=ACCEPT project_id=proj-a log_resource_ids=['log-all'] vm_port={PORT_ID} pkt={}",
+            want[0]
+        )),
+        "{}",
+        lines[2]
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 
