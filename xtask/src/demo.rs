@@ -327,8 +327,20 @@ pub fn run() -> Result<()> {
     indent(&lines);
 
     println!("\n[4] the security-group log (Neutron's OVS log driver format)");
-    let sgl = std::fs::read_to_string(&sglog).unwrap_or_default();
-    for kind in ["action=ACCEPT", "action=DROP"] {
+    // The agent's event reader writes the lines a moment after the packets.
+    let kinds = ["action=ACCEPT", "action=DROP"];
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let sgl = loop {
+        let sgl = std::fs::read_to_string(&sglog).unwrap_or_default();
+        if kinds.iter().all(|k| sgl.contains(k)) {
+            break sgl;
+        }
+        if std::time::Instant::now() > deadline {
+            bail!("the security-group log has no ACCEPT and DROP lines:\n{sgl}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    for kind in kinds {
         if let Some(l) = sgl.lines().find(|l| l.contains(kind)) {
             indent(l);
         }
@@ -348,13 +360,11 @@ pub fn run() -> Result<()> {
             METRICS.split(':').nth(1).unwrap()
         ),
     ])?;
-    for l in metrics
+    let line = metrics
         .lines()
-        .filter(|l| l.starts_with("sg_packets_total") && l.contains("drop-no-rule"))
-        .take(1)
-    {
-        indent(l);
-    }
+        .find(|l| l.starts_with("sg_packets_total") && l.contains("drop-no-rule"))
+        .with_context(|| format!("no sg_packets_total of drop-no-rule in /metrics:\n{metrics}"))?;
+    indent(line);
 
     println!("\n[6] the agent's log");
     indent(&std::fs::read_to_string(d.dir.join("agent.log"))?);

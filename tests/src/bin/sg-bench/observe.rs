@@ -57,6 +57,12 @@ pub struct Results {
     pub unlogged: Vec<Vec<f64>>,
     /// Drop flood on the logged port: (packets, seconds, events admitted, refused), per round.
     pub flood: Vec<(u64, f64, u64, u64)>,
+    /// The flood's denied packet on the unlogged port and on the logged one: ns per packet,
+    /// per round.
+    #[serde(default)]
+    pub flood_unlogged: Vec<f64>,
+    #[serde(default)]
+    pub flood_logged: Vec<f64>,
     pub rate_limit: u32,
     pub burst_limit: u32,
     /// Scrape durations (s) while applies ran, how many applies ran meanwhile, series exported.
@@ -278,6 +284,9 @@ pub fn run(rounds: usize, repeat: u32, baseline_rev: &str, root: &Path) -> Resul
             new.test_run_repeat(PROG_TO_VM, &frames(&pb)[2], pb.ifindex, 0, repeat)?;
             let secs = t.elapsed().as_secs_f64();
             let after = new.log_limits()?.get(&pb_idx, observe::BPF_F_LOCK)?;
+            // What a log candidate costs: the same denied packet, unlogged and logged.
+            r.flood_unlogged.push(cost(&mut new, &pa, 2, repeat)?);
+            r.flood_logged.push(cost(&mut new, &pb, 2, repeat)?);
             r.flood.push((
                 repeat as u64,
                 secs,
