@@ -666,7 +666,7 @@ impl Observers {
             stop.clone(),
         )?;
         let sock = crate::observe::control::serve(&opts.run_dir, shared.clone(), monitors.clone(), debug)?;
-        info!(socket = %sock.display(), log = %o.log_output, "control socket and security-group log ready");
+        info!(socket = %sock.display(), log = %o.log_output, "control socket listening, security-group log open");
         let mut metrics = None;
         if let Some(addr) = o.metrics_addr {
             let m = Arc::new(crate::observe::metrics::Metrics::new(
