@@ -397,8 +397,10 @@ pub fn run() -> Result<()> {
         &format!("{VM_IP}:22"),
     ])?);
 
-    println!("\n[10] bpftool map dump name SG_PORTS   (BTF: field names, not hex)");
-    indent(&sh(&["bpftool", "map", "dump", "name", "SG_PORTS"])?);
+    // By its pin: `name SG_PORTS` would also dump every other sg instance's map on the host.
+    let ports_pin = format!("{}/maps/SG_PORTS", d.pin_root);
+    println!("\n[10] bpftool map dump pinned {ports_pin}   (BTF: field names, not hex)");
+    indent(&sh(&["bpftool", "map", "dump", "pinned", &ports_pin])?);
 
     println!("\n[11] teardown: agent stopped, sg detach --all, namespaces deleted");
     drop(d);
