@@ -419,11 +419,10 @@ fn detach_all_removes_every_link_and_pin() {
         "still filtered after the agent stopped"
     );
     let out = agent.cli(&["detach", "--all"]).unwrap();
-    let pins = 2 + sg_common::PINNED_MAPS.len();
+    let maps = sg_common::PINNED_MAPS.len();
     assert!(
-        out.contains(&format!("removed {pins} pins")),
-        "2 links and {} maps: {out}",
-        sg_common::PINNED_MAPS.len()
+        out.contains(&format!("removed {} pins", 2 + maps)),
+        "2 links and {maps} maps: {out}"
     );
     assert!(!agent.pins.path.exists(), "the pin root is gone");
     assert!(

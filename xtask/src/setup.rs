@@ -23,6 +23,10 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "iperf3",
     // The metrics test runs a real Prometheus server (and promtool) against the agent.
     "prometheus",
+    // Neutron's functional firewall suite (cargo xtask neutron) checks traffic with these.
+    "ncat",
+    "iputils-ping",
+    "iputils-arping",
 ];
 
 pub fn run() -> Result<()> {

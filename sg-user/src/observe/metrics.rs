@@ -53,7 +53,7 @@ impl Metrics {
         let apply_duration = Histogram::with_opts(
             HistogramOpts::new(
                 "sg_apply_duration_seconds",
-                "Time to validate, compile and apply an input or an interface change.",
+                "Time to compile and apply a validated input (an input file change or a Neutron driver call).",
             )
             .buckets(prometheus::exponential_buckets(0.001, 2.0, 14)?),
         )?;

@@ -8,12 +8,15 @@
 //! 3. Control plane: sg's compiler and applier against sg's iptables back end, and agent
 //!    restarts (`control.rs`).
 //! 4. Memory: map sizes from the definitions and the kernel's accounting (`memory.rs`).
+//! 5. The Neutron driver: a one-rule update through `sg_hybrid` and through Neutron's
+//!    `iptables_hybrid`, from the driver call to the rule enforced (`driver.rs`).
 //!
 //! Output: `<out>/results.md`, `<out>/*.svg`, and the raw samples in `<out>/raw/results.json`
 //! (from which `--from-raw` redraws the report without measuring again).
 
 mod classifier;
 mod control;
+mod driver;
 mod env;
 mod flood;
 mod forward;
@@ -43,7 +46,7 @@ struct Args {
     /// The `sg` binary (release) for the agent restarts.
     #[arg(long, default_value = "target/release/sg")]
     sg: PathBuf,
-    /// Only these sections: classifier, forwarding, control, memory, observe (repeatable).
+    /// Only these sections: classifier, forwarding, control, memory, observe, driver (repeatable).
     #[arg(long)]
     only: Vec<String>,
     /// The git revision whose datapath the observe section compares against (the datapath
@@ -59,7 +62,14 @@ struct Args {
     dump_inputs: Option<PathBuf>,
 }
 
-const SECTIONS: [&str; 5] = ["classifier", "forwarding", "control", "memory", "observe"];
+const SECTIONS: [&str; 6] = [
+    "classifier",
+    "forwarding",
+    "control",
+    "memory",
+    "observe",
+    "driver",
+];
 
 fn main() -> Result<()> {
     let args = Args::parse();
@@ -173,6 +183,12 @@ fn measure(args: &Args) -> Result<All> {
                 &args.observe_baseline,
                 &root,
             )?);
+            Ok(())
+        })?;
+    }
+    if want("driver") {
+        section("driver", &mut all, &mut |a| {
+            a.driver = Some(driver::run_all(&args.sg, if q { 60 } else { 300 })?);
             Ok(())
         })?;
     }
