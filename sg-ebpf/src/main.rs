@@ -208,10 +208,12 @@ fn rules(ctx: &TcContext, port: &PortInfo, pkt: &Pkt, d: &mut Decision) -> u8 {
         sport: pkt.source_port(),
         remote: if d.dir == DIR_INGRESS { pkt.src } else { pkt.dst },
     });
+    // (No rule has admitted this packet before: d.rule is 0 until here. The record reads the
+    // decision, not `hit`, so that `hit` need not outlive the lookup on the stack.)
     d.class = hit.class;
-    debug!(ctx, "policy: class {} rule {}", hit.class, hit.rule);
-    if hit.rule != 0 {
-        d.rule = hit.rule;
+    d.rule = hit.rule;
+    debug!(ctx, "policy: class {} rule {}", d.class, d.rule);
+    if d.rule != 0 {
         REASON_ALLOW_RULE
     } else if d.ct_state == CT_STATE_INVALID {
         REASON_DROP_INVALID
