@@ -446,6 +446,10 @@ pub struct NetworkLog {
     pub target_id: Option<String>,
     pub event: LogEvent,
     pub enabled: bool,
+    /// RPC shape only (`port_ids`): the ports Neutron's server says the object covers, which
+    /// is what the driver's log extension learns when a port comes up (the server answers
+    /// with the covered ports, not the object's group and target). Only these ports.
+    pub port_ids: Option<Vec<String>>,
 }
 
 /// What the security-group log records for one port: Neutron's OVS driver keeps one "cookie"
@@ -528,6 +532,7 @@ impl Model {
                 .as_ref()
                 .is_some_and(|g| !port.security_groups.contains(g))
                 || log.target_id.as_ref().is_some_and(|t| *t != port.id)
+                || log.port_ids.as_ref().is_some_and(|ids| !ids.contains(&port.id))
             {
                 continue;
             }

@@ -115,7 +115,8 @@ struct Parsed {
     sgs: Vec<(String, SecurityGroup, Vec<bool>)>,
     ags: Vec<(String, AddressGroup)>,
     ports: Vec<(String, Port)>,
-    logs: Vec<(String, NetworkLog)>,
+    /// With whether it came in an RPC-shaped document (pushed by the Neutron driver).
+    logs: Vec<(String, NetworkLog, bool)>,
     /// Explicit member lists of an RPC-shaped document, by remote id.
     members: Vec<(String, String, BTreeMap<Ethertype, Vec<Member>>)>,
 }
@@ -151,7 +152,7 @@ pub(crate) fn build(
             }
             Kind::Log => {
                 if let Some(log) = network_log(raw, &mut errs) {
-                    parsed.logs.push((raw.origin.clone(), log));
+                    parsed.logs.push((raw.origin.clone(), log, raw.rpc));
                 }
             }
             Kind::TrustedPort => {
@@ -1037,6 +1038,18 @@ fn network_log(raw: &RawObject, errs: &mut ValidationErrors) -> Option<NetworkLo
     let resource_id = f.opt_str("resource_id").filter(|s| !s.is_empty());
     let target_id = f.opt_str("target_id").filter(|s| !s.is_empty());
     let enabled = f.opt_bool("enabled", true);
+    let port_ids = if raw.rpc && f.map.contains_key("port_ids") {
+        let mut ids = Vec::new();
+        for (i, v) in f.opt_list("port_ids").into_iter().enumerate() {
+            match v.as_str() {
+                Some(s) if !s.is_empty() => ids.push(s.to_string()),
+                _ => f.err(&format!("port_ids[{i}]"), v, "expected a port id"),
+            }
+        }
+        Some(ids)
+    } else {
+        None
+    };
     let ok = f.ok;
     ok.then(|| NetworkLog {
         id: f.id.clone(),
@@ -1046,6 +1059,7 @@ fn network_log(raw: &RawObject, errs: &mut ValidationErrors) -> Option<NetworkLo
         target_id,
         event,
         enabled,
+        port_ids,
     })
 }
 
@@ -1055,11 +1069,16 @@ fn check_logs(p: &Parsed, errs: &mut ValidationErrors) {
     duplicates(
         "log",
         "id",
-        p.logs.iter().map(|(o, l)| (l.id.as_str(), o.as_str())),
+        p.logs.iter().map(|(o, l, _)| (l.id.as_str(), o.as_str())),
         "log id",
         errs,
     );
-    for (_, log) in &p.logs {
+    for (_, log, rpc) in &p.logs {
+        // Neutron's server sends every log object to every agent: one pushed by the driver may
+        // name a group or a port this host does not have, and then covers nothing here.
+        if *rpc {
+            continue;
+        }
         if let Some(g) = &log.resource_id
             && !p.sgs.iter().any(|(_, s, _)| s.id == *g)
         {
@@ -1322,7 +1341,7 @@ fn assemble(p: Parsed) -> Model {
     let security_groups: Vec<SecurityGroup> = p.sgs.into_iter().map(|(_, s, _)| s).collect();
     let address_groups: Vec<AddressGroup> = p.ags.into_iter().map(|(_, a)| a).collect();
     let ports: Vec<Port> = p.ports.into_iter().map(|(_, x)| x).collect();
-    let logs: Vec<NetworkLog> = p.logs.into_iter().map(|(_, x)| x).collect();
+    let logs: Vec<NetworkLog> = p.logs.into_iter().map(|(_, x, _)| x).collect();
     let sg_index = security_groups
         .iter()
         .enumerate()
