@@ -41,7 +41,7 @@ use crate::{
 };
 
 /// The datapath before issue 15: main when it was last merged into this branch.
-pub const DEFAULT_BASELINE: &str = "407e703";
+pub const DEFAULT_BASELINE: &str = "96802af";
 const GW_MAC: Mac = [0xfa, 0x16, 0x3e, 0xff, 0, 1];
 const REMOTE: &str = "203.0.113.7";
 
