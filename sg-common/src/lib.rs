@@ -46,9 +46,12 @@ pub const MAP_FRAGS: &str = "SG_FRAGS";
 pub const MAP_STATS: &str = "SG_STATS";
 pub const MAP_RULE_HITS: &str = "SG_RULE_HITS";
 pub const MAP_TRACE: &str = "SG_TRACE";
+pub const MAP_EVENTS: &str = "SG_EVENTS";
+pub const MAP_LOG_LIMITS: &str = "SG_LOG_LIMITS";
+pub const MAP_MONITOR: &str = "SG_MONITOR";
 
 /// Every map sg pins, in a stable order.
-pub const PINNED_MAPS: [&str; 12] = [
+pub const PINNED_MAPS: [&str; 15] = [
     MAP_PORTS,
     MAP_ADDRS,
     MAP_CLASSES,
@@ -61,6 +64,9 @@ pub const PINNED_MAPS: [&str; 12] = [
     MAP_STATS,
     MAP_RULE_HITS,
     MAP_NEXT_IDS,
+    MAP_EVENTS,
+    MAP_LOG_LIMITS,
+    MAP_MONITOR,
 ];
 
 // -------------------------------------------------------------------------------------------
@@ -130,6 +136,12 @@ pub const PORT_F_CLOSED: u32 = 1 << 6;
 /// The port's policy has rules with source ports (only Neutron's agent rule dicts carry them):
 /// a packet that SG_SERVICES does not admit is also looked up in SG_SRC_PORTS.
 pub const PORT_F_SRC_PORTS: u32 = 1 << 7;
+/// A Neutron network-log object covers this port with event ACCEPT or ALL: the first packet of
+/// every flow a security-group rule admits is sent to SG_EVENTS, within the port's SG_LOG_LIMITS
+/// token bucket.
+pub const PORT_F_LOG_ACCEPT: u32 = 1 << 16;
+/// Same for DROP or ALL: every dropped packet.
+pub const PORT_F_LOG_DROP: u32 = 1 << 17;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
@@ -611,6 +623,130 @@ pub struct TraceRec {
     pub _pad: [u8; 3],
 }
 
+// -------------------------------------------------------------------------------------------
+// Events: SG_EVENTS is one ring buffer for both consumers, the security-group log (ports with
+// PORT_F_LOG_*) and `sg monitor` (while SG_MONITOR says one is attached). The agent is its
+// only reader. A packet costs nothing here unless its port logs or a monitor is attached.
+// -------------------------------------------------------------------------------------------
+
+/// SG_EVENTS size in bytes (a power of two, a multiple of the page size): about 1,700 events.
+pub const EVENTS_BYTES: u32 = 256 * 1024;
+/// Bytes of the frame an event carries, from the Ethernet header on: enough for Ethernet, IPv6
+/// with a few extension headers and a TCP header with options.
+pub const EVENT_SNAP_LEN: usize = 128;
+
+/// The event is for the security-group log as an ACCEPT (first packet of a flow).
+pub const EVENT_F_LOG_ACCEPT: u8 = 1 << 0;
+/// The event is for the security-group log as a DROP.
+pub const EVENT_F_LOG_DROP: u8 = 1 << 1;
+/// The event is for `sg monitor`.
+pub const EVENT_F_MONITOR: u8 = 1 << 2;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+pub struct Event {
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC).
+    pub ts_ns: u64,
+    pub ifindex: u32,
+    pub port_idx: u32,
+    pub policy: u32,
+    /// The rule that admitted the packet or its flow; 0 for none or a fixed rule.
+    pub rule: u32,
+    /// `skb->len`: the whole frame, of which `cap_len` bytes are in `data`.
+    pub pkt_len: u32,
+    pub cap_len: u16,
+    /// `EVENT_F_*`: which consumers the event is for.
+    pub flags: u8,
+    pub dir: u8,
+    pub reason: u8,
+    /// `CT_STATE_*`.
+    pub ct_state: u8,
+    pub _pad: [u8; 6],
+    pub data: [u8; EVENT_SNAP_LEN],
+}
+
+impl Default for Event {
+    fn default() -> Self {
+        Zeroable::zeroed()
+    }
+}
+
+/// The kernel's `struct bpf_spin_lock`. The verifier finds it in a map value by this BTF name,
+/// so the name must stay as it is. Userspace never touches it: it reads and writes values that
+/// hold one with BPF_F_LOCK, which skips it.
+#[allow(non_camel_case_types)]
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct bpf_spin_lock {
+    pub val: u32,
+}
+
+/// A token bucket as a generic cell rate algorithm: `tat_ns` is the time at which the bucket
+/// is full again. An event at `now` is admitted when `max(tat, now) - now <= tolerance_ns`,
+/// and moves `tat` on by `interval_ns`. With interval 1 s / rate and tolerance
+/// (burst - 1) * interval this admits `burst` events at once and `rate` per second after, so
+/// any window of t seconds holds at most burst + rate * t events. The counters say what the
+/// bucket did. All fields are read and written under `lock`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct Bucket {
+    pub lock: bpf_spin_lock,
+    pub _pad: u32,
+    pub interval_ns: u64,
+    pub tolerance_ns: u64,
+    pub tat_ns: u64,
+    /// Events admitted (sent to SG_EVENTS, or lost there).
+    pub admitted: u64,
+    /// Events the bucket refused.
+    pub limited: u64,
+    /// Admitted events that did not fit in SG_EVENTS (its reader is behind or gone).
+    pub lost: u64,
+}
+
+impl Bucket {
+    /// A full bucket for `rate` events per second and bursts of `burst` (both at least 1).
+    pub const fn new(rate: u32, burst: u32) -> Self {
+        let rate = if rate == 0 { 1 } else { rate } as u64;
+        let burst = if burst == 0 { 1 } else { burst } as u64;
+        let interval_ns = 1_000_000_000 / rate;
+        Self {
+            lock: bpf_spin_lock { val: 0 },
+            _pad: 0,
+            interval_ns,
+            tolerance_ns: (burst - 1) * interval_ns,
+            tat_ns: 0,
+            admitted: 0,
+            limited: 0,
+            lost: 0,
+        }
+    }
+}
+
+/// Neutron's `[network_log] rate_limit` default (and minimum): events per second.
+pub const LOG_RATE_LIMIT: u32 = 100;
+/// Neutron's `[network_log] burst_limit` default (and minimum).
+pub const LOG_BURST_LIMIT: u32 = 25;
+
+/// SG_LOG_LIMITS: port_idx -> the port's log bucket. Written by the agent for each port with
+/// PORT_F_LOG_* before that flag is set; a logged port without an entry sends nothing.
+pub type LogLimit = Bucket;
+
+/// SG_MONITOR: an array of one. `sg monitor` clients make the agent set `enabled`; the
+/// datapath reads it on every packet of a filtered port (an array lookup the verifier inlines).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct MonitorCfg {
+    pub bucket: Bucket,
+    /// Non-zero while at least one monitor is attached.
+    pub enabled: u32,
+    /// Only this port (port_idx); 0: every port.
+    pub port_idx: u32,
+    /// Bit r set: send packets decided with reason r (reasons are below 64).
+    pub reasons: u64,
+}
+
+user_pod!(Event, Bucket, MonitorCfg,);
+
 user_pod!(
     PortInfo, AddrKey, AddrVal, ClassKey, ClassVal, ServiceKey, ServiceVal, SrcPortKey, CtKey, CtVal,
     CtEventKey, FragKey, FragVal, StatKey, Counter, TraceRec, NextIds,
@@ -636,6 +772,9 @@ mod tests {
         assert_eq!(size_of::<FragKey>(), 44);
         assert_eq!(size_of::<StatKey>(), 8);
         assert_eq!(size_of::<TraceRec>(), 28);
+        assert_eq!(size_of::<Event>(), 40 + EVENT_SNAP_LEN);
+        assert_eq!(size_of::<Bucket>(), 56);
+        assert_eq!(size_of::<MonitorCfg>(), 72);
     }
 
     #[test]

@@ -118,6 +118,15 @@ impl Ct {
     };
 }
 
+impl Ct {
+    /// The packet, if allowed, creates the flow's entry: the first packet of a flow. A packet
+    /// of a flow not answered yet (state NEW) finds its entry and does not.
+    #[inline(always)]
+    pub fn creates(&self) -> bool {
+        self.op == OP_CREATE
+    }
+}
+
 /// The state of `pkt` on `port`, into `ct` (which starts as `Ct::NONE`). Stateless ports keep
 /// `CT_STATE_NONE` and no entry.
 #[inline(always)]

@@ -6,8 +6,8 @@
 //!
 //! Every frame goes, top-down in this file: parse (`parse`), port security and fixed rules
 //! (`portsec` from the VM, `fixed` towards it), fragments (`frag`), conntrack (`conntrack`),
-//! policy (`policy`), then the verdict and its accounting (`verdict`). Nothing is logged on
-//! this path.
+//! policy (`policy`), then the verdict and its accounting (`verdict`), then the events of the
+//! security-group log and `sg monitor` (`observe`) for the ports and packets someone asked for.
 #![no_std]
 #![no_main]
 
@@ -15,12 +15,17 @@ mod conntrack;
 mod fixed;
 mod frag;
 mod maps;
+mod observe;
 mod parse;
 mod policy;
 mod portsec;
 mod verdict;
 
 use aya_ebpf::{bindings::__sk_buff, macros::classifier, programs::TcContext};
+// Per-stage debug records for `sg debug PORT on`. The agent loads the programs with aya-log's
+// level frozen at "off", so the verifier removes every call below; only the instance `sg debug`
+// loads (level debug), attached to the one port being debugged, runs them.
+use aya_log_ebpf::debug;
 use sg_common::*;
 
 use crate::{
@@ -66,7 +71,21 @@ fn classify(ctx: &TcContext, dir: u8) -> i32 {
     } else {
         decide(ctx, skb, &port, &mut d)
     };
-    verdict::finish(&port, &d, skb.len)
+    debug!(
+        ctx,
+        "verdict: port {} dir {} reason {} rule {} ct_state {}",
+        port.port_idx,
+        d.dir,
+        d.reason,
+        d.rule,
+        d.ct_state
+    );
+    let verdict = verdict::finish(&port, &d, skb.len);
+    // 7. Events for the security-group log and `sg monitor`, only where someone asked.
+    if d.traced != TRACED_DRY && (observe::log_candidate(&port, &d) || observe::monitor_on()) {
+        observe::sg_observe(ctx.skb.skb, &port, &d);
+    }
+    verdict
 }
 
 /// The decision for a filtered port.
@@ -80,6 +99,17 @@ fn decide(ctx: &TcContext, skb: &__sk_buff, port: &PortInfo, d: &mut Decision) -
     }
     let mut pkt = Pkt::EMPTY;
     let reason = parse::parse(ctx, &mut pkt);
+    debug!(
+        ctx,
+        "parse: l3 {} family {} proto {} frag {} sport {} dport {} reason {}",
+        pkt.l3,
+        pkt.family,
+        pkt.proto,
+        pkt.frag,
+        pkt.sport,
+        pkt.dport,
+        reason
+    );
     if reason != 0 {
         return reason;
     }
@@ -90,6 +120,7 @@ fn decide(ctx: &TcContext, skb: &__sk_buff, port: &PortInfo, d: &mut Decision) -
     //    Neutron node); towards the VM, iptables lets every non-IP frame through.
     if d.dir == DIR_EGRESS {
         let reason = portsec::frame(ctx, port, &pkt);
+        debug!(ctx, "port security (frame): reason {}", reason);
         if reason != 0 {
             return reason;
         }
@@ -119,6 +150,7 @@ fn decide_ip(ctx: &TcContext, port: &PortInfo, pkt: &Pkt, d: &mut Decision) -> u
     } else {
         fixed::before_conntrack(pkt)
     };
+    debug!(ctx, "fixed rules: reason {}", fixed);
     if fixed != UNDECIDED && !reason_allows(fixed) {
         return fixed;
     }
@@ -128,6 +160,7 @@ fn decide_ip(ctx: &TcContext, port: &PortInfo, pkt: &Pkt, d: &mut Decision) -> u
     ct.dry = d.traced == TRACED_DRY;
     conntrack::lookup(ctx, port, pkt, &mut ct);
     d.ct_state = ct.state;
+    debug!(ctx, "conntrack: state {} rule {}", ct.state, ct.rule);
 
     let reason = match fixed {
         UNDECIDED => match ct.state {
@@ -141,11 +174,12 @@ fn decide_ip(ctx: &TcContext, port: &PortInfo, pkt: &Pkt, d: &mut Decision) -> u
             }
             // The other side of a revoked flow: no rule of this direction may re-open it.
             CT_STATE_REVOKED => REASON_DROP_REVOKED,
-            _ => rules(port, pkt, d),
+            _ => rules(ctx, port, pkt, d),
         },
         fixed => fixed,
     };
 
+    d.first = (port.flags & PORT_F_STATEFUL == 0 || ct.creates()) as u8;
     // 6. State is written only for a packet every stage accepted.
     if reason_allows(reason) && d.traced != TRACED_DRY {
         conntrack::commit(&ct, d.dir, port.rev, d.rule);
@@ -157,7 +191,7 @@ fn decide_ip(ctx: &TcContext, port: &PortInfo, pkt: &Pkt, d: &mut Decision) -> u
 /// security-group rules, then the INVALID drop, then the fallback drop. A rule that allows a
 /// packet allows it even when it is INVALID, as in iptables.
 #[inline(always)]
-fn rules(port: &PortInfo, pkt: &Pkt, d: &mut Decision) -> u8 {
+fn rules(ctx: &TcContext, port: &PortInfo, pkt: &Pkt, d: &mut Decision) -> u8 {
     if d.dir == DIR_INGRESS {
         let reason = fixed::provider(port, pkt);
         if reason != UNDECIDED {
@@ -174,9 +208,12 @@ fn rules(port: &PortInfo, pkt: &Pkt, d: &mut Decision) -> u8 {
         sport: pkt.source_port(),
         remote: if d.dir == DIR_INGRESS { pkt.src } else { pkt.dst },
     });
+    // (No rule has admitted this packet before: d.rule is 0 until here. The record reads the
+    // decision, not `hit`, so that `hit` need not outlive the lookup on the stack.)
     d.class = hit.class;
-    if hit.rule != 0 {
-        d.rule = hit.rule;
+    d.rule = hit.rule;
+    debug!(ctx, "policy: class {} rule {}", d.class, d.rule);
+    if d.rule != 0 {
         REASON_ALLOW_RULE
     } else if d.ct_state == CT_STATE_INVALID {
         REASON_DROP_INVALID

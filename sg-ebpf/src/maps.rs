@@ -2,7 +2,7 @@
 //! field names; layouts come from sg-common. The names are the sg-common `MAP_*` names, which
 //! userspace uses to pin them.
 use aya_ebpf::{
-    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap},
+    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
     macros::btf_map,
 };
 use sg_common::*;
@@ -60,6 +60,18 @@ pub static SG_RULE_HITS: PerCpuArray<Counter, { MAX_RULES as usize }> = PerCpuAr
 /// The decision of the last packet marked with TRACE_MARK, per CPU.
 #[btf_map]
 pub static SG_TRACE: PerCpuArray<TraceRec, 1> = PerCpuArray::new();
+
+/// Security-group log and `sg monitor` events (observe.rs); the agent is the only reader.
+#[btf_map]
+pub static SG_EVENTS: RingBuf<Event, { EVENTS_BYTES as usize }> = RingBuf::new();
+
+/// port_idx -> the token bucket of a port that a Neutron log object covers.
+#[btf_map]
+pub static SG_LOG_LIMITS: HashMap<u32, LogLimit, { MAX_PORTS as usize }> = HashMap::new();
+
+/// Whether a `sg monitor` is attached, what it wants, and its token bucket.
+#[btf_map]
+pub static SG_MONITOR: Array<MonitorCfg, 1> = Array::new();
 
 /// The agent's id high-water marks (sg-common `NextIds`). The programs never read it: it is
 /// here so that it is pinned, and lives, with the maps whose ids it keeps from being reused.

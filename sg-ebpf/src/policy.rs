@@ -1,6 +1,8 @@
 //! Stage 5: the security-group rules as two LPM lookups, whose cost does not grow with the
 //! number of rules (design §3): the remote address gives a class, then (class, protocol, port)
 //! gives the first rule, in Neutron's chain order, that admits the packet.
+use core::mem::ManuallyDrop;
+
 use aya_ebpf::maps::lpm_trie::Key;
 use sg_common::*;
 
@@ -51,24 +53,36 @@ pub extern "C" fn sg_policy(q: *const Query) -> u64 {
     ((hit.class as u64) << 32) | hit.rule as u64
 }
 
+/// The three LPM keys share one stack slot: this function ends the longest call chain of the
+/// programs (a packet's program, then `sg_ct_lookup`'s revocation check, then here), which the
+/// verifier holds to 512 bytes of stack in all.
+union Keys {
+    class: ManuallyDrop<Key<ClassKey>>,
+    service: ManuallyDrop<Key<ServiceKey>>,
+    src: ManuallyDrop<Key<SrcPortKey>>,
+}
+
 #[inline(always)]
 fn two_stage(q: &Query) -> Hit {
     let mut hit = Hit::default();
-    let class_key = Key::new(
-        CLASS_KEY_FIXED_BITS + 128,
-        ClassKey {
-            policy: q.policy,
-            dir: q.dir,
-            family: q.family,
-            _pad: [0; 2],
-            addr: q.remote,
-        },
-    );
-    let Some(class) = SG_CLASSES.get(&class_key) else {
+    let mut keys = Keys {
+        class: ManuallyDrop::new(Key::new(
+            CLASS_KEY_FIXED_BITS + 128,
+            ClassKey {
+                policy: q.policy,
+                dir: q.dir,
+                family: q.family,
+                _pad: [0; 2],
+                addr: q.remote,
+            },
+        )),
+    };
+    // SAFETY: the field just written.
+    let Some(class) = SG_CLASSES.get(unsafe { &*keys.class }) else {
         return hit;
     };
     hit.class = class.class;
-    let service_key = Key::new(
+    keys.service = ManuallyDrop::new(Key::new(
         SERVICE_KEY_FULL_BITS,
         ServiceKey {
             policy: q.policy,
@@ -79,15 +93,16 @@ fn two_stage(q: &Query) -> Hit {
             port_be: q.port.to_be_bytes(),
             _pad: [0; 3],
         },
-    );
-    if let Some(s) = SG_SERVICES.get(&service_key) {
+    ));
+    // SAFETY: the field just written.
+    if let Some(s) = SG_SERVICES.get(unsafe { &*keys.service }) {
         hit.rule = s.rule;
         return hit;
     }
     // Rules with source ports answer only what no other rule admits: the verdict is the same
     // as iptables' first match, the rule named may be a later one (tests/DIFFERENCES.md D21).
     if q.src_ports != 0 {
-        let key = Key::new(
+        keys.src = ManuallyDrop::new(Key::new(
             SRC_PORT_KEY_FULL_BITS,
             SrcPortKey {
                 policy: q.policy,
@@ -99,8 +114,9 @@ fn two_stage(q: &Query) -> Hit {
                 dport_be: q.port.to_be_bytes(),
                 _pad: [0; 1],
             },
-        );
-        if let Some(s) = SG_SRC_PORTS.get(&key) {
+        ));
+        // SAFETY: the field just written.
+        if let Some(s) = SG_SRC_PORTS.get(unsafe { &*keys.src }) {
             hit.rule = s.rule;
         }
     }

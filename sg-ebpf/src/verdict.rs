@@ -25,7 +25,10 @@ pub struct Decision {
     pub ct_state: u8,
     /// `TRACED`: record the decision in SG_TRACE; `TRACED_DRY`: that and nothing else.
     pub traced: u8,
-    pub _pad: [u8; 2],
+    /// 1: the packet starts a flow (it creates the conntrack entry, or the port is stateless):
+    /// what the security-group log calls the first packet of a flow.
+    pub first: u8,
+    pub _pad: [u8; 1],
     pub class: u32,
     pub rule: u32,
 }

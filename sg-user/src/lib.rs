@@ -12,6 +12,7 @@ pub mod diff;
 pub mod generator;
 pub mod inspect;
 pub mod netns;
+pub mod observe;
 pub mod packet;
 pub mod pinned;
 pub mod trace;

@@ -6,7 +6,9 @@ use clap::{Parser, Subcommand};
 use sg_user::{
     agent, compile,
     datapath::{self, Datapath, Iface, LoadOptions, allowlist::Allow},
-    diff, inspect, iptables, model, trace,
+    diff, inspect, iptables, model,
+    observe::control,
+    trace,
 };
 
 #[derive(Parser)]
@@ -110,6 +112,53 @@ enum Cmd {
         /// With `--dataplane iptables`: `[SECURITYGROUP] enable_ipset = False`.
         #[arg(long)]
         no_ipset: bool,
+        /// Serve Prometheus metrics on this address (`/metrics`), e.g. 127.0.0.1:9477.
+        #[arg(long, value_name = "ADDR")]
+        metrics_addr: Option<std::net::SocketAddr>,
+        /// Also export a hit counter per security-group rule (cardinality: the node's rules).
+        #[arg(long)]
+        metrics_rule_hits: bool,
+        /// Where the security-group log (Neutron network logs) goes: a file, or `syslog`
+        /// (Neutron's `[network_log] local_output_log_base`; syslog when unset).
+        #[arg(long, default_value = "syslog", value_name = "FILE|syslog")]
+        log_output: String,
+        /// Security-group log events per second and port (Neutron `[network_log] rate_limit`).
+        #[arg(long, default_value_t = sg_common::LOG_RATE_LIMIT, value_parser = clap::value_parser!(u32).range(100..))]
+        log_rate_limit: u32,
+        /// Events a port may log at once (Neutron `[network_log] burst_limit`).
+        #[arg(long, default_value_t = sg_common::LOG_BURST_LIMIT, value_parser = clap::value_parser!(u32).range(25..))]
+        log_burst_limit: u32,
+    },
+    /// A live stream of verdicts from the running agent, one line each: time, tap, direction,
+    /// verdict, reason, stage, rule, port, length and packet. The datapath sends them only while
+    /// a monitor is attached, at most --rate per second.
+    Monitor {
+        /// Only this port (id, id prefix or tap name).
+        #[arg(long)]
+        port: Option<String>,
+        /// Only these reasons (repeatable; names as `sg stats` prints them, e.g. drop-no-rule).
+        #[arg(long = "reason", value_name = "REASON")]
+        reasons: Vec<String>,
+        /// Only dropped packets (every drop reason).
+        #[arg(long)]
+        drops: bool,
+        /// Events per second the datapath sends at most.
+        #[arg(long, default_value_t = 1000)]
+        rate: u32,
+        #[arg(long, default_value_t = 100)]
+        burst: u32,
+        /// Stop after this many lines.
+        #[arg(long)]
+        count: Option<u64>,
+    },
+    /// Per-stage datapath debug records (aya-log) for one port, into the agent's log: the
+    /// agent swaps a debug build of the programs into that port's links; `off` swaps the
+    /// normal ones back. Other ports never run the debug code.
+    Debug {
+        /// Port id, id prefix or tap name.
+        port: String,
+        #[arg(value_enum)]
+        state: OnOff,
     },
     /// iptables parity mode: what Neutron's iptables firewall driver installs.
     Iptables {
@@ -296,6 +345,12 @@ enum ConntrackWhat {
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum OnOff {
+    On,
+    Off,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum DataplaneArg {
     Ebpf,
     Iptables,
@@ -414,6 +469,11 @@ fn run(cli: Cli) -> Result<()> {
             agent,
             no_comments,
             no_ipset,
+            metrics_addr,
+            metrics_rule_hits,
+            log_output,
+            log_rate_limit,
+            log_burst_limit,
         } => {
             tracing_subscriber::fmt()
                 .with_env_filter(
@@ -443,6 +503,13 @@ fn run(cli: Cli) -> Result<()> {
                         comments: !no_comments,
                         ipset: !no_ipset,
                     },
+                },
+                observe: agent::ObserveOptions {
+                    metrics_addr,
+                    metrics_rule_hits,
+                    log_output,
+                    log_rate_limit,
+                    log_burst_limit,
                 },
             };
             tokio::runtime::Builder::new_current_thread()
@@ -594,6 +661,46 @@ TOTAL {summary} in {:.1?}",
                 started.elapsed()
             );
             diff::check(&summary)?;
+        }
+        Cmd::Monitor {
+            port,
+            mut reasons,
+            drops,
+            rate,
+            burst,
+            count,
+        } => {
+            use std::io::{BufRead as _, Write as _};
+            if drops {
+                reasons.extend(
+                    (sg_common::REASON_FIRST_DROP..=sg_common::REASON_LAST)
+                        .map(|r| sg_common::reason_name(r).to_string()),
+                );
+            }
+            let req = control::Request::Monitor(control::MonitorRequest {
+                port,
+                reasons,
+                rate,
+                burst,
+            });
+            let (hello, conn) = control::call(&cli.run_dir, &req)?;
+            eprintln!("{hello}");
+            let mut out = std::io::stdout().lock();
+            for (n, line) in (1..).zip(conn.lines()) {
+                let line = line?;
+                if writeln!(out, "{line}").and_then(|_| out.flush()).is_err() || count.is_some_and(|c| n >= c)
+                {
+                    break;
+                }
+            }
+        }
+        Cmd::Debug { port, state } => {
+            let req = control::Request::Debug(control::DebugRequest {
+                port,
+                on: state == OnOff::On,
+            });
+            let (msg, _) = control::call(&cli.run_dir, &req)?;
+            println!("{msg}");
         }
         Cmd::Detach { all, force } => {
             anyhow::ensure!(all, "only `sg detach --all` is supported");

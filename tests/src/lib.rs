@@ -380,6 +380,9 @@ pub struct Agent {
     pub log: std::path::PathBuf,
     pub host: String,
     pub extra: Vec<String>,
+    /// Run the agent process itself in this network namespace (`ip netns exec`), so that what
+    /// it listens on (`--metrics-addr`) is that namespace's, never the host's.
+    pub process_netns: Option<String>,
 }
 
 impl Agent {
@@ -390,7 +393,18 @@ impl Agent {
 
     /// Like `start`, with extra `sg agent` arguments.
     pub fn start_with(netns: &str, input: &serde_json::Value, extra: &[&str]) -> Result<Self> {
+        Self::start_full(netns, input, extra, None)
+    }
+
+    /// Like `start_with`, the agent process running inside `process_netns`.
+    pub fn start_full(
+        netns: &str,
+        input: &serde_json::Value,
+        extra: &[&str],
+        process_netns: Option<&str>,
+    ) -> Result<Self> {
         let mut a = Self::prepare(netns, extra)?;
+        a.process_netns = process_netns.map(str::to_string);
         a.write_input(input)?;
         a.spawn()?;
         a.wait_generation(1)?;
@@ -413,6 +427,7 @@ impl Agent {
             log: dir.join("agent.log"),
             host: "compute-1".into(),
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            process_netns: None,
         })
     }
 
@@ -441,7 +456,22 @@ impl Agent {
             .create(true)
             .append(true)
             .open(&self.log)?;
-        let child = Command::new(workspace_bin("sg")?)
+        let mut cmd = Command::new(workspace_bin("sg")?);
+        if let Some(ns) = &self.process_netns {
+            // Only the network namespace: `ip netns exec` would also remount /sys, hiding bpffs.
+            use std::os::{fd::AsRawFd as _, unix::process::CommandExt as _};
+            let f = std::fs::File::open(sg_user::netns::netns_path(ns))?;
+            // SAFETY: setns(2) on an fd this process holds open, between fork and exec.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let child = cmd
             .args([
                 "--pin-root",
                 self.pins.path.to_str().unwrap(),

@@ -640,3 +640,108 @@ fn the_socket_is_0660_with_its_group_and_peers_are_checked() {
     assert!(other.contains("\"kind\":\"denied\""), "{other}");
     assert!(agent.log().contains("API connection refused"), "{}", agent.log());
 }
+
+/// Network log objects through the API (`update_log`, `delete_log`, issue 15): the agent logs
+/// the ports an object covers in Neutron's line format; an object naming a group this host
+/// does not have is accepted and covers nothing (Neutron's server sends every log object to
+/// every agent); a bad one is refused with its field; the objects are part of the pushed state.
+#[test]
+fn log_objects_through_the_api_log_the_ports_they_cover() {
+    let (node, client) = web1_node().unwrap();
+    let dir = std::env::temp_dir().join(unique("sg-api-log-"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("sg-log.log");
+    let agent = ApiAgent::start(&node.host.name, &["--log-output", path.to_str().unwrap()]).unwrap();
+    let mut c = Client::connect(&agent.socket).unwrap();
+    c.ok("hello", json!({"plug": "direct", "client": "test"}))
+        .unwrap();
+    c.ok(
+        "update_security_group_rules",
+        json!({"sg_id": "web", "rules": web_rules()}),
+    )
+    .unwrap();
+    c.ok(
+        "prepare_port_filter",
+        json!({"port": port(TAP, &["web"]), "wait_ms": 5000}),
+    )
+    .unwrap();
+    let log = |id: &str, group: &str, event: &str| {
+        json!({"log": {"id": id, "project_id": "proj-a", "resource_type": "security_group",
+                       "resource_id": group, "event": event, "enabled": true}})
+    };
+    c.ok("update_log", log("log-drop", "web", "DROP")).unwrap();
+    c.ok("update_log", log("log-elsewhere", "group-on-another-host", "ALL"))
+        .unwrap();
+    let r = c.call("update_log", log("log-bad", "web", "SOME")).unwrap();
+    assert_eq!(r["error"]["kind"], "invalid", "{r}");
+    assert_eq!(r["error"]["errors"][0]["field"], "event", "{r}");
+    let r = c.call("update_log", json!({"log": {"event": "ALL"}})).unwrap();
+    assert_eq!(r["error"]["kind"], "protocol", "{r}");
+
+    let flags = || {
+        sg_user::pinned::ports(&agent.pins.path)
+            .unwrap()
+            .iter()
+            .map(|(_, p)| p.flags)
+            .next()
+            .unwrap()
+    };
+    assert_eq!(
+        flags() & (sg_common::PORT_F_LOG_ACCEPT | sg_common::PORT_F_LOG_DROP),
+        sg_common::PORT_F_LOG_DROP
+    );
+    assert!(closed(&client, 22).unwrap());
+    let deadline = Instant::now() + MUST_HAPPEN;
+    let line = loop {
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        if let Some(l) = text.lines().find(|l| l.contains("action=DROP")) {
+            break l.to_string();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no DROP line; agent log:\n{}",
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(
+        line.contains(&format!(
+            "action=DROP project_id=proj-a log_resource_ids=['log-drop'] vm_port={TAP} pkt=ethernet("
+        )),
+        "{line}"
+    );
+    let state = c.ok("state", json!({})).unwrap();
+    let ids: Vec<&str> = state["document"]["logs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["log-drop", "log-elsewhere"]);
+
+    c.ok("delete_log", json!({"log_id": "log-drop"})).unwrap();
+    assert_eq!(
+        flags() & (sg_common::PORT_F_LOG_ACCEPT | sg_common::PORT_F_LOG_DROP),
+        0
+    );
+    // What the log extension learns from a port coming up: the ports the server says an
+    // object covers. Only those are logged.
+    let by_ports = |id: &str, ports: Value| {
+        json!({"log": {"id": id, "project_id": "proj-a", "resource_type": "security_group",
+                       "event": "ACCEPT", "enabled": true, "port_ids": ports}})
+    };
+    c.ok("update_log", by_ports("log-other", json!(["port-elsewhere"])))
+        .unwrap();
+    assert_eq!(
+        flags() & (sg_common::PORT_F_LOG_ACCEPT | sg_common::PORT_F_LOG_DROP),
+        0
+    );
+    c.ok("update_log", by_ports("log-here", json!([TAP]))).unwrap();
+    assert_eq!(
+        flags() & (sg_common::PORT_F_LOG_ACCEPT | sg_common::PORT_F_LOG_DROP),
+        sg_common::PORT_F_LOG_ACCEPT
+    );
+    let r = c.call("update_log", by_ports("log-bad", json!([7]))).unwrap();
+    assert_eq!(r["error"]["errors"][0]["field"], "port_ids[0]", "{r}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -28,6 +28,9 @@ const BRIDGE: &str = "brq9b2d5f3e-6a";
 const VM_MAC: &str = "fa:16:3e:dc:d2:ab";
 const VM_IP: &str = "192.168.206.6";
 const CLIENT_IP: &str = "192.168.206.10";
+const PORT_ID: &str = "adcc4b66-c1e2-4b9a-9d3f-5a7c2e8b1f04";
+/// /metrics, on the node namespace's loopback.
+const METRICS: &str = "127.0.0.1:9477";
 
 struct Demo {
     host: String,
@@ -236,8 +239,13 @@ pub fn run() -> Result<()> {
     println!("[1] sg agent starts with WEB1 in the `default` group only");
     let log = std::fs::File::create(d.dir.join("agent.log"))?;
     let run_dir = d.dir.join("run");
+    let sglog = d.dir.join("security-group.log");
+    // The agent process joins the node's network namespace (nsenter: the network only, so
+    // bpffs stays visible): its /metrics listens on that namespace's loopback.
     d.children.push(
-        Command::new(bin("sg"))
+        Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", d.host))
+            .arg(bin("sg"))
             .args(["--pin-root", &d.pin_root, "--run-dir", run_dir.to_str().unwrap()])
             .args([
                 "agent",
@@ -247,6 +255,10 @@ pub fn run() -> Result<()> {
                 "compute-1",
                 "--netns",
                 &d.host,
+                "--metrics-addr",
+                METRICS,
+                "--log-output",
+                sglog.to_str().unwrap(),
             ])
             .env("NO_COLOR", "1")
             .stdout(log.try_clone()?)
@@ -262,9 +274,23 @@ pub fn run() -> Result<()> {
         false,
     )?;
 
-    println!("\n[2] WEB_SERVERS (tcp 80 and 443 from 0.0.0.0/0) added to WEB1 in the agent's input");
+    println!(
+        "\n[2] WEB_SERVERS (tcp 80 and 443 from 0.0.0.0/0) added to WEB1 in the agent's input, \
+         with a Neutron network log on WEB1 (event ALL)"
+    );
     let tmp = d.dir.join("neutron.json.tmp");
-    std::fs::copy(examples.join("web1.json"), &tmp)?;
+    let web1 = std::fs::read_to_string(examples.join("web1.json"))?;
+    let body = web1
+        .trim_end()
+        .strip_suffix('}')
+        .context("web1.json is an object")?;
+    std::fs::write(
+        &tmp,
+        format!(
+            "{body},\n  \"logs\": [{{\"id\": \"web1-log\", \"project_id\": \"demo-project\", \
+             \"resource_type\": \"security_group\", \"target_id\": \"{PORT_ID}\", \"event\": \"ALL\"}}]\n}}\n"
+        ),
+    )?;
     std::fs::rename(&tmp, &input)?;
     wait_generation(&d, 2)?;
     expect(
@@ -286,13 +312,86 @@ pub fn run() -> Result<()> {
         false,
     )?;
 
-    println!("\n[3] the agent's log");
+    println!("\n[3] sg monitor --port {TAP}   (while the client retries port 22 and fetches the page)");
+    let mut mon = Command::new(bin("sg"))
+        .args([
+            "--pin-root",
+            &d.pin_root,
+            "--run-dir",
+            d.dir.join("run").to_str().unwrap(),
+        ])
+        .args(["monitor", "--port", TAP, "--count", "4"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    {
+        use std::io::BufRead as _;
+        let mut hello = String::new();
+        std::io::BufReader::new(mon.stderr.take().context("monitor stderr")?).read_line(&mut hello)?;
+    }
+    let _ = probe(
+        &d.client,
+        &["connect", &format!("{VM_IP}:22"), "--timeout-ms", "300"],
+    )?;
+    let _ = probe(&d.client, &["get", &http, "--timeout-ms", "1500"])?;
+    let mut lines = String::new();
+    {
+        use std::io::Read as _;
+        mon.stdout
+            .take()
+            .context("monitor stdout")?
+            .read_to_string(&mut lines)?;
+    }
+    let _ = mon.wait();
+    indent(&lines);
+
+    println!("\n[4] the security-group log (Neutron's OVS log driver format)");
+    // The agent's event reader writes the lines a moment after the packets.
+    let kinds = ["action=ACCEPT", "action=DROP"];
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let sgl = loop {
+        let sgl = std::fs::read_to_string(&sglog).unwrap_or_default();
+        if kinds.iter().all(|k| sgl.contains(k)) {
+            break sgl;
+        }
+        if std::time::Instant::now() > deadline {
+            bail!("the security-group log has no ACCEPT and DROP lines:\n{sgl}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    for kind in kinds {
+        if let Some(l) = sgl.lines().find(|l| l.contains(kind)) {
+            indent(l);
+        }
+    }
+
+    println!("\n[5] one scraped metric (curl-free: bash /dev/tcp inside the node's namespace)");
+    let metrics = sh(&[
+        "ip",
+        "netns",
+        "exec",
+        &d.host,
+        "bash",
+        "-c",
+        &format!(
+            "exec 3<>/dev/tcp/{}/{}; printf 'GET /metrics HTTP/1.0\\r\\n\\r\\n' >&3; cat <&3",
+            METRICS.split(':').next().unwrap(),
+            METRICS.split(':').nth(1).unwrap()
+        ),
+    ])?;
+    let line = metrics
+        .lines()
+        .find(|l| l.starts_with("sg_packets_total") && l.contains("drop-no-rule"))
+        .with_context(|| format!("no sg_packets_total of drop-no-rule in /metrics:\n{metrics}"))?;
+    indent(line);
+
+    println!("\n[6] the agent's log");
     indent(&std::fs::read_to_string(d.dir.join("agent.log"))?);
 
-    println!("\n[4] sg status");
+    println!("\n[7] sg status");
     indent(&d.sg(&["status"])?);
 
-    println!("[5] sg trace --port {TAP} to-vm tcp {CLIENT_IP}:40000 {VM_IP}:80   (allowed)");
+    println!("[8] sg trace --port {TAP} to-vm tcp {CLIENT_IP}:40000 {VM_IP}:80   (allowed)");
     indent(&d.sg(&[
         "trace",
         "--port",
@@ -304,7 +403,7 @@ pub fn run() -> Result<()> {
         &format!("{CLIENT_IP}:40000"),
         &http,
     ])?);
-    println!("\n[6] sg trace --port {TAP} to-vm tcp {CLIENT_IP}:40000 {VM_IP}:22   (dropped)");
+    println!("\n[9] sg trace --port {TAP} to-vm tcp {CLIENT_IP}:40000 {VM_IP}:22   (dropped)");
     indent(&d.sg(&[
         "trace",
         "--port",
@@ -317,10 +416,12 @@ pub fn run() -> Result<()> {
         &format!("{VM_IP}:22"),
     ])?);
 
-    println!("\n[7] bpftool map dump name SG_PORTS   (BTF: field names, not hex)");
-    indent(&sh(&["bpftool", "map", "dump", "name", "SG_PORTS"])?);
+    // By its pin: `name SG_PORTS` would also dump every other sg instance's map on the host.
+    let ports_pin = format!("{}/maps/SG_PORTS", d.pin_root);
+    println!("\n[10] bpftool map dump pinned {ports_pin}   (BTF: field names, not hex)");
+    indent(&sh(&["bpftool", "map", "dump", "pinned", &ports_pin])?);
 
-    println!("\n[8] teardown: agent stopped, sg detach --all, namespaces deleted");
+    println!("\n[11] teardown: agent stopped, sg detach --all, namespaces deleted");
     drop(d);
     println!("\ndemo done in {:.1?}", started.elapsed());
     Ok(())

@@ -21,6 +21,8 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "iproute2",
     "tcpdump",
     "iperf3",
+    // The metrics test runs a real Prometheus server (and promtool) against the agent.
+    "prometheus",
     // Neutron's functional firewall suite (cargo xtask neutron) checks traffic with these.
     "ncat",
     "iputils-ping",

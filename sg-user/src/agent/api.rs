@@ -79,6 +79,8 @@ impl Request {
                 Op::RemovePort { .. } => "remove_port_filter",
                 Op::Trusted { add: true, .. } => "process_trusted_ports",
                 Op::Trusted { add: false, .. } => "remove_trusted_ports",
+                Op::Log { .. } => "update_log",
+                Op::RemoveLog { .. } => "delete_log",
             },
             Request::SecurityGroupUpdated => "security_group_updated",
             Request::DeferOn => "filter_defer_apply_on",
@@ -593,6 +595,35 @@ pub fn parse(line: &str) -> Result<(Option<Value>, Request), ParseError> {
             op: Op::Trusted {
                 add: op == "process_trusted_ports",
                 devices: strings("port_ids")?,
+            },
+            wait: None,
+        },
+        "update_log" => match m.get("log") {
+            Some(l @ Value::Object(o)) => match o.get("id") {
+                Some(Value::String(id)) if !id.is_empty() => Request::Change {
+                    op: Op::Log {
+                        id: id.clone(),
+                        log: l.clone(),
+                    },
+                    wait: None,
+                },
+                other => {
+                    return Err(err(format!(
+                        "{op}: field log.id: expected the log object's id, got {}",
+                        show(other)
+                    )));
+                }
+            },
+            other => {
+                return Err(err(format!(
+                    "{op}: field log: expected a network log object, got {}",
+                    show(other)
+                )));
+            }
+        },
+        "delete_log" => Request::Change {
+            op: Op::RemoveLog {
+                id: string("log_id")?,
             },
             wait: None,
         },

@@ -247,9 +247,30 @@ pub struct Applier {
     next_addr: u32,
     next_port_idx: u32,
     next_rev: u32,
+    /// The token bucket of every logged port (`--log-rate-limit`, `--log-burst-limit`).
+    log_bucket: Bucket,
 }
 
 impl Applier {
+    /// Sets the rate and burst of the security-group log's per-port buckets (Neutron's
+    /// `[network_log] rate_limit` and `burst_limit`).
+    pub fn set_log_limits(&mut self, rate: u32, burst: u32) {
+        self.log_bucket = Bucket::new(rate, burst);
+    }
+
+    /// Makes sure a logged port has its bucket before its SG_PORTS entry says it logs. An
+    /// existing bucket with the same limits keeps its state and counters.
+    fn ensure_log_bucket(&mut self, port_idx: u32) -> Result<()> {
+        let want = self.log_bucket;
+        let mut limits = self.dp.log_limits()?;
+        match limits.get(&port_idx, crate::observe::BPF_F_LOCK) {
+            Ok(b) if b.interval_ns == want.interval_ns && b.tolerance_ns == want.tolerance_ns => Ok(()),
+            Ok(_) => limits
+                .insert(port_idx, want, crate::observe::BPF_F_LOCK)
+                .context("SG_LOG_LIMITS"),
+            Err(_) => limits.insert(port_idx, want, 0).context("SG_LOG_LIMITS is full"),
+        }
+    }
     /// Takes over whatever a previous agent left in the pinned maps: its policies and address
     /// sets are recognised by content (and kept if unchanged), its ports' indexes are kept so
     /// conntrack zones and counters carry on. `previous` is the last run-state, if any.
@@ -337,6 +358,7 @@ impl Applier {
             next_addr: (addr_sets.keys().max().copied().unwrap_or(0) + 1).max(used.addr_id),
             next_port_idx: (port_entries.iter().map(|(_, p)| p.port_idx).max().unwrap_or(0) + 1)
                 .max(used.port_idx),
+            log_bucket: Bucket::new(LOG_RATE_LIMIT, LOG_BURST_LIMIT),
             dp,
             netns,
             policies: HashMap::with_hasher(hashing.clone()),
@@ -391,6 +413,32 @@ impl Applier {
             }
         }
         Ok(a)
+    }
+
+    /// Entries of each LPM trie (SG_CLASSES, SG_SERVICES, SG_SRC_PORTS, SG_ADDRS), counted from
+    /// what this applier wrote and adopted. Only the applier writes them, and walking a trie of
+    /// 50,000 prefixes costs the kernel about a microsecond per entry, too slow for every scrape.
+    pub fn lpm_entries(&self) -> [(&'static str, usize); 4] {
+        let policies = self.policies.keys().chain(self.duplicates.iter().map(|(_, c)| c));
+        let (classes, services, src_ports) = policies.fold((0, 0, 0), |a, c| {
+            (
+                a.0 + c.classes.len(),
+                a.1 + c.services.len(),
+                a.2 + c.src_ports.len(),
+            )
+        });
+        let addrs = self
+            .addr_sets
+            .keys()
+            .chain(self.duplicate_addrs.iter().map(|(_, s)| s))
+            .map(|s| s.0.len())
+            .sum();
+        [
+            (MAP_CLASSES, classes),
+            (MAP_SERVICES, services),
+            (MAP_SRC_PORTS, src_ports),
+            (MAP_ADDRS, addrs),
+        ]
     }
 
     pub fn ports(&self) -> impl Iterator<Item = &LivePort> {
@@ -575,6 +623,10 @@ impl Applier {
                 rev,
                 ..cp.info
             };
+            // The bucket exists before the SG_PORTS entry that says the port logs.
+            if info.flags & (PORT_F_LOG_ACCEPT | PORT_F_LOG_DROP) != 0 {
+                self.ensure_log_bucket(port_idx)?;
+            }
             plan.insert(
                 cp.device.clone(),
                 TapPlan {
@@ -669,6 +721,24 @@ impl Applier {
         self.in_place_pending = false;
 
         // Phase 3: delete what no port uses any more.
+        let logged: BTreeSet<u32> = self
+            .ports
+            .values()
+            .filter(|p| p.flags & (PORT_F_LOG_ACCEPT | PORT_F_LOG_DROP) != 0)
+            .map(|p| p.port_idx)
+            .collect();
+        // (An object without the map, an older build that `cargo xtask bench` measures against,
+        // has no logged ports either.)
+        if let Ok(mut limits) = self.dp.log_limits() {
+            let stale: Vec<u32> = limits
+                .keys()
+                .filter_map(|k| k.ok())
+                .filter(|k| !logged.contains(k))
+                .collect();
+            for k in stale {
+                let _ = limits.remove(&k);
+            }
+        }
         let used_policies: BTreeSet<u32> = self.ports.values().map(|p| p.policy).collect();
         let used_addrs: BTreeSet<u32> = self.ports.values().map(|p| p.addr_id).collect();
         let mut stale: Vec<(u32, PolicyContent)> = self

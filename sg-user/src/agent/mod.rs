@@ -16,7 +16,9 @@
 //! - a pin vanished ([`pins`]), or the housekeeping timer: check that every map and link is
 //!   still pinned and attached, and restore what someone removed; collect expired conntrack
 //!   entries and pins of vanished interfaces; compare the input's identity in case an event
-//!   was missed; record that the agent is alive ([`lock::AgentRecord`]).
+//!   was missed; record that the agent is alive ([`lock::AgentRecord`]);
+//! - `sg debug` through the control socket ([`crate::observe`], whose threads read the maps
+//!   and events without ever waiting for this loop).
 //!
 //! An agent holds an exclusive lock on its pin root ([`lock::PinLock`]) for its whole life.
 //! Exiting (SIGTERM, SIGINT, or a crash) leaves maps and links pinned: enforcement stays, and
@@ -76,6 +78,34 @@ pub struct AgentOptions {
     pub ct_assured_entries: u32,
     pub gc_interval: Duration,
     pub dataplane: DataplaneOptions,
+    pub observe: ObserveOptions,
+}
+
+/// The security-group log, `/metrics`, and the control socket of `sg monitor` / `sg debug`
+/// (eBPF back end only).
+#[derive(Debug, Clone)]
+pub struct ObserveOptions {
+    /// Serve `/metrics` here.
+    pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Also export per-rule hit counters.
+    pub metrics_rule_hits: bool,
+    /// A file path, or `syslog` (Neutron's default).
+    pub log_output: String,
+    /// Per-port events per second and burst (Neutron's `rate_limit`, `burst_limit`).
+    pub log_rate_limit: u32,
+    pub log_burst_limit: u32,
+}
+
+impl Default for ObserveOptions {
+    fn default() -> Self {
+        Self {
+            metrics_addr: None,
+            metrics_rule_hits: false,
+            log_output: "syslog".into(),
+            log_rate_limit: sg_common::LOG_RATE_LIMIT,
+            log_burst_limit: sg_common::LOG_BURST_LIMIT,
+        }
+    }
 }
 
 /// Which back end enforces the input.
@@ -117,6 +147,40 @@ trait Dataplane {
     /// The taps whose port's policy is in force now (what `prepare_port_filter` waits for).
     fn enforced_taps(&self) -> BTreeSet<String>;
     fn describe_exit(&self) -> String;
+    /// `sg debug PORT on|off`.
+    fn debug(&mut self, _req: &crate::observe::control::DebugRequest) -> Result<String, String> {
+        Err("`sg debug` needs the eBPF back end".into())
+    }
+}
+
+/// A port whose links run the debug instance of the programs (`sg debug PORT on`).
+struct DebugSession {
+    port: String,
+    device: String,
+    /// The debug instance; dropped once the normal programs are back on the links.
+    _dp: Datapath,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Drop for DebugSession {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// aya-log records of the debug instance, into the agent's log.
+struct DebugLog {
+    port: String,
+}
+
+impl log::Log for DebugLog {
+    fn enabled(&self, _: &log::Metadata) -> bool {
+        true
+    }
+    fn log(&self, record: &log::Record) {
+        info!(port = %self.port, "datapath debug: {}", record.args());
+    }
+    fn flush(&self) {}
 }
 
 /// The eBPF back end: compile, then swap maps and programs (agent::apply).
@@ -126,23 +190,63 @@ struct Ebpf {
     lock: PinLock,
     /// An input has been applied: the applier knows which ports are gone.
     applied: bool,
+    /// The log objects covering each port (by port id) of the last compilation applied.
+    logs: std::collections::HashMap<String, model::PortLog>,
+    shared: crate::observe::Shared,
+    debug: Option<DebugSession>,
+    /// Apply durations and errors for /metrics.
+    metrics: Option<crate::observe::metrics::AgentMetrics>,
 }
 
 impl Ebpf {
+    /// Writes the run state for the CLI and tells the observers (log, monitor, metrics) what
+    /// the ports are now: both follow every apply and every move of a tap.
     fn save_state(&self, generation: u64) -> Result<()> {
-        self.applier
-            .run_state(generation)
-            .save(&self.opts.run_dir)
-            .context("writing the run state")
+        let state = self.applier.run_state(generation);
+        let mut view = crate::observe::View {
+            generation,
+            ..Default::default()
+        };
+        for p in &state.ports {
+            view.ports.insert(
+                p.port_idx,
+                crate::observe::PortView {
+                    id: p.id.clone(),
+                    device: p.device.clone(),
+                    ifindex: p.ifindex,
+                    enforced: p.ifindex.is_some() && !p.closed,
+                    closed: p.closed,
+                    log: self.logs.get(&p.id).cloned().unwrap_or_default(),
+                },
+            );
+        }
+        for r in &state.rules {
+            view.rules.insert(r.index, r.clone());
+        }
+        view.map_entries.extend(self.applier.lpm_entries());
+        self.shared.publish(view);
+        state.save(&self.opts.run_dir).context("writing the run state")
     }
 }
 
 impl Dataplane for Ebpf {
     fn apply(&mut self, model: &model::Model, generation: u64) -> Result<()> {
+        let t0 = Instant::now();
         let compiled = compile::compile(model, &self.opts.host);
         let t = Instant::now();
         let result = self.applier.apply(&compiled);
         self.applied = true;
+        self.logs = compiled
+            .ports
+            .iter()
+            .map(|p| (p.id.clone(), p.log.clone()))
+            .collect();
+        if let Some(m) = &self.metrics {
+            m.apply_duration.observe(t0.elapsed().as_secs_f64());
+            if result.is_err() {
+                m.apply_errors.inc();
+            }
+        }
         if let Ok(report) = &result {
             log_report(report, &compiled);
             if report.changed() {
@@ -254,6 +358,84 @@ impl Dataplane for Ebpf {
             "exiting; maps and links stay pinned under {}, so enforcement continues",
             self.opts.pin_root.display()
         )
+    }
+
+    fn debug(&mut self, req: &crate::observe::control::DebugRequest) -> Result<String, String> {
+        if !req.on {
+            let Some(s) = self.debug.take() else {
+                return Ok("no port was being debugged".into());
+            };
+            self.applier
+                .taps()
+                .debug(None)
+                .map_err(|e| format!("restoring the programs of {}: {e:#}", s.device))?;
+            info!(port = %s.port, tap = %s.device, "datapath debug off");
+            return Ok(format!("debug records of port {} are off", s.port));
+        }
+        let view = self.shared.view();
+        let (_, port) = view.find_port(&req.port)?;
+        let (id, device) = (port.id.clone(), port.device.clone());
+        if port.closed {
+            return Err(format!("port {id} left the input: its tap {device} is closed"));
+        }
+        if port.ifindex.is_none() {
+            return Err(format!("port {id} has no tap ({device}) on this host"));
+        }
+        let opts = LoadOptions::matching_pins(&self.opts.pin_root).map_err(|e| format!("{e:#}"))?;
+        let (mut dp, mut reader) = Datapath::load_debug(&opts, DebugLog { port: id.clone() })
+            .map_err(|e| format!("loading the debug programs: {e:#}"))?;
+        let progs = dp
+            .tap_handles()
+            .map_err(|e| format!("the debug programs: {e:#}"))?
+            .progs;
+        // The taps thread swaps them into the port's links (the tap, or the hybrid veth) and
+        // the normal programs back into the links of a port debugged before.
+        let had = self.debug.take();
+        let (_, point) = self
+            .applier
+            .taps()
+            .debug(Some(taps::DebugPrograms {
+                device: device.clone(),
+                progs,
+            }))
+            .map_err(|e| format!("swapping the debug programs into {device}: {e:#}"))?
+            .expect("debugging a device");
+        if let Some(h) = had {
+            info!(port = %h.port, tap = %h.device, "datapath debug off");
+        }
+        let flag = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let done = flag.clone();
+        // aya-log 0.3 does not poll by itself: a thread waits on the buffer and flushes it.
+        let spawned = std::thread::Builder::new()
+            .name("sg-debug".into())
+            .spawn(move || {
+                use std::os::fd::AsRawFd as _;
+                while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                    let mut pfd = libc::pollfd {
+                        fd: reader.as_raw_fd(),
+                        events: libc::POLLIN,
+                        revents: 0,
+                    };
+                    // SAFETY: one valid pollfd.
+                    unsafe { libc::poll(&mut pfd, 1, 200) };
+                    reader.flush();
+                }
+            });
+        if let Err(e) = spawned {
+            let _ = self.applier.taps().debug(None);
+            return Err(format!("starting the debug reader: {e}"));
+        }
+        info!(port = %id, tap = %device, point = %point.name, "datapath debug on: per-stage records of this port follow");
+        self.debug = Some(DebugSession {
+            port: id.clone(),
+            device: device.clone(),
+            _dp: dp,
+            stop: flag,
+        });
+        Ok(format!(
+            "debug records of {device} ({id}) are on: they go to the agent's log; `sg debug {} off` ends them",
+            req.port
+        ))
     }
 }
 
@@ -372,6 +554,9 @@ async fn run_inner(opts: &AgentOptions, record: &mut Option<AgentRecord>) -> Res
     let mut generation = 0;
     let mut tap_events: Option<UnboundedReceiver<()>> = None;
     let mut pin_watch: Option<PinWatch> = None;
+    let shared = crate::observe::Shared::default();
+    let mut observers: Option<Observers> = None;
+    let (debug_tx, mut debug_rx) = tokio::sync::mpsc::unbounded_channel();
     let dp: Box<dyn Dataplane> = match &opts.dataplane {
         DataplaneOptions::Ebpf => {
             // First the lock: nothing is touched while another agent runs on this root.
@@ -387,15 +572,23 @@ async fn run_inner(opts: &AgentOptions, record: &mut Option<AgentRecord>) -> Res
                 warn!("ignoring the previous run state: {e:#}");
                 None
             });
-            let applier = Applier::adopt(dp, opts.netns.clone(), previous.as_ref())?;
+            let mut applier = Applier::adopt(dp, opts.netns.clone(), previous.as_ref())?;
+            applier.set_log_limits(opts.observe.log_rate_limit, opts.observe.log_burst_limit);
             generation = previous.map(|p| p.generation).unwrap_or(0);
             tap_events = Some(applier.taps().subscribe()?);
             pin_watch = Some(PinWatch::new(&opts.pin_root, opts.netns.as_deref())?);
+            let o = Observers::start(opts, shared.clone(), debug_tx.clone())?;
+            let metrics = o.metrics.clone();
+            observers = Some(o);
             Box::new(Ebpf {
                 applier,
                 opts: opts.clone(),
                 lock,
                 applied: false,
+                logs: Default::default(),
+                shared: shared.clone(),
+                debug: None,
+                metrics,
             })
         }
         DataplaneOptions::Iptables {
@@ -518,10 +711,83 @@ async fn run_inner(opts: &AgentOptions, record: &mut Option<AgentRecord>) -> Res
                     warn!("recording that the agent is alive: {e:#}");
                 }
             }
+            Some(call) = debug_rx.recv() => {
+                let _ = call.reply.send(agent.dp.debug(&call.request));
+            }
         }
     };
+    // A port being debugged gets the normal programs back: nobody would read its records.
+    let _ = agent.dp.debug(&crate::observe::control::DebugRequest {
+        port: String::new(),
+        on: false,
+    });
+    if let Some(o) = observers {
+        o.stop();
+    }
     info!("{}", agent.dp.describe_exit());
     Ok(exit)
+}
+
+/// The threads that watch the datapath for the operator: the event reader (security-group
+/// log, monitor), the control socket and `/metrics`.
+struct Observers {
+    monitors: std::sync::Arc<crate::observe::Monitors>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    reader: Option<std::thread::JoinHandle<()>>,
+    metrics: Option<crate::observe::metrics::AgentMetrics>,
+}
+
+impl Observers {
+    fn start(
+        opts: &AgentOptions,
+        shared: crate::observe::Shared,
+        debug: tokio::sync::mpsc::UnboundedSender<crate::observe::control::DebugCall>,
+    ) -> Result<Self> {
+        use std::sync::Arc;
+        let o = &opts.observe;
+        let monitors = Arc::new(crate::observe::Monitors::new(&opts.pin_root));
+        // A monitor of a previous agent is gone with it.
+        monitors.off();
+        let counters = Arc::new(crate::observe::EventCounters::default());
+        let sink = crate::observe::netlog::Sink::open(&o.log_output)?;
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let reader = crate::observe::spawn_reader(
+            &opts.pin_root,
+            shared.clone(),
+            Some(sink),
+            monitors.clone(),
+            counters.clone(),
+            stop.clone(),
+        )?;
+        let sock = crate::observe::control::serve(&opts.run_dir, shared.clone(), monitors.clone(), debug)?;
+        info!(socket = %sock.display(), log = %o.log_output, "control socket listening, security-group log open");
+        let mut metrics = None;
+        if let Some(addr) = o.metrics_addr {
+            let m = Arc::new(crate::observe::metrics::Metrics::new(
+                &opts.pin_root,
+                shared,
+                counters,
+                o.metrics_rule_hits,
+            )?);
+            metrics = Some(m.agent.clone());
+            let bound = m.serve(addr)?;
+            info!(addr = %bound, "serving /metrics");
+        }
+        Ok(Self {
+            monitors,
+            stop,
+            reader: Some(reader),
+            metrics,
+        })
+    }
+
+    fn stop(mut self) {
+        self.monitors.off();
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(r) = self.reader.take() {
+            let _ = r.join();
+        }
+    }
 }
 
 /// A deferred batch of one connection (`filter_defer_apply_on` .. `_off`).

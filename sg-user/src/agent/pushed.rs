@@ -24,6 +24,8 @@ pub struct Pushed {
     /// `{"IPv4": [[ip, mac], ...], "IPv6": [...]}` by remote group or address group id.
     pub sg_member_ips: BTreeMap<String, Value>,
     pub trusted_ports: Vec<String>,
+    /// Network log objects (`/v2.0/log/logs` shape) by id, from the driver's log extension.
+    pub logs: BTreeMap<String, Value>,
 }
 
 impl Default for Pushed {
@@ -34,6 +36,7 @@ impl Default for Pushed {
             security_groups: BTreeMap::new(),
             sg_member_ips: BTreeMap::new(),
             trusted_ports: Vec::new(),
+            logs: BTreeMap::new(),
         }
     }
 }
@@ -64,6 +67,16 @@ pub enum Op {
         add: bool,
         devices: Vec<String>,
     },
+    /// A network log object created or changed (`start_logging`, or `stop_logging` of a
+    /// disabled one): replaces the object with its id.
+    Log {
+        id: String,
+        log: Value,
+    },
+    /// A network log object deleted.
+    RemoveLog {
+        id: String,
+    },
 }
 
 impl Op {
@@ -85,7 +98,14 @@ impl Op {
             Op::Trusted { add: true, devices } => {
                 doc.insert("trusted_ports".into(), json!(devices));
             }
-            Op::Plug(_) | Op::RemovePort { .. } | Op::Trusted { add: false, .. } => return None,
+            Op::Log { log, .. } => {
+                // (`devices` marks the document as RPC-shaped, as the pushed one is.)
+                doc.insert("devices".into(), json!({}));
+                doc.insert("logs".into(), json!([log]));
+            }
+            Op::Plug(_) | Op::RemovePort { .. } | Op::Trusted { add: false, .. } | Op::RemoveLog { .. } => {
+                return None;
+            }
         }
         Some(Value::Object(doc))
     }
@@ -139,6 +159,8 @@ impl Pushed {
                 self.trusted_ports.retain(|d| !devices.contains(d));
                 before != self.trusted_ports.len()
             }
+            Op::Log { id, log } => self.logs.insert(id.clone(), log.clone()).as_ref() != Some(log),
+            Op::RemoveLog { id } => self.logs.remove(id).is_some(),
         }
     }
 
@@ -185,6 +207,7 @@ impl Pushed {
             "security_groups": self.security_groups,
             "sg_member_ips": self.sg_member_ips,
             "trusted_ports": self.trusted_ports,
+            "logs": self.logs.values().collect::<Vec<_>>(),
         })
     }
 
@@ -220,12 +243,27 @@ impl Pushed {
                 .collect::<Result<_>>()?,
             Some(_) => bail!("trusted_ports: expected a list"),
         };
+        let mut logs = BTreeMap::new();
+        match doc.get("logs") {
+            None | Some(Value::Null) => {}
+            Some(Value::Array(items)) => {
+                for l in items {
+                    let id = l
+                        .get("id")
+                        .and_then(Value::as_str)
+                        .context("logs: an object without an id")?;
+                    logs.insert(id.to_string(), l.clone());
+                }
+            }
+            Some(_) => bail!("logs: expected a list"),
+        }
         Ok(Pushed {
             plug,
             devices: obj("devices")?.into_iter().collect(),
             security_groups,
             sg_member_ips: obj("sg_member_ips")?.into_iter().collect(),
             trusted_ports,
+            logs,
         })
     }
 

@@ -98,6 +98,17 @@ enum Request {
         events: tokio_mpsc::UnboundedSender<()>,
         reply: Reply<()>,
     },
+    Debug {
+        on: Option<DebugPrograms>,
+        reply: Reply<Option<(String, Point)>>,
+    },
+}
+
+/// Programs that replace this thread's own on one device's point (`sg debug DEVICE on`): a
+/// second instance of the datapath, built with its per-stage records on, over the same maps.
+pub struct DebugPrograms {
+    pub device: String,
+    pub progs: Vec<(&'static str, SchedClassifier, TcAttachType)>,
 }
 
 /// The handle the applier holds; the thread ends when it is dropped.
@@ -153,6 +164,14 @@ impl TapsHandle {
     /// restores what is missing. Returns the number of links restored.
     pub fn verify(&self) -> Result<usize> {
         self.call(|reply| Request::Verify { reply })
+    }
+
+    /// Swaps `on`'s programs into its device's links, and the normal programs back into the
+    /// links of the device debugged before (if any): this thread owns every link, so a tap
+    /// event or a restore keeps the debug programs where they are. `None` ends debugging.
+    /// Returns the device now debugged and its point.
+    pub fn debug(&self, on: Option<DebugPrograms>) -> Result<Option<(String, Point)>> {
+        self.call(|reply| Request::Debug { on, reply })
     }
 
     /// A wake-up whenever a device was attached, moved, closed or lost on the thread's own
@@ -251,6 +270,9 @@ fn serve(
                             subscribers.push(events);
                             let _ = reply.send(Ok(()));
                         }
+                        Request::Debug { on, reply } => {
+                            let _ = reply.send(taps.debug(on));
+                        }
                     }
                 }
                 change = links.next() => {
@@ -319,6 +341,8 @@ struct Taps {
     links: BTreeMap<String, Link>,
     /// Device → where its port is enforced now.
     points: BTreeMap<String, Point>,
+    /// The device whose points get the debug programs instead of `progs`, and their ids.
+    debug: Option<(DebugPrograms, Vec<u32>)>,
 }
 
 impl Taps {
@@ -338,7 +362,67 @@ impl Taps {
             closed: BTreeSet::new(),
             links: BTreeMap::new(),
             points: BTreeMap::new(),
+            debug: None,
         })
+    }
+
+    /// The programs `device`'s point runs, and their ids.
+    fn programs_of(
+        &mut self,
+        device: &str,
+    ) -> (&mut Vec<(&'static str, SchedClassifier, TcAttachType)>, &[u32]) {
+        match &mut self.debug {
+            Some((d, ids)) if d.device == device => (&mut d.progs, ids),
+            _ => (&mut self.progs, &self.prog_ids),
+        }
+    }
+
+    /// Swaps the programs of `device`'s point (its pinned links) for the ones `programs_of`
+    /// gives now.
+    fn swap_programs(&mut self, device: &str) -> Result<Point> {
+        let at = self
+            .points
+            .get(device)
+            .cloned()
+            .ok_or_else(|| anyhow!("{device} is not enforced on this host (no tap)"))?;
+        let iface = self.iface(&at.name);
+        let hybrid = at.name != device;
+        let pin_root = self.pin_root.clone();
+        let (progs, _) = self.programs_of(device);
+        for (name, prog, attach_type) in progs.iter_mut() {
+            let pin = pin_root
+                .as_ref()
+                .map(|root| datapath::link_pin_path(root, &iface, at.ifindex, name));
+            datapath::attach_here(prog, hook_at(*attach_type, hybrid), &at.name, pin.as_deref())?;
+        }
+        Ok(at)
+    }
+
+    fn debug(&mut self, on: Option<DebugPrograms>) -> Result<Option<(String, Point)>> {
+        if let Some((old, _)) = self.debug.take()
+            && self.points.contains_key(&old.device)
+        {
+            // On failure the normal programs are still what this device wants: the next check
+            // finds them missing and restores them.
+            self.swap_programs(&old.device)
+                .with_context(|| format!("putting the normal programs back on {}", old.device))?;
+        }
+        let Some(on) = on else { return Ok(None) };
+        let ids = on
+            .progs
+            .iter()
+            .map(|(_, p, _)| Ok(p.info()?.id()))
+            .collect::<Result<Vec<u32>>>()?;
+        let device = on.device.clone();
+        self.debug = Some((on, ids));
+        match self.swap_programs(&device) {
+            Ok(at) => Ok(Some((device, at))),
+            Err(e) => {
+                self.debug = None;
+                let _ = self.swap_programs(&device);
+                Err(e)
+            }
+        }
     }
 
     fn iface(&self, name: &str) -> Iface {
@@ -557,9 +641,10 @@ impl Taps {
         let iface = self.iface(&at.name);
         let mut how = Attached::New;
         let hybrid = at.name != device;
-        for (name, prog, attach_type) in &mut self.progs {
-            let pin = self
-                .pin_root
+        let pin_root = self.pin_root.clone();
+        let (progs, _) = self.programs_of(device);
+        for (name, prog, attach_type) in progs.iter_mut() {
+            let pin = pin_root
                 .as_ref()
                 .map(|root| datapath::link_pin_path(root, &iface, at.ifindex, name));
             let hook = hook_at(*attach_type, hybrid);
@@ -627,13 +712,14 @@ impl Taps {
             }
             let iface = self.iface(&at.name);
             let hybrid = at.name != device;
-            for (i, (name, prog, attach_type)) in self.progs.iter_mut().enumerate() {
+            let pin_root = self.pin_root.clone();
+            let (progs, ids) = self.programs_of(&device);
+            for (i, (name, prog, attach_type)) in progs.iter_mut().enumerate() {
                 let hook = hook_at(*attach_type, hybrid);
                 let attached = SchedClassifier::query_tcx(at.name.as_str(), hook)
-                    .map(|(_, progs)| progs.iter().any(|p| p.id() == self.prog_ids[i]))
+                    .map(|(_, progs)| progs.iter().any(|p| p.id() == ids[i]))
                     .unwrap_or(false);
-                let pin = self
-                    .pin_root
+                let pin = pin_root
                     .as_ref()
                     .map(|root| datapath::link_pin_path(root, &iface, at.ifindex, name));
                 let pinned = pin.as_ref().is_none_or(|p| p.exists());

@@ -54,13 +54,13 @@ use ipnet::IpNet;
 use sg_common::{
     ADDR_KEY_FIXED_BITS, ADDR_KIND_ARP_V4, ADDR_KIND_FIXED_V4, ADDR_KIND_FIXED_V6, ADDR_KIND_MAC,
     ADDR_KIND_PAIR_V4, ADDR_KIND_PAIR_V6, AddrKey, AddrVal, CLASS_KEY_FIXED_BITS, ClassKey, ClassVal,
-    PORT_F_ARP_PROTECT, PORT_F_FILTERED, PORT_F_SPOOF_V4, PORT_F_SPOOF_V6, PORT_F_SRC_PORTS, PORT_F_STATEFUL,
-    PORT_F_V6_FIXED, PortInfo, SERVICE_KEY_ANY_PROTO_BITS, SRC_PORT_KEY_PROTO_BITS, ServiceKey, ServiceVal,
-    SrcPortKey,
+    PORT_F_ARP_PROTECT, PORT_F_FILTERED, PORT_F_LOG_ACCEPT, PORT_F_LOG_DROP, PORT_F_SPOOF_V4,
+    PORT_F_SPOOF_V6, PORT_F_SRC_PORTS, PORT_F_STATEFUL, PORT_F_V6_FIXED, PortInfo,
+    SERVICE_KEY_ANY_PROTO_BITS, SRC_PORT_KEY_PROTO_BITS, ServiceKey, ServiceVal, SrcPortKey,
 };
 
 use crate::model::protocol::{PROTO_ICMP, is_icmp_protocol, is_port_protocol};
-use crate::model::{Direction, Ethertype, MacAddr, Model, Port, Remote, Rule, addr};
+use crate::model::{Direction, Ethertype, MacAddr, Model, Port, PortLog, Remote, Rule, addr};
 
 pub use eval::{CompiledLookup, Packet, Verdict, port_field, reference_first_rule};
 pub use render::{render_json, render_table};
@@ -103,6 +103,9 @@ pub struct CompiledPort {
     /// and their `AddrVal.index` is the 1-based position in Neutron's pair list of that family
     /// (0 for the other kinds). A pair repeated in Neutron's list is one entry, the first.
     pub addrs: Vec<LpmEntry<AddrKey, AddrVal>>,
+    /// The network log objects covering this port; `info.flags` has `PORT_F_LOG_ACCEPT` /
+    /// `PORT_F_LOG_DROP` when they ask for those events.
+    pub log: PortLog,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -224,15 +227,24 @@ pub fn compile(model: &Model, host: &str) -> Compiled {
                     network_id: port.network_id.clone(),
                     info,
                     addrs: Vec::new(),
+                    log: PortLog::default(),
                 };
             }
             next_addr_id += 1;
-            compile_port(
+            let mut cp = compile_port(
                 model,
                 port,
                 policy_of[port.security_groups.as_slice()],
                 next_addr_id,
-            )
+            );
+            cp.log = model.port_log(port);
+            if !cp.log.accept.is_empty() {
+                cp.info.flags |= PORT_F_LOG_ACCEPT;
+            }
+            if !cp.log.drop.is_empty() {
+                cp.info.flags |= PORT_F_LOG_DROP;
+            }
+            cp
         })
         .collect();
 
@@ -752,6 +764,7 @@ fn compile_port(model: &Model, port: &Port, policy: u32, addr_id: u32) -> Compil
     }
 
     CompiledPort {
+        log: PortLog::default(),
         id: port.id.clone(),
         device: port.device.clone(),
         network_id: port.network_id.clone(),

@@ -63,7 +63,7 @@ const fn lpm<T>() -> u32 {
 
 /// The expected shape of every pinned map; `max_entries` of the conntrack and fragment maps
 /// follows the options.
-pub fn map_specs(opts: &LoadOptions) -> [MapSpec; 12] {
+pub fn map_specs(opts: &LoadOptions) -> [MapSpec; 15] {
     [
         MapSpec {
             name: MAP_PORTS,
@@ -149,6 +149,29 @@ pub fn map_specs(opts: &LoadOptions) -> [MapSpec; 12] {
             value_size: size::<NextIds>(),
             max_entries: 1,
         },
+        // Pinned so that events written while no agent runs wait for the next one, and so that
+        // a second instance of the programs (`sg debug`) writes into the same buffer.
+        MapSpec {
+            name: MAP_EVENTS,
+            map_type: MapType::RingBuf,
+            key_size: 0,
+            value_size: 0,
+            max_entries: EVENTS_BYTES,
+        },
+        MapSpec {
+            name: MAP_LOG_LIMITS,
+            map_type: MapType::Hash,
+            key_size: 4,
+            value_size: size::<LogLimit>(),
+            max_entries: MAX_PORTS,
+        },
+        MapSpec {
+            name: MAP_MONITOR,
+            map_type: MapType::Array,
+            key_size: 4,
+            value_size: size::<MonitorCfg>(),
+            max_entries: 1,
+        },
     ]
 }
 
@@ -173,6 +196,10 @@ impl Default for LoadOptions {
         }
     }
 }
+
+/// aya-log's level in the programs: frozen in `.rodata` at load, so at 0 ("off") the verifier
+/// removes every log call and the programs cost what they would without them.
+const LOG_LEVEL_OFF: u8 = 0;
 
 impl LoadOptions {
     /// Options that match the maps already pinned under `root` (capacities included), for
@@ -244,11 +271,38 @@ impl Datapath {
     /// from `<root>/maps` when it is there and has the expected shape, and created and pinned
     /// otherwise. A pinned map with another shape is refused: reusing it would corrupt state.
     pub fn load(opts: &LoadOptions) -> Result<Self> {
+        Self::load_object(EBPF_OBJECT, opts, LOG_LEVEL_OFF, |_| Ok(()))
+    }
+
+    /// Loads the programs with their per-stage debug records on (aya-log level debug), sharing
+    /// the pinned maps of `opts`. The records go to `logger` through the returned reader, which
+    /// must live as long as the programs and be flushed when its fd is readable. For `sg debug`:
+    /// attached to one port's links only, so no other port runs the extra code.
+    pub fn load_debug<L: log::Log>(opts: &LoadOptions, logger: L) -> Result<(Self, aya_log::EbpfLogger<L>)> {
+        let mut reader = None;
+        let dp = Self::load_object(EBPF_OBJECT, opts, aya_log::Level::Debug as u8, |ebpf| {
+            reader = Some(
+                aya_log::EbpfLogger::init_with_logger(ebpf, logger)
+                    .context("reading the programs' aya-log buffer")?,
+            );
+            Ok(())
+        })?;
+        Ok((dp, reader.expect("set before the programs load")))
+    }
+
+    /// Loads `object` (this build's datapath, or another build of it for the benchmarks).
+    pub fn load_object(
+        object: &[u8],
+        opts: &LoadOptions,
+        log_level: u8,
+        before_programs: impl FnOnce(&mut Ebpf) -> Result<()>,
+    ) -> Result<Self> {
         let mut loader = EbpfLoader::new();
         loader
             .map_max_entries(MAP_CONNTRACK, opts.ct_entries)
             .map_max_entries(MAP_CT_ASSURED, opts.ct_assured_entries)
-            .map_max_entries(MAP_FRAGS, opts.frag_entries);
+            .map_max_entries(MAP_FRAGS, opts.frag_entries)
+            .override_global(aya_log::LEVEL, &log_level, false);
         let map_dir = opts.pin_root.as_ref().map(|r| r.join("maps"));
         if let Some(dir) = &map_dir {
             fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -258,7 +312,8 @@ impl Datapath {
                 loader.map_pin_path(spec.name, path);
             }
         }
-        let mut ebpf = loader.load(EBPF_OBJECT).context("loading the sg eBPF object")?;
+        let mut ebpf = loader.load(object).context("loading the sg eBPF object")?;
+        before_programs(&mut ebpf)?;
         for (name, _) in PROGRAMS {
             let prog: &mut SchedClassifier = ebpf
                 .program_mut(name)
@@ -361,7 +416,8 @@ impl Datapath {
                     | aya::maps::Map::LruHashMap(m)
                     | aya::maps::Map::PerCpuHashMap(m)
                     | aya::maps::Map::PerCpuArray(m)
-                    | aya::maps::Map::Array(m),
+                    | aya::maps::Map::Array(m)
+                    | aya::maps::Map::RingBuf(m),
                 ) => m,
                 Some(_) => bail!("map {name} is of a type sg does not pin"),
                 _ => bail!("map {name} missing from the object"),
@@ -424,6 +480,10 @@ impl Datapath {
 
     pub fn stats(&mut self) -> Result<PerCpuHashMap<&mut MapData, StatKey, Counter>> {
         Ok(PerCpuHashMap::try_from(self.map_mut(MAP_STATS)?)?)
+    }
+
+    pub fn log_limits(&mut self) -> Result<HashMap<&mut MapData, u32, LogLimit>> {
+        Ok(HashMap::try_from(self.map_mut(MAP_LOG_LIMITS)?)?)
     }
 
     /// SG_CONNTRACK: flows not yet assured.

@@ -12,6 +12,8 @@ pub(crate) enum Kind {
     SecurityGroup,
     AddressGroup,
     Port,
+    /// A network log object (`/v2.0/log/logs`).
+    Log,
     /// The member lists of one remote group (RPC shape: `sg_member_ips`).
     Members,
     /// A device of `process_trusted_ports` (RPC shape).
@@ -70,13 +72,15 @@ pub(crate) fn read_path(path: &Path, errs: &mut ValidationErrors) -> Vec<(String
     docs
 }
 
-const WRAPPERS: [(&str, Kind, bool); 6] = [
+const WRAPPERS: [(&str, Kind, bool); 8] = [
     ("security_groups", Kind::SecurityGroup, true),
     ("security_group", Kind::SecurityGroup, false),
     ("address_groups", Kind::AddressGroup, true),
     ("address_group", Kind::AddressGroup, false),
     ("ports", Kind::Port, true),
     ("port", Kind::Port, false),
+    ("logs", Kind::Log, true),
+    ("log", Kind::Log, false),
 ];
 
 /// Splits one document into resource objects.
@@ -141,6 +145,7 @@ fn bare(origin: &str, v: Value, out: &mut Vec<RawObject>, errs: &mut ValidationE
             Some(Kind::SecurityGroup)
         }
         Value::Object(m) if m.contains_key("addresses") => Some(Kind::AddressGroup),
+        Value::Object(m) if m.contains_key("resource_type") => Some(Kind::Log),
         _ => None,
     };
     match kind {
@@ -151,8 +156,9 @@ fn bare(origin: &str, v: Value, out: &mut Vec<RawObject>, errs: &mut ValidationE
             "",
             "",
             "not a recognised Neutron object: expected {\"security_groups\"|\"address_groups\"|\"ports\": [...]}, \
-             a REST {\"security_group\"|\"address_group\"|\"port\": {...}}, or a bare security group \
-             (with rules), port (with mac_address) or address group (with addresses)",
+             a REST {\"security_group\"|\"address_group\"|\"port\"|\"log\": {...}}, or a bare security group \
+             (with rules), port (with mac_address), address group (with addresses) or network log \
+             (with resource_type)",
         ),
     }
 }

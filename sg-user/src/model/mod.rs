@@ -406,6 +406,71 @@ pub struct Member {
     pub mac: Option<MacAddr>,
 }
 
+/// Which packets a network log object asks for (`event`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum LogEvent {
+    Accept,
+    Drop,
+    All,
+}
+
+impl LogEvent {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogEvent::Accept => "ACCEPT",
+            LogEvent::Drop => "DROP",
+            LogEvent::All => "ALL",
+        }
+    }
+
+    pub fn accepts(self) -> bool {
+        self != LogEvent::Drop
+    }
+
+    pub fn drops(self) -> bool {
+        self != LogEvent::Accept
+    }
+}
+
+/// A Neutron network log object (`/v2.0/log/logs`) of type `security_group`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NetworkLog {
+    pub id: String,
+    pub name: String,
+    /// `project_id` (or the older `tenant_id`); printed in every log line.
+    pub project_id: String,
+    /// A security group: log the ports in it. None: every port of the project... Neutron scopes
+    /// that to the log's project; the input carries no port projects, so sg logs every port.
+    pub resource_id: Option<String>,
+    /// A port: log only this port (of `resource_id`, when both are given).
+    pub target_id: Option<String>,
+    pub event: LogEvent,
+    pub enabled: bool,
+    /// RPC shape only (`port_ids`): the ports Neutron's server says the object covers, which
+    /// is what the driver's log extension learns when a port comes up (the server answers
+    /// with the covered ports, not the object's group and target). Only these ports.
+    pub port_ids: Option<Vec<String>>,
+}
+
+/// What the security-group log records for one port: Neutron's OVS driver keeps one "cookie"
+/// per (port, ACCEPT|DROP) holding every log object that asks for it, and prints the project of
+/// the log that created the cookie.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PortLog {
+    /// Log objects asking for this port's ACCEPT events, in input order.
+    pub accept: Vec<String>,
+    pub accept_project: String,
+    /// Same for DROP.
+    pub drop: Vec<String>,
+    pub drop_project: String,
+}
+
+impl PortLog {
+    pub fn is_empty(&self) -> bool {
+        self.accept.is_empty() && self.drop.is_empty()
+    }
+}
+
 /// A validated input. Construct with [`load`], [`from_json_str`] or [`from_values`].
 #[derive(Clone, Debug)]
 pub struct Model {
@@ -413,6 +478,8 @@ pub struct Model {
     pub security_groups: Vec<SecurityGroup>,
     pub address_groups: Vec<AddressGroup>,
     pub ports: Vec<Port>,
+    /// Network log objects, in input order.
+    pub logs: Vec<NetworkLog>,
     sg_index: HashMap<String, usize>,
     ag_index: HashMap<String, usize>,
     port_index: HashMap<String, usize>,
@@ -437,13 +504,52 @@ impl Model {
     /// One line for `sg validate`: what the input holds.
     pub fn summary(&self) -> String {
         let rules: usize = self.security_groups.iter().map(|s| s.rules.len()).sum();
-        format!(
+        let mut s = format!(
             "{} security groups ({} rules), {} address groups, {} ports",
             self.security_groups.len(),
             rules,
             self.address_groups.len(),
             self.ports.len()
-        )
+        );
+        if !self.logs.is_empty() {
+            s += &format!(", {} network logs", self.logs.len());
+        }
+        s
+    }
+
+    /// The log objects that cover a port, as Neutron's logging plugin selects them
+    /// (`_get_sg_log_info_for_port`): enabled, and the port in the log's group (when it names
+    /// one) and the log's target (when it names one). Only filtered ports log: a port without
+    /// port security has no security-group firewall to log.
+    pub fn port_log(&self, port: &Port) -> PortLog {
+        let mut out = PortLog::default();
+        if !port.is_filtered() {
+            return out;
+        }
+        for log in self.logs.iter().filter(|l| l.enabled) {
+            if log
+                .resource_id
+                .as_ref()
+                .is_some_and(|g| !port.security_groups.contains(g))
+                || log.target_id.as_ref().is_some_and(|t| *t != port.id)
+                || log.port_ids.as_ref().is_some_and(|ids| !ids.contains(&port.id))
+            {
+                continue;
+            }
+            if log.event.accepts() {
+                if out.accept.is_empty() {
+                    out.accept_project = log.project_id.clone();
+                }
+                out.accept.push(log.id.clone());
+            }
+            if log.event.drops() {
+                if out.drop.is_empty() {
+                    out.drop_project = log.project_id.clone();
+                }
+                out.drop.push(log.id.clone());
+            }
+        }
+        out
     }
 
     /// Members of a remote group or address group for one ethertype, for every pair that a

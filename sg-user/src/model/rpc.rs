@@ -237,6 +237,37 @@ pub(crate) fn objects(
             "expected a list of device names",
         ),
     }
+
+    // Network log objects (`/v2.0/log/logs` shape), as the driver's log extension pushes them.
+    match doc.remove("logs") {
+        None | Some(Value::Null) => {}
+        Some(Value::Array(logs)) => {
+            for (i, log) in logs.into_iter().enumerate() {
+                match log {
+                    Value::Object(fields) => out.push(RawObject {
+                        kind: Kind::Log,
+                        origin: format!("{origin} logs[{i}]"),
+                        fields,
+                        rpc: true,
+                    }),
+                    other => errs.push(
+                        "document",
+                        origin,
+                        format!("logs[{i}]"),
+                        show(&other),
+                        "expected a network log object",
+                    ),
+                }
+            }
+        }
+        Some(v) => errs.push(
+            "document",
+            origin,
+            "logs",
+            show(&v),
+            "expected a list of network log objects",
+        ),
+    }
 }
 
 /// One port dict. Its id is `id`, else the device; its tap follows `plug`.

@@ -14,8 +14,8 @@ use super::error::{ValidationErrors, show};
 use super::input::{self, Kind, RawObject};
 use super::protocol;
 use super::{
-    AddressGroup, AddressPair, Direction, Ethertype, FixedIp, Member, Model, Port, Remote, Rule,
-    SecurityGroup,
+    AddressGroup, AddressPair, Direction, Ethertype, FixedIp, LogEvent, Member, Model, NetworkLog, Port,
+    Remote, Rule, SecurityGroup,
 };
 
 /// Reads one object's fields, recording errors against the object.
@@ -115,6 +115,8 @@ struct Parsed {
     sgs: Vec<(String, SecurityGroup, Vec<bool>)>,
     ags: Vec<(String, AddressGroup)>,
     ports: Vec<(String, Port)>,
+    /// With whether it came in an RPC-shaped document (pushed by the Neutron driver).
+    logs: Vec<(String, NetworkLog, bool)>,
     /// Explicit member lists of an RPC-shaped document, by remote id.
     members: Vec<(String, String, BTreeMap<Ethertype, Vec<Member>>)>,
 }
@@ -131,6 +133,7 @@ pub(crate) fn build(
         sgs: Vec::new(),
         ags: Vec::new(),
         ports: Vec::new(),
+        logs: Vec::new(),
         members: Vec::new(),
     };
     for raw in &raws {
@@ -146,6 +149,11 @@ pub(crate) fn build(
             }
             Kind::Port => {
                 parsed.ports.push((raw.origin.clone(), port(raw, &mut errs)));
+            }
+            Kind::Log => {
+                if let Some(log) = network_log(raw, &mut errs) {
+                    parsed.logs.push((raw.origin.clone(), log, raw.rpc));
+                }
             }
             Kind::TrustedPort => {
                 parsed
@@ -988,6 +996,130 @@ fn multicast_overlap(net: IpNet, cidr: bool) -> Option<&'static str> {
 }
 
 // -------------------------------------------------------------------------------------------
+// Network logs (neutron/extensions/logging.py, neutron_lib/services/logapi)
+// -------------------------------------------------------------------------------------------
+
+/// A log object, or None when it is not one sg logs: Neutron's API knows other resource types
+/// (`firewall_group`), which only other drivers implement; those are refused, since sg would
+/// otherwise accept a log it never writes.
+fn network_log(raw: &RawObject, errs: &mut ValidationErrors) -> Option<NetworkLog> {
+    let mut f = Fields::new(&raw.fields, "log", &raw.origin, errs);
+    let name = f.opt_str("name").unwrap_or_default();
+    let project_id = f
+        .opt_str("project_id")
+        .or_else(|| f.opt_str("tenant_id"))
+        .unwrap_or_default();
+    match f.get("resource_type") {
+        Some(Value::String(t)) if t == "security_group" => {}
+        Some(v) => {
+            let v = v.clone();
+            f.err(
+                "resource_type",
+                &v,
+                "sg logs only resource_type \"security_group\" (Neutron's security-group logging)",
+            );
+        }
+        None => {
+            let v = f.map.get("resource_type").cloned().unwrap_or(Value::Null);
+            f.err("resource_type", &v, "missing required field");
+        }
+    }
+    let event = match f.get("event") {
+        None => LogEvent::All,
+        Some(Value::String(e)) if e == "ALL" => LogEvent::All,
+        Some(Value::String(e)) if e == "ACCEPT" => LogEvent::Accept,
+        Some(Value::String(e)) if e == "DROP" => LogEvent::Drop,
+        Some(v) => {
+            let v = v.clone();
+            f.err("event", &v, "must be one of \"ALL\", \"ACCEPT\", \"DROP\"");
+            LogEvent::All
+        }
+    };
+    let resource_id = f.opt_str("resource_id").filter(|s| !s.is_empty());
+    let target_id = f.opt_str("target_id").filter(|s| !s.is_empty());
+    let enabled = f.opt_bool("enabled", true);
+    let port_ids = if raw.rpc && f.map.contains_key("port_ids") {
+        let mut ids = Vec::new();
+        for (i, v) in f.opt_list("port_ids").into_iter().enumerate() {
+            match v.as_str() {
+                Some(s) if !s.is_empty() => ids.push(s.to_string()),
+                _ => f.err(&format!("port_ids[{i}]"), v, "expected a port id"),
+            }
+        }
+        Some(ids)
+    } else {
+        None
+    };
+    let ok = f.ok;
+    ok.then(|| NetworkLog {
+        id: f.id.clone(),
+        name,
+        project_id,
+        resource_id,
+        target_id,
+        event,
+        enabled,
+        port_ids,
+    })
+}
+
+/// The logging plugin's checks: the group and the port exist, and a port named with a group
+/// is in it (`InvalidResourceConstraint`).
+fn check_logs(p: &Parsed, errs: &mut ValidationErrors) {
+    duplicates(
+        "log",
+        "id",
+        p.logs.iter().map(|(o, l, _)| (l.id.as_str(), o.as_str())),
+        "log id",
+        errs,
+    );
+    for (_, log, rpc) in &p.logs {
+        // Neutron's server sends every log object to every agent: one pushed by the driver may
+        // name a group or a port this host does not have, and then covers nothing here.
+        if *rpc {
+            continue;
+        }
+        if let Some(g) = &log.resource_id
+            && !p.sgs.iter().any(|(_, s, _)| s.id == *g)
+        {
+            errs.push(
+                "log",
+                &log.id,
+                "resource_id",
+                show(&Value::from(g.as_str())),
+                "no security group with this id in the input",
+            );
+        }
+        if let Some(t) = &log.target_id {
+            match p.ports.iter().find(|(_, port)| port.id == *t) {
+                None => errs.push(
+                    "log",
+                    &log.id,
+                    "target_id",
+                    show(&Value::from(t.as_str())),
+                    "no port with this id in the input",
+                ),
+                Some((_, port)) => {
+                    if let Some(g) = &log.resource_id
+                        && !port.security_groups.contains(g)
+                    {
+                        errs.push(
+                            "log",
+                            &log.id,
+                            "target_id",
+                            show(&Value::from(t.as_str())),
+                            format!(
+                                "the port is not in security group {g} (resource_id), as Neutron requires"
+                            ),
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+// -------------------------------------------------------------------------------------------
 // Checks across objects
 // -------------------------------------------------------------------------------------------
 
@@ -1046,6 +1178,7 @@ fn rule_key(r: &Rule) -> String {
 }
 
 fn cross_check(p: &Parsed, errs: &mut ValidationErrors) {
+    check_logs(p, errs);
     duplicates(
         "security_group",
         "id",
@@ -1208,6 +1341,7 @@ fn assemble(p: Parsed) -> Model {
     let security_groups: Vec<SecurityGroup> = p.sgs.into_iter().map(|(_, s, _)| s).collect();
     let address_groups: Vec<AddressGroup> = p.ags.into_iter().map(|(_, a)| a).collect();
     let ports: Vec<Port> = p.ports.into_iter().map(|(_, x)| x).collect();
+    let logs: Vec<NetworkLog> = p.logs.into_iter().map(|(_, x, _)| x).collect();
     let sg_index = security_groups
         .iter()
         .enumerate()
@@ -1277,6 +1411,7 @@ fn assemble(p: Parsed) -> Model {
         security_groups,
         address_groups,
         ports,
+        logs,
         sg_index,
         ag_index,
         port_index,

@@ -21,6 +21,7 @@ mod env;
 mod flood;
 mod forward;
 mod memory;
+mod observe;
 mod plots;
 mod policy;
 mod report;
@@ -45,9 +46,13 @@ struct Args {
     /// The `sg` binary (release) for the agent restarts.
     #[arg(long, default_value = "target/release/sg")]
     sg: PathBuf,
-    /// Only these sections: classifier, forwarding, control, memory, driver (repeatable).
+    /// Only these sections: classifier, forwarding, control, memory, observe, driver (repeatable).
     #[arg(long)]
     only: Vec<String>,
+    /// The git revision whose datapath the observe section compares against (the datapath
+    /// before the security-group log, monitor and debug records).
+    #[arg(long, default_value = observe::DEFAULT_BASELINE)]
+    observe_baseline: String,
     /// Redraw results.md and the plots from a raw results file, measuring nothing.
     #[arg(long)]
     from_raw: Option<PathBuf>,
@@ -66,7 +71,14 @@ struct Args {
     profile_seconds: u64,
 }
 
-const SECTIONS: [&str; 5] = ["classifier", "forwarding", "control", "memory", "driver"];
+const SECTIONS: [&str; 6] = [
+    "classifier",
+    "forwarding",
+    "control",
+    "memory",
+    "observe",
+    "driver",
+];
 
 fn main() -> Result<()> {
     let args = Args::parse();
@@ -184,6 +196,18 @@ fn measure(args: &Args) -> Result<All> {
     if want("memory") {
         section("memory", &mut all, &mut |a| {
             a.memory = Some(memory::run_all()?);
+            Ok(())
+        })?;
+    }
+    if want("observe") {
+        section("observe", &mut all, &mut |a| {
+            let root = std::env::current_dir()?;
+            a.observe = Some(observe::run(
+                if q { 5 } else { 11 },
+                1_000_000,
+                &args.observe_baseline,
+                &root,
+            )?);
             Ok(())
         })?;
     }

@@ -100,6 +100,9 @@ pub fn run_all() -> Result<Results> {
         (MAP_FRAGS, 0),
         (MAP_STATS, 0),
         (MAP_RULE_HITS, compiled.rules.len() as u64),
+        (MAP_EVENTS, 0),
+        (MAP_LOG_LIMITS, 0),
+        (MAP_MONITOR, 1),
     ]);
     let mut maps = Vec::new();
     for name in PINNED_MAPS {
