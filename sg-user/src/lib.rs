@@ -6,6 +6,8 @@ pub mod iptables;
 
 pub mod compile;
 
+pub mod config;
+
 pub mod agent;
 pub mod datapath;
 pub mod diff;

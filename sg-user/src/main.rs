@@ -2,9 +2,9 @@
 use std::path::PathBuf;
 
 use anyhow::{Context as _, Result};
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory as _, Parser, Subcommand};
 use sg_user::{
-    agent, compile,
+    agent, compile, config,
     datapath::{self, Datapath, Iface, LoadOptions, allowlist::Allow},
     diff, inspect, iptables, model, trace,
 };
@@ -13,9 +13,16 @@ use sg_user::{
 #[command(
     name = "sg",
     version,
-    about = "Neutron security groups enforced by eBPF at tcx on VM taps"
+    about = "Neutron security groups enforced by eBPF at tcx on VM taps",
+    // A flag given twice takes its last value: the command line's, after the config file's.
+    args_override_self = true
 )]
 struct Cli {
+    /// TOML file of agent flags (`/etc/sg/sg.toml` in the package): each key is a long flag of
+    /// `sg agent` without the dashes (`ct-entries = 524288`, `no-ipset = true`). Flags on the
+    /// command line override the file. Other subcommands read only its `pin-root` and `run-dir`.
+    #[arg(long, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
     /// bpffs directory holding sg's pinned maps and links.
     #[arg(long, global = true, default_value = datapath::DEFAULT_PIN_ROOT)]
     pin_root: PathBuf,
@@ -173,12 +180,16 @@ enum Cmd {
         #[arg(long)]
         no_shrink: bool,
     },
-    /// Remove sg's links and pins.
+    /// Remove sg's links and pins, and the agent's run state.
     Detach {
         /// Everything sg pinned under --pin-root.
         #[arg(long)]
         all: bool,
     },
+    /// Write the man pages and the bash and zsh completions into DIR/man and DIR/completions
+    /// (the package build runs it).
+    #[command(hide = true)]
+    GenerateDocs { dir: PathBuf },
 }
 
 /// Options shared by `sg iptables render` and `apply`.
@@ -305,14 +316,29 @@ fn print_out<T: serde::Serialize>(json: bool, value: &T, table: impl FnOnce(&T) 
 /// `RUST_BACKTRACE` says (anyhow would print the one it captured). A bug panics instead, and
 /// panics keep their backtraces.
 fn main() -> std::process::ExitCode {
-    match run(Cli::parse()) {
+    let args = match config::expand(&Cli::command(), std::env::args_os().collect()) {
+        Ok(args) => args,
+        Err(e) => {
+            eprint!("{}", error_report(&e));
+            return std::process::ExitCode::from(EX_CONFIG);
+        }
+    };
+    match run(Cli::parse_from(args)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprint!("{}", error_report(&e));
-            std::process::ExitCode::FAILURE
+            if e.chain().any(|c| c.is::<datapath::LayoutMismatch>()) {
+                std::process::ExitCode::from(EX_CONFIG)
+            } else {
+                std::process::ExitCode::FAILURE
+            }
         }
     }
 }
+
+/// sysexits' EX_CONFIG: the configuration file or the pinned layout needs the operator; the
+/// unit does not restart on it (RestartPreventExitStatus).
+const EX_CONFIG: u8 = 78;
 
 /// `Error: <message>` and, if there are any, its causes in anyhow's numbered layout.
 fn error_report(e: &anyhow::Error) -> String {
@@ -392,7 +418,10 @@ fn run(cli: Cli) -> Result<()> {
             no_comments,
             no_ipset,
         } => {
+            // stderr, as every diagnostic: under systemd it is the journal, by hand the terminal.
             tracing_subscriber::fmt()
+                .with_writer(std::io::stderr)
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
                 .with_env_filter(
                     tracing_subscriber::EnvFilter::try_from_default_env()
                         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
@@ -559,6 +588,18 @@ TOTAL {summary} in {:.1?}",
             let n = datapath::detach_all(&cli.pin_root)
                 .with_context(|| format!("removing pins under {}", cli.pin_root.display()))?;
             println!("removed {n} pins under {}", cli.pin_root.display());
+            // The run state describes those pins: without them it would mislead the next agent
+            // and `sg status`.
+            if agent::apply::RunState::remove(&cli.run_dir)
+                .with_context(|| format!("removing the run state in {}", cli.run_dir.display()))?
+            {
+                println!("removed the run state in {}", cli.run_dir.display());
+            }
+        }
+        Cmd::GenerateDocs { dir } => {
+            for f in config::generate_docs(Cli::command(), &dir)? {
+                println!("{}", f.display());
+            }
         }
     }
     Ok(())

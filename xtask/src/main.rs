@@ -4,6 +4,7 @@
 //! nothing that needs bpf-linker (only anyhow and clap).
 
 mod demo;
+mod package;
 mod setup;
 
 use std::process::Command;
@@ -27,8 +28,16 @@ enum Cmd {
         #[arg(long)]
         release: bool,
     },
-    /// Setup, builds, both clippy runs, rustfmt check, and every test (needs root).
+    /// Setup, builds, both clippy runs, rustfmt check, the packages for the package test, and
+    /// every test (needs root).
     Test,
+    /// The Debian package (cargo-deb): target/debian/sg_<version>_<arch>.deb, release build.
+    Package {
+        /// Instead: this tree's package from the debug build and the parent commit's package,
+        /// in target/sg-package/, for the package test (`cargo xtask test` does this).
+        #[arg(long)]
+        for_tests: bool,
+    },
     /// The demo compute node in network namespaces (needs root).
     Demo,
     /// The benchmarks: writes bench/results.md and bench/*.svg (needs root; --quick: < 5 min).
@@ -68,6 +77,17 @@ fn run(cli: Cli) -> Result<()> {
             demo::run()
         }
         Cmd::Bench { quick, only } => bench(quick, &only),
+        Cmd::Package { for_tests } => {
+            setup::run()?;
+            if for_tests {
+                build(false)?;
+                package::for_tests()
+            } else {
+                let deb = package::release()?;
+                println!("{}", deb.display());
+                Ok(())
+            }
+        }
     }
 }
 
@@ -152,6 +172,8 @@ fn test() -> Result<()> {
              (tests that need root are real tests and are never skipped)"
         );
     }
+    // The package test installs these: this tree's package and its parent commit's.
+    package::for_tests()?;
     step(
         "tests (unit, BPF_PROG_TEST_RUN, network namespaces)",
         cargo().args([

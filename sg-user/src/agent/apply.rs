@@ -734,6 +734,24 @@ impl RunState {
         std::fs::rename(&tmp, run_dir.join(Self::FILE))?;
         Ok(())
     }
+
+    /// Deletes the run state, and `run_dir` if nothing else is left in it. Returns whether
+    /// there was a state to delete.
+    pub fn remove(run_dir: &std::path::Path) -> Result<bool> {
+        let mut found = false;
+        for name in [Self::FILE.to_string(), format!("{}.tmp", Self::FILE)] {
+            match std::fs::remove_file(run_dir.join(&name)) {
+                Ok(()) => found = true,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    return Err(e).with_context(|| format!("removing {}", run_dir.join(&name).display()));
+                }
+            }
+        }
+        // Not empty (someone else's files) or already gone: both are fine.
+        let _ = std::fs::remove_dir(run_dir);
+        Ok(found)
+    }
 }
 
 pub fn log_report(report: &ApplyReport, compiled: &Compiled) {

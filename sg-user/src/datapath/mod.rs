@@ -241,6 +241,9 @@ impl Datapath {
             .map_max_entries(MAP_CONNTRACK, opts.ct_entries)
             .map_max_entries(MAP_CT_ASSURED, opts.ct_assured_entries)
             .map_max_entries(MAP_FRAGS, opts.frag_entries);
+        if let Some(root) = &opts.pin_root {
+            check_layout_version(root)?;
+        }
         let map_dir = opts.pin_root.as_ref().map(|r| r.join("maps"));
         if let Some(dir) = &map_dir {
             fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -589,11 +592,14 @@ fn check_pinned_map(path: &Path, spec: &MapSpec) -> Result<()> {
         max_entries: info.max_entries(),
     };
     if found != *spec {
-        bail!(
+        let capacity_only = MapSpec {
+            max_entries: spec.max_entries,
+            ..found
+        } == *spec;
+        return Err(LayoutMismatch(format!(
             "pinned map {} does not match this sg build: found {:?} key {} value {} entries {}, \
-             expected {:?} key {} value {} entries {}. Refusing to reuse it. Remove it with \
-             `sg detach --all` (drops enforcement and conntrack state) or start the agent with \
-             the capacity it was created with",
+             expected {:?} key {} value {} entries {}. Refusing to reuse it: {}. The taps stay \
+             filtered by the programs already attached, with the policy they had. Ways out: {}",
             path.display(),
             found.map_type,
             found.key_size,
@@ -602,8 +608,75 @@ fn check_pinned_map(path: &Path, spec: &MapSpec) -> Result<()> {
             spec.map_type,
             spec.key_size,
             spec.value_size,
-            spec.max_entries
-        );
+            spec.max_entries,
+            if capacity_only {
+                "only its capacity differs"
+            } else {
+                "its layout changed between the sg that pinned it and this one"
+            },
+            if capacity_only {
+                "start the agent with the capacity it was created with, or `sg detach --all` \
+                 first (drops enforcement and conntrack state until the agent has applied its \
+                 input)"
+            } else {
+                "run the sg version that pinned it, or `sg detach --all` and start this agent \
+                 (the taps are unfiltered and their connections forgotten until it has applied \
+                 its input)"
+            }
+        ))
+        .into());
+    }
+    Ok(())
+}
+
+/// A pinned layout this build cannot use. The agent refuses to start (exit status 78, which the
+/// unit does not restart) rather than read maps of another layout or drop the enforcement in
+/// place; the message names the change and the ways out.
+#[derive(Debug)]
+pub struct LayoutMismatch(pub String);
+
+impl std::fmt::Display for LayoutMismatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for LayoutMismatch {}
+
+/// With a versioned pin root (`.../sg/v1`, DEFAULT_PIN_ROOT), pins under a sibling version are
+/// another layout's: their programs would keep filtering the taps beside ours with maps this
+/// agent never updates. Refuses to start while there are any.
+fn check_layout_version(root: &Path) -> Result<()> {
+    let is_version = |name: &str| {
+        name.strip_prefix('v')
+            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+    };
+    let (Some(ours), Some(parent)) = (root.file_name().and_then(|n| n.to_str()), root.parent()) else {
+        return Ok(());
+    };
+    if !is_version(ours) {
+        return Ok(());
+    }
+    let Ok(entries) = fs::read_dir(parent) else {
+        return Ok(());
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let path = e.path();
+        let has_pins = fs::read_dir(&path).is_ok_and(|mut d| d.next().is_some());
+        if name != ours && is_version(&name) && has_pins {
+            return Err(LayoutMismatch(format!(
+                "{} holds pins of pinned layout {name}; this sg uses layout {ours} at {}. The \
+                 programs attached with them still filter the taps, with maps this agent would \
+                 never update, so it refuses to start. Ways out: run the sg version that pinned \
+                 them, or `sg --pin-root {} detach --all` and start this agent (the taps are \
+                 unfiltered and their connections forgotten until it has applied its input)",
+                path.display(),
+                root.display(),
+                path.display()
+            ))
+            .into());
+        }
     }
     Ok(())
 }
