@@ -141,7 +141,8 @@ fn known_keys(cmd: &Command, schema: &Command) -> Vec<String> {
 
 /// The command-line words a key and its value stand for.
 fn to_args(arg: &Arg, value: &toml::Value) -> Result<Vec<OsString>> {
-    let flag = OsString::from(format!("--{}", arg.get_long().expect("found by its long name")));
+    let long = arg.get_long().expect("found by its long name");
+    let flag = OsString::from(format!("--{long}"));
     let scalar = |v: &toml::Value| -> Result<String> {
         Ok(match v {
             toml::Value::String(s) => s.clone(),
@@ -158,14 +159,14 @@ fn to_args(arg: &Arg, value: &toml::Value) -> Result<Vec<OsString>> {
         return match (arg.get_action(), value) {
             (ArgAction::SetTrue, toml::Value::Boolean(true)) => Ok(vec![flag]),
             (ArgAction::SetTrue, toml::Value::Boolean(false)) => Ok(vec![]),
-            (ArgAction::SetTrue, _) => bail!("--{} is a switch: write true or false", arg.get_id()),
-            _ => bail!("--{} cannot be set from the file", arg.get_id()),
+            (ArgAction::SetTrue, _) => bail!("--{long} is a switch: write true or false"),
+            _ => bail!("--{long} cannot be set from the file"),
         };
     }
     match value {
         toml::Value::Array(items) => {
             if !matches!(arg.get_action(), ArgAction::Append) {
-                bail!("--{} takes one value, not a list", arg.get_id());
+                bail!("--{long} takes one value, not a list");
             }
             let mut out = Vec::new();
             for item in items {
@@ -220,9 +221,20 @@ pub fn generate_docs(cmd: Command, dir: &Path) -> Result<Vec<PathBuf>> {
     for d in [&man, &completions] {
         std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
     }
-    clap_mangen::generate_to(cmd.clone(), &man)
-        .with_context(|| format!("writing man pages to {}", man.display()))?;
-    let mut cmd = cmd;
+    // Section 8, system administration: the package installs sg in /usr/sbin, since Debian's
+    // `login` owns /usr/bin/sg and sg(1).
+    fn pages(cmd: &Command, dir: &Path) -> std::io::Result<()> {
+        for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+            pages(sub, dir)?;
+        }
+        clap_mangen::Man::new(cmd.clone())
+            .section("8")
+            .generate_to(dir)
+            .map(|_| ())
+    }
+    let mut cmd = cmd.disable_help_subcommand(true);
+    cmd.build();
+    pages(&cmd, &man).with_context(|| format!("writing man pages to {}", man.display()))?;
     let mut written = Vec::new();
     for shell in [clap_complete::Shell::Bash, clap_complete::Shell::Zsh] {
         written.push(

@@ -68,6 +68,7 @@ enum Cmd {
         port_idx: u32,
     },
     /// Run the agent: attach to every local port's tap, apply the input, follow changes.
+    #[command(after_long_help = AGENT_NOTES)]
     Agent {
         /// Neutron input (file or directory); watched for changes.
         #[arg(long)]
@@ -191,6 +192,19 @@ enum Cmd {
     #[command(hide = true)]
     GenerateDocs { dir: PathBuf },
 }
+
+const AGENT_NOTES: &str = "\
+Installed from the Debian package, the agent runs as sg-agent.service: \
+`sg --config /etc/sg/sg.toml agent`. Every flag above can be set in that file, as a key \
+without the dashes (`ct-entries = 524288`, `no-ipset = true`); flags on the command line \
+override it.
+
+Stopping the agent (SIGTERM, SIGINT, or a crash) leaves its programs attached and its maps \
+pinned: the taps stay filtered, and the next agent adopts them.
+
+Exit status 78: the configuration file is wrong, or the pinned maps have a layout this \
+version cannot use (the message names the change and the ways out); the unit does not \
+restart on it.";
 
 /// Options shared by `sg iptables render` and `apply`.
 #[derive(clap::Args)]

@@ -8,7 +8,8 @@
 //!
 //! For the tests (`cargo xtask test`), `--for-tests` packs the debug build the tests already
 //! made (seconds instead of a release build) and also the package of the parent commit, built
-//! in a `git worktree` and kept by commit under `target/sg-package/`, for the upgrade test.
+//! in a `git worktree` into the same target directory (its dependencies are built there
+//! already) and kept by commit under `target/sg-package/`, for the upgrade test.
 
 use std::{
     path::{Path, PathBuf},
@@ -66,7 +67,14 @@ pub fn for_tests() -> Result<()> {
         &dir.join("current.deb"),
         None,
     )?;
-    previous("HEAD^", &dir.join("previous.deb"))?;
+    // The parent's build replaces target/debug/sg-docs: keep this tree's for a parent that
+    // cannot generate its own.
+    let docs = dir.join("docs");
+    let _ = std::fs::remove_dir_all(&docs);
+    for sub in ["man", "completions"] {
+        copy_dir(&root.join("target/debug/sg-docs").join(sub), &docs.join(sub))?;
+    }
+    previous("HEAD^", &dir.join("previous.deb"), &docs)?;
     eprintln!(
         "    packages for the tests in {} ({:.0?})",
         dir.display(),
@@ -104,14 +112,15 @@ pub fn ensure_cargo_deb() -> Result<()> {
 }
 
 /// Builds `sg` of the workspace at `tree` into `target_dir`, stages the generated files and
-/// packs the .deb to `out` (a file, or a directory for cargo-deb's own name). `docs_sg`: a
-/// binary to generate the docs with when the tree's own `sg` cannot (it predates them).
+/// packs the .deb to `out` (a file, or a directory for cargo-deb's own name). `docs`: the man
+/// pages and completions to ship when the tree's own `sg` cannot generate them (it predates
+/// them).
 fn build(
     tree: &Path,
     target_dir: &Path,
     profile: Profile,
     out: &Path,
-    docs_sg: Option<&Path>,
+    docs: Option<&Path>,
 ) -> Result<PathBuf> {
     let mut c = Command::new("cargo");
     c.args(["build", "-p", "sg-user", "--bin", "sg"])
@@ -125,7 +134,7 @@ fn build(
     let out_dir = target_dir.join(profile.dir());
     let sg = out_dir.join("sg");
     let pkgroot = out_dir.join("sg-pkgroot");
-    stage(tree, &sg, docs_sg, &pkgroot)?;
+    stage(tree, &sg, docs, &pkgroot)?;
 
     let version = deb_version(tree)?;
     if let Some(parent) = out.parent() {
@@ -167,7 +176,7 @@ fn build(
 }
 
 /// The files `sg-user/Cargo.toml` maps from sg-pkgroot onto `/`.
-fn stage(tree: &Path, sg: &Path, docs_sg: Option<&Path>, root: &Path) -> Result<()> {
+fn stage(tree: &Path, sg: &Path, fallback_docs: Option<&Path>, root: &Path) -> Result<()> {
     if root.exists() {
         std::fs::remove_dir_all(root).with_context(|| format!("removing {}", root.display()))?;
     }
@@ -177,7 +186,7 @@ fn stage(tree: &Path, sg: &Path, docs_sg: Option<&Path>, root: &Path) -> Result<
     }
     let generated = Command::new(sg).arg("generate-docs").arg(&docs).output();
     if !generated.as_ref().is_ok_and(|o| o.status.success()) {
-        let Some(other) = docs_sg else {
+        let Some(fallback) = fallback_docs else {
             bail!(
                 "`{} generate-docs` failed: {}",
                 sg.display(),
@@ -186,9 +195,8 @@ fn stage(tree: &Path, sg: &Path, docs_sg: Option<&Path>, root: &Path) -> Result<
                     .unwrap_or_else(|e| e.to_string())
             );
         };
-        let o = Command::new(other).arg("generate-docs").arg(&docs).output()?;
-        if !o.status.success() {
-            bail!("`{} generate-docs` failed", other.display());
+        for sub in ["man", "completions"] {
+            copy_dir(&fallback.join(sub), &docs.join(sub))?;
         }
     }
     let copy = |from: &Path, to: &str| -> Result<()> {
@@ -202,10 +210,10 @@ fn stage(tree: &Path, sg: &Path, docs_sg: Option<&Path>, root: &Path) -> Result<
     for page in std::fs::read_dir(docs.join("man"))? {
         let page = page?.path();
         let name = page.file_name().unwrap().to_string_lossy().into_owned();
-        copy(&page, &format!("usr/share/man/man1/{name}"))?;
+        copy(&page, &format!("usr/share/man/man8/{name}"))?;
         let o = Command::new("gzip")
             .args(["-9n"])
-            .arg(root.join(format!("usr/share/man/man1/{name}")))
+            .arg(root.join(format!("usr/share/man/man8/{name}")))
             .output()
             .context("running gzip")?;
         if !o.status.success() {
@@ -310,25 +318,43 @@ fn deb_version(tree: &Path) -> Result<String> {
     Ok(format!("{version}+git{count}.g{hash}-1"))
 }
 
-/// The package of commit `rev`, built in a temporary `git worktree` (its own target dir,
-/// target/sg-prev, kept for the next time) and cached at `out` by commit. A commit from before
-/// the packaging existed gets this tree's packaging around its own `sg`.
-fn previous(rev: &str, out: &Path) -> Result<()> {
+/// The package of commit `rev`, built in a temporary `git worktree` into this tree's target
+/// directory, and cached at `out` by commit. A commit from before the packaging existed gets
+/// this tree's packaging around its own `sg`, with `docs`.
+fn previous(rev: &str, out: &Path, docs: &Path) -> Result<()> {
     let root = workspace_root();
-    let o = Command::new("git")
-        .args(["rev-parse", "--verify", &format!("{rev}^{{commit}}")])
-        .current_dir(&root)
-        .output()?;
-    if !o.status.success() {
+    let git = |args: &[&str]| -> Result<(bool, String)> {
+        let o = Command::new("git").args(args).current_dir(&root).output()?;
+        let text = if o.status.success() { &o.stdout } else { &o.stderr };
+        Ok((
+            o.status.success(),
+            String::from_utf8_lossy(text).trim().to_string(),
+        ))
+    };
+    let (ok, commit) = git(&["rev-parse", "--verify", &format!("{rev}^{{commit}}")])?;
+    if !ok {
         bail!(
             "the upgrade test installs the package of the parent commit, but {rev} is not \
-             there (a shallow clone?): {}",
-            String::from_utf8_lossy(&o.stderr).trim()
+             there (a shallow clone?): {commit}"
         );
     }
-    let commit = String::from_utf8_lossy(&o.stdout).trim().to_string();
+    let (_, their_manifest) = git(&["show", &format!("{commit}:sg-user/Cargo.toml")])?;
+    let packaged = their_manifest.contains("[package.metadata.deb]");
+    // Without packaging of its own, the parent's package changes with this tree's packaging.
+    let key = if packaged {
+        commit.clone()
+    } else {
+        let mut files = vec!["sg-user/Cargo.toml".to_string()];
+        for e in std::fs::read_dir(root.join("sg-user/debian"))? {
+            files.push(format!("sg-user/debian/{}", e?.file_name().to_string_lossy()));
+        }
+        files.sort();
+        let mut args = vec!["hash-object"];
+        args.extend(files.iter().map(String::as_str));
+        format!("{commit}\n{}", git(&args)?.1)
+    };
     let stamp = out.with_extension("commit");
-    if out.exists() && std::fs::read_to_string(&stamp).is_ok_and(|s| s.trim() == commit) {
+    if out.exists() && std::fs::read_to_string(&stamp).is_ok_and(|s| s == key) {
         eprintln!(
             "    previous package   {} (commit {}, cached)",
             out.display(),
@@ -336,10 +362,10 @@ fn previous(rev: &str, out: &Path) -> Result<()> {
         );
         return Ok(());
     }
+    let _ = std::fs::remove_file(&stamp);
     let wt = std::env::temp_dir().join(format!("sg-prev-{}-{}", &commit[..12], std::process::id()));
     let _guard = Worktree::add(&root, &wt, &commit)?;
-    let mut docs_sg = None;
-    if !std::fs::read_to_string(wt.join("sg-user/Cargo.toml"))?.contains("[package.metadata.deb]") {
+    if !packaged {
         eprintln!(
             "    previous package   commit {} predates the packaging: its sg in this tree's packaging",
             &commit[..12]
@@ -353,18 +379,29 @@ fn previous(rev: &str, out: &Path) -> Result<()> {
         theirs.push('\n');
         theirs.push_str(meta);
         std::fs::write(wt.join("sg-user/Cargo.toml"), theirs)?;
-        docs_sg = Some(root.join("target/debug/sg"));
     }
-    let _ = std::fs::remove_file(&stamp);
-    build(
-        &wt,
-        &root.join("target/sg-prev"),
-        Profile::Dev,
-        out,
-        docs_sg.as_deref(),
-    )?;
-    std::fs::write(&stamp, &commit)?;
+    // Same target directory: the dependencies are built already. The parent's sg is uplifted
+    // to target/debug/sg, so this tree's build runs again afterwards (cargo links its own
+    // outputs back), and target/debug/sg is checked to be the parent's no more.
+    let ours = root.join("target/debug/sg");
+    build(&wt, &root.join("target"), Profile::Dev, out, Some(docs))?;
+    let theirs = identity(&ours)?;
+    crate::build(false)?;
+    if identity(&ours)? == theirs {
+        bail!(
+            "{} is not this tree's build after the parent's: run `cargo xtask build` again",
+            ours.display()
+        );
+    }
+    std::fs::write(&stamp, &key)?;
     Ok(())
+}
+
+/// (device, inode): cargo hard-links a binary into target/<profile>/ from its unit's own file.
+fn identity(p: &Path) -> Result<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt as _;
+    let m = std::fs::metadata(p).with_context(|| format!("{}", p.display()))?;
+    Ok((m.dev(), m.ino()))
 }
 
 /// A `git worktree` removed (with its registration) on drop.
