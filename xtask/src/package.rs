@@ -242,20 +242,19 @@ fn neutron_driver(tree: &Path, root: &Path) -> Result<()> {
     if !project.join("pyproject.toml").exists() {
         return Ok(());
     }
+    // setuptools writes build/ and *.egg-info next to the sources: build from a copy. pip
+    // builds in an isolated environment with the build backend pyproject.toml names (from
+    // PyPI), so no wheel or setuptools needs to be installed here.
+    let src = root.with_file_name("sg-neutron-src");
     let wheels = root.with_file_name("sg-wheel");
-    let _ = std::fs::remove_dir_all(&wheels);
+    for d in [&src, &wheels] {
+        let _ = std::fs::remove_dir_all(d);
+    }
+    copy_tree(&project, &src)?;
     let o = Command::new("python3")
-        .args([
-            "-m",
-            "pip",
-            "wheel",
-            "--no-deps",
-            "--no-build-isolation",
-            "--quiet",
-            "--wheel-dir",
-        ])
+        .args(["-m", "pip", "wheel", "--no-deps", "--quiet", "--wheel-dir"])
         .arg(&wheels)
-        .arg(&project)
+        .arg(&src)
         .output()
         .context("running python3 -m pip wheel")?;
     if !o.status.success() {
@@ -449,6 +448,20 @@ fn copy_dir(from: &Path, to: &Path) -> Result<()> {
     for e in std::fs::read_dir(from)? {
         let p = e?.path();
         std::fs::copy(&p, to.join(p.file_name().unwrap()))?;
+    }
+    Ok(())
+}
+
+fn copy_tree(from: &Path, to: &Path) -> Result<()> {
+    std::fs::create_dir_all(to)?;
+    for e in std::fs::read_dir(from)? {
+        let e = e?;
+        let p = e.path();
+        if e.file_type()?.is_dir() {
+            copy_tree(&p, &to.join(e.file_name()))?;
+        } else {
+            std::fs::copy(&p, to.join(e.file_name()))?;
+        }
     }
     Ok(())
 }
