@@ -121,6 +121,9 @@ pub const PORT_F_V6_FIXED: u32 = 1 << 4;
 /// IPv4 allowed address pair is a /0, as Neutron's arp_protect skips ARP protection then. The
 /// source-MAC check (ebtables `neutronMAC-<tap>`) applies to every filtered port regardless.
 pub const PORT_F_ARP_PROTECT: u32 = 1 << 5;
+/// The port left the input (or this host) while its tap still exists: every frame is dropped,
+/// both ways, until the tap goes. A firewall that loses track of a port fails closed.
+pub const PORT_F_CLOSED: u32 = 1 << 6;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
@@ -458,7 +461,9 @@ pub const REASON_DROP_FRAG_DENIED: u8 = 44;
 pub const REASON_DROP_IPV6_EXT: u8 = 45;
 /// A packet in the reply orientation of a revoked flow (`CT_F_REVOKED`).
 pub const REASON_DROP_REVOKED: u8 = 46;
-pub const REASON_LAST: u8 = 46;
+/// The port is closed (`PORT_F_CLOSED`): it left the input while its tap exists.
+pub const REASON_DROP_PORT_CLOSED: u8 = 47;
+pub const REASON_LAST: u8 = 47;
 
 /// Whether a reason code allows the packet.
 pub const fn reason_allows(reason: u8) -> bool {
@@ -498,6 +503,7 @@ pub const fn reason_name(reason: u8) -> &'static str {
         REASON_DROP_FRAG_DENIED => "drop-frag-denied",
         REASON_DROP_IPV6_EXT => "drop-ipv6-ext",
         REASON_DROP_REVOKED => "drop-revoked",
+        REASON_DROP_PORT_CLOSED => "drop-port-closed",
         _ => "unknown",
     }
 }

@@ -59,7 +59,9 @@ fn classify(ctx: &TcContext, dir: u8) -> i32 {
         },
         ..Default::default()
     };
-    d.reason = if port.flags & PORT_F_FILTERED == 0 {
+    d.reason = if port.flags & PORT_F_CLOSED != 0 {
+        REASON_DROP_PORT_CLOSED
+    } else if port.flags & PORT_F_FILTERED == 0 {
         REASON_ALLOW_UNFILTERED
     } else {
         decide(ctx, skb, &port, &mut d)

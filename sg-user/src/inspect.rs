@@ -8,7 +8,11 @@ use serde::Serialize;
 use sg_common::*;
 
 use crate::{
-    agent::apply::{LivePort, RunState},
+    agent::{
+        apply::{LivePort, RunState},
+        lock::{self, AgentRecord},
+        taps,
+    },
     pinned,
 };
 
@@ -32,8 +36,17 @@ impl Sources<'_> {
 pub struct PortStatus {
     pub id: String,
     pub device: String,
+    /// Where the port is enforced now, and that interface's ifindex: its tap, or the hybrid
+    /// bridge's `qvb<id>`. `None` when it is enforced nowhere.
+    pub point: Option<String>,
     pub ifindex: Option<u32>,
-    /// The tap has an SG_PORTS entry with this port's index.
+    /// `enforced`, `closed` (left the input; its tap drops everything), `no-tap`, or
+    /// `unfiltered` (a tap exists and sg's programs do not filter it), checked against the
+    /// kernel, not taken from the agent's word.
+    pub state: &'static str,
+    /// Why a port is unfiltered.
+    pub detail: Option<String>,
+    /// `state == "enforced"`.
     pub enforced: bool,
     pub port_idx: u32,
     pub policy: u32,
@@ -56,6 +69,7 @@ pub fn flag_names(flags: u32) -> Vec<&'static str> {
         (PORT_F_SPOOF_V6, "spoof-v6"),
         (PORT_F_V6_FIXED, "v6-fixed"),
         (PORT_F_ARP_PROTECT, "arp-protect"),
+        (PORT_F_CLOSED, "closed"),
     ]
     .into_iter()
     .filter(|(f, _)| flags & f != 0)
@@ -63,9 +77,90 @@ pub fn flag_names(flags: u32) -> Vec<&'static str> {
     .collect()
 }
 
-/// `sg status`: every port, and how full the conntrack tables are.
+/// Whether an agent runs on the pin root (the holder of its lock), and since when.
+#[derive(Debug, Serialize)]
+pub struct AgentState {
+    pub running: bool,
+    pub pid: Option<u32>,
+    /// RFC 3339 UTC.
+    pub started_at: Option<String>,
+    /// When a stopped agent stopped (a clean exit), or was last seen alive (killed, crashed).
+    pub down_since: Option<String>,
+    pub stop_reason: Option<String>,
+    /// One line for people.
+    pub summary: String,
+}
+
+pub fn agent_state(src: &Sources) -> Result<AgentState> {
+    let holder = lock::holder(src.pin_root)?;
+    let record = AgentRecord::load(src.run_dir).unwrap_or(None);
+    let started_at = record.as_ref().map(|r| lock::utc(r.started_at));
+    Ok(match (holder, record) {
+        (Some(pid), _) => AgentState {
+            running: true,
+            pid: Some(pid),
+            summary: format!(
+                "running, pid {pid}{}",
+                started_at
+                    .as_ref()
+                    .map(|t| format!(", since {t}"))
+                    .unwrap_or_default()
+            ),
+            started_at,
+            down_since: None,
+            stop_reason: None,
+        },
+        (None, Some(r)) => {
+            let (since, summary) = match (&r.stopped_at, &r.stop_reason) {
+                (Some(t), reason) => (
+                    lock::utc(*t),
+                    format!(
+                        "NOT RUNNING since {} ({}; pid was {})",
+                        lock::utc(*t),
+                        reason.as_deref().unwrap_or("stopped"),
+                        r.pid
+                    ),
+                ),
+                (None, _) => (
+                    lock::utc(r.alive_at),
+                    format!(
+                        "NOT RUNNING since {} at the latest: last seen alive then, it was killed \
+                         or crashed (pid was {})",
+                        lock::utc(r.alive_at),
+                        r.pid
+                    ),
+                ),
+            };
+            AgentState {
+                running: false,
+                pid: None,
+                started_at,
+                down_since: Some(since),
+                stop_reason: r.stop_reason.clone(),
+                summary,
+            }
+        }
+        (None, None) => AgentState {
+            running: false,
+            pid: None,
+            started_at: None,
+            down_since: None,
+            stop_reason: None,
+            summary: format!(
+                "NOT RUNNING (no agent holds {} and {} has no agent record)",
+                src.pin_root.display(),
+                src.run_dir.display()
+            ),
+        },
+    })
+}
+
+/// `sg status`: the agent, every port, and how full the conntrack tables are.
 #[derive(Debug, Serialize)]
 pub struct Status {
+    pub agent: AgentState,
+    /// The agent runs and every port with a tap is enforced (or closed).
+    pub healthy: bool,
     pub ports: Vec<PortStatus>,
     /// SG_CONNTRACK: flows not assured yet (LRU).
     pub conntrack_entries: usize,
@@ -76,6 +171,7 @@ pub struct Status {
 }
 
 pub fn status(src: &Sources) -> Result<Status> {
+    let agent = agent_state(src)?;
     let ports = port_status(src)?;
     let ct = pinned::conntrack(src.pin_root)?;
     let capacity = |name: &str| -> Result<u32> {
@@ -87,6 +183,8 @@ pub fn status(src: &Sources) -> Result<Status> {
         })
     };
     Ok(Status {
+        healthy: agent.running && ports.iter().all(|p| p.state != "unfiltered"),
+        agent,
         ports,
         conntrack_entries: ct.iter().filter(|e| !e.protected).count(),
         conntrack_capacity: capacity(MAP_CONNTRACK)?,
@@ -96,7 +194,16 @@ pub fn status(src: &Sources) -> Result<Status> {
 }
 
 pub fn status_text(s: &Status) -> String {
-    let mut out = status_table(&s.ports);
+    let mut out = format!("agent: {}\n", s.agent.summary);
+    if !s.agent.running {
+        out.push_str(
+            "  the pinned links keep enforcing the last policy; input changes are not applied, \
+             and a tap created or re-created now is not filtered (except hybrid ports, enforced \
+             on qvb)\n",
+        );
+    }
+    out.push('\n');
+    out.push_str(&status_table(&s.ports));
     let pct = |n: usize, cap: u32| 100.0 * n as f64 / cap.max(1) as f64;
     let _ = writeln!(
         out,
@@ -122,14 +229,153 @@ pub fn status_text(s: &Status) -> String {
     out
 }
 
-fn port_status(src: &Sources) -> Result<Vec<PortStatus>> {
+/// What the kernel says about one interface of the taps' namespace.
+#[derive(Debug, Default, Clone)]
+struct Seen {
+    ifindex: Option<u32>,
+    /// Names of the programs attached at tcx ingress and egress.
+    ingress: Vec<String>,
+    egress: Vec<String>,
+}
+
+fn look(names: Vec<String>, netns: Option<&str>) -> Result<BTreeMap<String, Seen>> {
+    use aya::programs::{SchedClassifier, TcAttachType};
+    crate::netns::run_in(netns, move || {
+        names
+            .into_iter()
+            .map(|n| {
+                let ifindex = crate::netns::ifindex(&n).ok();
+                let progs = |t| {
+                    SchedClassifier::query_tcx(n.as_str(), t)
+                        .map(|(_, ps)| {
+                            ps.iter()
+                                .filter_map(|p| p.name_as_str().map(str::to_owned))
+                                .collect()
+                        })
+                        .unwrap_or_default()
+                };
+                let seen = match ifindex {
+                    Some(_) => Seen {
+                        ifindex,
+                        ingress: progs(TcAttachType::Ingress),
+                        egress: progs(TcAttachType::Egress),
+                    },
+                    None => Seen::default(),
+                };
+                (n, seen)
+            })
+            .collect()
+    })
+}
+
+/// A port's state, checked against the kernel, not taken from the agent's word: an interface
+/// the port can be enforced on (its tap, or its hybrid peer `qvb<id>`) has an SG_PORTS entry
+/// naming this port and both programs at the right hooks. Returns the state, why a tap is
+/// unfiltered, and where the port is enforced now.
+fn check_port(
+    p: &LivePort,
+    seen: &BTreeMap<String, Seen>,
+    entries: &BTreeMap<u32, PortInfo>,
+) -> (&'static str, Option<String>, Option<(String, u32)>) {
+    let exists = |n: &str| seen.get(n).and_then(|s| s.ifindex);
+    let peer = taps::hybrid_peer(&p.device);
+    let mut candidates: Vec<&str> = Vec::new();
+    for c in [p.point.as_deref(), peer.as_deref(), Some(p.device.as_str())]
+        .into_iter()
+        .flatten()
+    {
+        if !candidates.contains(&c) {
+            candidates.push(c);
+        }
+    }
+    let mut why = Vec::new();
+    for point in candidates {
+        let Some(ifindex) = exists(point) else {
+            continue;
+        };
+        let Some(entry) = entries.get(&ifindex).filter(|e| e.port_idx == p.port_idx) else {
+            continue;
+        };
+        let s = &seen[point];
+        // From the VM is tcx ingress of the tap and tcx egress of qvb.
+        let (from_hook, to_hook) = if point == p.device {
+            (&s.ingress, &s.egress)
+        } else {
+            (&s.egress, &s.ingress)
+        };
+        let lacking: Vec<&str> = [(from_hook, PROG_FROM_VM), (to_hook, PROG_TO_VM)]
+            .into_iter()
+            .filter(|(hook, prog)| !hook.iter().any(|n| n == prog))
+            .map(|(_, prog)| prog)
+            .collect();
+        if !lacking.is_empty() {
+            why.push(format!(
+                "{point} (ifindex {ifindex}) lacks {}",
+                lacking.join(" and ")
+            ));
+            continue;
+        }
+        let state = if entry.flags & PORT_F_CLOSED != 0 {
+            "closed"
+        } else {
+            "enforced"
+        };
+        return (state, None, Some((point.to_string(), ifindex)));
+    }
+    let Some(tap) = exists(&p.device) else {
+        return ("no-tap", None, None);
+    };
+    if why.is_empty() {
+        let recorded = p.point.as_deref().unwrap_or(&p.device);
+        why.push(match (exists(recorded), p.ifindex) {
+            (Some(now), Some(was)) if now != was => {
+                format!("{recorded} was re-created (ifindex {now}); sg enforced ifindex {was}")
+            }
+            _ => format!(
+                "{} (ifindex {tap}) has no sg programs and no SG_PORTS entry",
+                p.device
+            ),
+        });
+    }
+    ("unfiltered", Some(why.join("; ")), None)
+}
+
+/// One port's state, checked against the kernel, without reading the conntrack table: what
+/// `sg status --port` prints, and what the Neutron driver can ask before it lets a port's
+/// traffic in.
+pub fn port_state(src: &Sources, id: &str) -> Result<PortStatus> {
     let rs = src.run_state()?;
+    let id = find_port(&rs, id)?.id.clone();
+    port_status_of(src, &rs, Some(&id))?
+        .pop()
+        .ok_or_else(|| anyhow!("port {id} vanished from the run state"))
+}
+
+fn port_status(src: &Sources) -> Result<Vec<PortStatus>> {
+    port_status_of(src, &src.run_state()?, None)
+}
+
+fn port_status_of(src: &Sources, rs: &RunState, only: Option<&str>) -> Result<Vec<PortStatus>> {
+    let ports: Vec<&LivePort> = rs
+        .ports
+        .iter()
+        .filter(|p| only.is_none_or(|id| p.id == id))
+        .collect();
     let entries: BTreeMap<u32, PortInfo> = pinned::ports(src.pin_root)?.into_iter().collect();
     let stats = pinned::stats(src.pin_root)?;
     let evicted = pinned::ct_evicted(src.pin_root)?;
     let events = pinned::ct_events(src.pin_root)?;
+    let mut names: Vec<String> = Vec::new();
+    for p in &ports {
+        names.push(p.device.clone());
+        names.extend(p.point.clone());
+        names.extend(taps::hybrid_peer(&p.device));
+    }
+    names.sort();
+    names.dedup();
+    let seen = look(names, rs.netns.as_deref())?;
     let mut out = Vec::new();
-    for p in &rs.ports {
+    for p in ports {
         let (mut allowed, mut dropped) = (0, 0);
         for (k, c) in stats.iter().filter(|(k, _)| k.port_idx == p.port_idx) {
             if reason_allows(k.reason) {
@@ -138,14 +384,15 @@ fn port_status(src: &Sources) -> Result<Vec<PortStatus>> {
                 dropped += c.packets;
             }
         }
+        let (state, detail, at) = check_port(p, &seen, &entries);
         out.push(PortStatus {
             id: p.id.clone(),
             device: p.device.clone(),
-            ifindex: p.ifindex,
-            enforced: p
-                .ifindex
-                .and_then(|i| entries.get(&i))
-                .is_some_and(|e| e.port_idx == p.port_idx),
+            point: at.as_ref().map(|a| a.0.clone()),
+            ifindex: at.map(|a| a.1),
+            state,
+            detail,
+            enforced: state == "enforced",
             port_idx: p.port_idx,
             policy: p.policy,
             flags: flag_names(p.flags),
@@ -166,21 +413,17 @@ pub fn status_table(ports: &[PortStatus]) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "{:<16} {:>7} {:<9} {:>5} {:>6} {:>10} {:>10}  {:<38} flags",
-        "TAP", "IFINDEX", "STATE", "IDX", "POLICY", "ALLOWED", "DROPPED", "PORT"
+        "{:<16} {:<16} {:>7} {:<10} {:>5} {:>6} {:>10} {:>10}  {:<38} flags",
+        "TAP", "ENFORCED ON", "IFINDEX", "STATE", "IDX", "POLICY", "ALLOWED", "DROPPED", "PORT"
     );
     for p in ports {
-        let state = match (p.ifindex, p.enforced) {
-            (None, _) => "no-tap",
-            (Some(_), true) => "enforced",
-            (Some(_), false) => "pending",
-        };
         let _ = writeln!(
             s,
-            "{:<16} {:>7} {:<9} {:>5} {:>6} {:>10} {:>10}  {:<38} {}",
+            "{:<16} {:<16} {:>7} {:<10} {:>5} {:>6} {:>10} {:>10}  {:<38} {}",
             p.device,
+            p.point.as_deref().unwrap_or("-"),
             p.ifindex.map(|i| i.to_string()).unwrap_or_else(|| "-".into()),
-            state,
+            p.state,
             p.port_idx,
             p.policy,
             p.allowed,
@@ -188,6 +431,9 @@ pub fn status_table(ports: &[PortStatus]) -> String {
             p.id,
             p.flags.join(",")
         );
+        if let Some(d) = &p.detail {
+            let _ = writeln!(s, "  ^ {d}");
+        }
     }
     s
 }

@@ -112,8 +112,13 @@ enum Cmd {
         #[command(subcommand)]
         what: IptablesCmd,
     },
-    /// Ports, taps, attachment state, policy ids and counters.
+    /// Whether the agent runs, and each port's state checked against the kernel: enforced,
+    /// closed, no tap, or unfiltered. Exits 3 when the agent is down or a tap is unfiltered.
     Status {
+        /// Only this port (id, id prefix or tap name): exits 0 if and only if it is enforced,
+        /// 3 otherwise. A cheap check for "is this port filtered now".
+        #[arg(long)]
+        port: Option<String>,
         #[arg(long)]
         json: bool,
     },
@@ -181,11 +186,16 @@ enum Cmd {
         #[arg(long)]
         no_shrink: bool,
     },
-    /// Remove sg's links and pins, and the agent's run state.
+    /// Remove sg's links and pins, and the agent's run state. Refused while an agent runs on the
+    /// pin root.
     Detach {
         /// Everything sg pinned under --pin-root.
         #[arg(long)]
         all: bool,
+        /// Detach even though an agent holds the pin root. That agent notices and restores
+        /// enforcement at once: stop it first to remove sg from the node.
+        #[arg(long)]
+        force: bool,
     },
     /// Write the man pages and the bash and zsh completions into DIR/man and DIR/completions
     /// (the package build runs it).
@@ -497,12 +507,26 @@ fn run(cli: Cli) -> Result<()> {
                 started.elapsed().as_millis()
             );
         }
-        Cmd::Status { json } => {
+        Cmd::Status { port, json } => {
             let src = inspect::Sources {
                 pin_root: &cli.pin_root,
                 run_dir: &cli.run_dir,
             };
-            print_out(json, &inspect::status(&src)?, inspect::status_text)?;
+            let ok = match port {
+                Some(id) => {
+                    let p = inspect::port_state(&src, &id)?;
+                    print_out(json, &p, |p| inspect::status_table(std::slice::from_ref(p)))?;
+                    p.enforced
+                }
+                None => {
+                    let status = inspect::status(&src)?;
+                    print_out(json, &status, inspect::status_text)?;
+                    status.healthy
+                }
+            };
+            if !ok {
+                std::process::exit(3);
+            }
         }
         Cmd::Show {
             what: ShowWhat::Port { id, json },
@@ -584,7 +608,7 @@ fn run(cli: Cli) -> Result<()> {
                 let ipt: Box<dyn diff::backend::Backend> =
                     Box::new(diff::backend::Iptables::new(topo, &cfg.host, flavour)?);
                 let ebpf: Box<dyn diff::backend::Backend> =
-                    Box::new(diff::backend::Ebpf::new(topo, &cfg.host, &cfg.model, tag)?);
+                    Box::new(diff::backend::Ebpf::new(topo, &cfg.host, tag)?);
                 Ok((ipt, ebpf))
             };
             let started = std::time::Instant::now();
@@ -597,15 +621,31 @@ TOTAL {summary} in {:.1?}",
             );
             diff::check(&summary)?;
         }
-        Cmd::Detach { all } => {
+        Cmd::Detach { all, force } => {
             anyhow::ensure!(all, "only `sg detach --all` is supported");
+            let running = agent::lock::holder(&cli.pin_root)?;
+            if let Some(pid) = running {
+                anyhow::ensure!(
+                    force,
+                    "an sg agent (pid {pid}) holds {}: detaching would leave its taps unfiltered \
+                     while it reports them enforced. Stop the agent first (its pins stay and keep \
+                     enforcing), then detach. --force detaches anyway, and the running agent \
+                     restores enforcement at once",
+                    cli.pin_root.display()
+                );
+                eprintln!(
+                    "warning: detaching under a running agent (pid {pid}); it will restore its \
+                     maps and links"
+                );
+            }
             let n = datapath::detach_all(&cli.pin_root)
                 .with_context(|| format!("removing pins under {}", cli.pin_root.display()))?;
             println!("removed {n} pins under {}", cli.pin_root.display());
             // The run state describes those pins: without them it would mislead the next agent
-            // and `sg status`.
-            if agent::apply::RunState::remove(&cli.run_dir)
-                .with_context(|| format!("removing the run state in {}", cli.run_dir.display()))?
+            // and `sg status`. A running agent (--force) keeps and rewrites its own.
+            if running.is_none()
+                && agent::remove_run_state(&cli.run_dir)
+                    .with_context(|| format!("removing the run state in {}", cli.run_dir.display()))?
             {
                 println!("removed the run state in {}", cli.run_dir.display());
             }

@@ -211,7 +211,7 @@ pub fn stage_of(reason: u8) -> &'static str {
         }
         REASON_ALLOW_RULE | REASON_DROP_NO_RULE => "policy",
         REASON_ALLOW_FRAG | REASON_DROP_FRAG_NO_FIRST | REASON_DROP_FRAG_DENIED => "fragments",
-        REASON_ALLOW_UNFILTERED | REASON_ALLOW_NON_IP => "port",
+        REASON_ALLOW_UNFILTERED | REASON_ALLOW_NON_IP | REASON_DROP_PORT_CLOSED => "port",
         _ => "unknown",
     }
 }

@@ -271,6 +271,33 @@ impl ComputeNode {
         })
     }
 
+    /// Adds a VM plugged as Neutron's OVS agent plugs it for an iptables-type driver
+    /// ("hybrid"): tap `tap<id>` on its own Linux bridge `qbr<id>`, joined to the node's bridge
+    /// (standing for br-int) by the veth pair `qvb<id>` / `qvo<id>`.
+    pub fn add_hybrid_vm(&mut self, tap: &str, mac: &str, cidr: &str) -> Result<&Vm> {
+        let id = tap.strip_prefix("tap").context("a hybrid tap is named tap<id>")?;
+        let (qbr, qvb, qvo) = (format!("qbr{id}"), format!("qvb{id}"), format!("qvo{id}"));
+        // Quiet, as the node bridge: no IGMP reports of its own towards the VM.
+        self.host
+            .ip(&["link", "add", &qbr, "type", "bridge", "mcast_snooping", "0"])?;
+        self.host.ip(&["link", "set", &qbr, "up"])?;
+        self.host
+            .ip(&["link", "add", &qvb, "type", "veth", "peer", "name", &qvo])?;
+        self.host.ip(&["link", "set", &qvb, "master", &qbr, "up"])?;
+        self.host
+            .ip(&["link", "set", &qvo, "master", &self.bridge, "up"])?;
+        let ns = Netns::new("sgvm")?;
+        self.plug_on(&qbr, &ns, tap, mac, cidr)?;
+        let ip = cidr.split('/').next().unwrap().parse()?;
+        self.vms.push(Vm {
+            ns,
+            tap: tap.to_string(),
+            ip,
+            mac: mac.to_string(),
+        });
+        Ok(self.vms.last().unwrap())
+    }
+
     /// Adds a VM with tap `tap` (host side, on the bridge), `eth0` with `mac` and `cidr`.
     pub fn add_vm(&mut self, tap: &str, mac: &str, cidr: &str) -> Result<&Vm> {
         let ns = Netns::new("sgvm")?;
@@ -287,6 +314,11 @@ impl ComputeNode {
 
     /// (Re)creates the veth between the bridge and `ns`'s eth0.
     pub fn plug(&self, ns: &Netns, tap: &str, mac: &str, cidr: &str) -> Result<()> {
+        self.plug_on(&self.bridge, ns, tap, mac, cidr)
+    }
+
+    /// (Re)creates the veth between bridge `bridge` and `ns`'s eth0.
+    pub fn plug_on(&self, bridge: &str, ns: &Netns, tap: &str, mac: &str, cidr: &str) -> Result<()> {
         // No IPv6 DAD, MLD reports or router solicitations from the VM stacks: tests send what
         // they mean. Set before eth0 arrives in the namespace, since a device moved in takes
         // the namespace's defaults; set after it comes up, it would already have sent them.
@@ -296,8 +328,7 @@ impl ComputeNode {
         self.host.ip(&[
             "link", "add", tap, "type", "veth", "peer", "name", "eth0", "address", mac, "netns", &ns.name,
         ])?;
-        self.host
-            .ip(&["link", "set", tap, "master", &self.bridge, "up"])?;
+        self.host.ip(&["link", "set", tap, "master", bridge, "up"])?;
         ns.ip(&["addr", "add", cidr, "dev", "eth0"])?;
         ns.ip(&["link", "set", "eth0", "up"])?;
         Ok(())
@@ -359,11 +390,21 @@ impl Agent {
 
     /// Like `start`, with extra `sg agent` arguments.
     pub fn start_with(netns: &str, input: &serde_json::Value, extra: &[&str]) -> Result<Self> {
+        let mut a = Self::prepare(netns, extra)?;
+        a.write_input(input)?;
+        a.spawn()?;
+        a.wait_generation(1)?;
+        Ok(a)
+    }
+
+    /// An agent not started yet, with its own directory (`dir()`), pin root and run dir; its
+    /// input is `dir()/input.json` unless `input` is changed before `spawn`.
+    pub fn prepare(netns: &str, extra: &[&str]) -> Result<Self> {
         let dir = std::env::temp_dir().join(unique("sg-agent-"));
         // Never inherit a dead run's state.json: it would satisfy `wait_generation` at once.
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir)?;
-        let mut a = Self {
+        Ok(Self {
             child: None,
             pins: PinRoot::new()?,
             run_dir: dir.join("run"),
@@ -372,11 +413,27 @@ impl Agent {
             log: dir.join("agent.log"),
             host: "compute-1".into(),
             extra: extra.iter().map(|s| s.to_string()).collect(),
-        };
-        a.write_input(input)?;
-        a.spawn()?;
-        a.wait_generation(1)?;
-        Ok(a)
+        })
+    }
+
+    /// The agent's private directory (input, log, run dir), removed on drop.
+    pub fn dir(&self) -> std::path::PathBuf {
+        self.log.parent().unwrap().to_path_buf()
+    }
+
+    /// Waits until the log contains `text` `n` times or more.
+    pub fn wait_log(&self, text: &str, n: usize) -> Result<()> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while self.log_text().matches(text).count() < n {
+            if std::time::Instant::now() > deadline {
+                bail!(
+                    "the agent did not log {text:?} {n} times; log:\n{}",
+                    self.log_text()
+                );
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        Ok(())
     }
 
     pub fn spawn(&mut self) -> Result<()> {
@@ -477,12 +534,37 @@ impl Agent {
     }
 }
 
+impl Agent {
+    /// Runs `sg <args>` against this agent's pins and run dir: (exit code, stdout, stderr).
+    pub fn cli_status(&self, args: &[&str]) -> Result<(i32, String, String)> {
+        let out = Command::new(workspace_bin("sg")?)
+            .args([
+                "--pin-root",
+                self.pins.path.to_str().unwrap(),
+                "--run-dir",
+                self.run_dir.to_str().unwrap(),
+            ])
+            .args(args)
+            .output()?;
+        Ok((
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        ))
+    }
+
+    /// `sg status --json --port <port>`: (exit code, the port's status).
+    pub fn port_status(&self, port: &str) -> Result<(i32, serde_json::Value)> {
+        let (code, out, err) = self.cli_status(&["status", "--json", "--port", port])?;
+        let v = serde_json::from_str(&out).with_context(|| format!("sg status: {out}{err}"))?;
+        Ok((code, v))
+    }
+}
+
 impl Drop for Agent {
     fn drop(&mut self) {
         let _ = self.stop(true);
-        if let Some(d) = self.input.parent() {
-            let _ = std::fs::remove_dir_all(d);
-        }
+        let _ = std::fs::remove_dir_all(self.dir());
     }
 }
 

@@ -272,7 +272,7 @@ fn tap_deleted_and_recreated_is_filtered_again() {
         // The new tap gets its programs back; until then the agent may not have seen it yet.
         let deadline = Instant::now() + MUST_HAPPEN;
         loop {
-            let status = agent.cli(&["status", "--json"]).unwrap();
+            let (_, status, _) = agent.cli_status(&["status", "--json"]).unwrap();
             let v: Value = serde_json::from_str(&status).unwrap();
             let ifindex = v["ports"][0]["ifindex"].as_u64();
             let now = sg_tests::run("ip", &["-n", &node.host.name, "-j", "link", "show", TAP]).unwrap();

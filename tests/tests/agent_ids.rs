@@ -100,7 +100,7 @@ impl Node {
         .join()
         .unwrap()
         .unwrap();
-        a.apply(&compile::compile(&m, "compute-1"), &links).unwrap();
+        a.apply(&compile::compile(&m, "compute-1")).unwrap();
         links
     }
 

@@ -51,17 +51,7 @@ fn colliding_content_hashes_never_share_a_policy() {
     .unwrap();
     let mut applier =
         Applier::adopt_with(dp, Some(topo.node.0.clone()), None, ContentHashing::colliding()).unwrap();
-    let links: std::collections::BTreeMap<String, u32> = m
-        .ports
-        .iter()
-        .map(|p| {
-            let i = sg_user::netns::run_in(Some(&topo.node.0), || sg_user::netns::ifindex(&p.device))
-                .unwrap()
-                .unwrap();
-            (p.device.clone(), i)
-        })
-        .collect();
-    applier.apply(&compile::compile(&m, "compute-1"), &links).unwrap();
+    applier.apply(&compile::compile(&m, "compute-1")).unwrap();
 
     let live = |a: &Applier, id: &str| a.ports().find(|p| p.id == id).unwrap().clone();
     let (web, ssh) = (live(&applier, WEB), live(&applier, SSH));
@@ -107,9 +97,7 @@ fn colliding_content_hashes_never_share_a_policy() {
 
     // A change to one group rewrites that port's policy only; the other keeps its id.
     let m2 = model::from_values(vec![("collide".into(), doc(&[22, 23]))]).unwrap();
-    let report = applier
-        .apply(&compile::compile(&m2, "compute-1"), &links)
-        .unwrap();
+    let report = applier.apply(&compile::compile(&m2, "compute-1")).unwrap();
     assert_eq!(report.policies_written, 1, "{report:?}");
     assert_eq!(
         live(&applier, WEB).policy,

@@ -109,7 +109,7 @@ fn a_real_difference_is_caught_and_reproduced() {
     let make =
         |topo: &diff::topo::Topology, host: &str| -> anyhow::Result<(Box<dyn Backend>, Box<dyn Backend>)> {
             let ipt = diff::backend::Iptables::new(topo, host, sg_user::iptables::Backend::Nft)?;
-            let ebpf = diff::backend::Ebpf::new(topo, host, &cfg.model, &tag)?;
+            let ebpf = diff::backend::Ebpf::new(topo, host, &tag)?;
             Ok((Box::new(ipt), Box::new(Wrong(ebpf, without.clone()))))
         };
     let mut found = Vec::new();

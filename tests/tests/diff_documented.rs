@@ -72,7 +72,7 @@ fn run(model: Model, scenario: Scenario) -> (Vec<diff::Outcome>, Vec<diff::Outco
             host,
             sg_user::iptables::Backend::Nft,
         )?);
-        let e: Box<dyn Backend> = Box::new(diff::backend::Ebpf::new(topo, host, &cfg.model, &tag)?);
+        let e: Box<dyn Backend> = Box::new(diff::backend::Ebpf::new(topo, host, &tag)?);
         Ok((i, e))
     })
     .unwrap();

@@ -66,15 +66,7 @@ fn sentinel_tells_delivered_from_dropped() {
     .unwrap();
     let mut applier = Applier::adopt(dp, Some(topo.node.0.clone()), None).unwrap();
     let compiled = compile::compile(&m, "compute-1");
-    let links = [(
-        port.device.clone(),
-        sg_user::netns::run_in(Some(&topo.node.0), || sg_user::netns::ifindex(&port.device))
-            .unwrap()
-            .unwrap(),
-    )]
-    .into_iter()
-    .collect();
-    applier.apply(&compiled, &links).unwrap();
+    applier.apply(&compiled).unwrap();
     let filtered = wire::exchange(&up_sock, &vm_sock, &[syn(80, 3), syn(22, 4)], &sentinel).unwrap();
     assert_eq!(
         filtered,

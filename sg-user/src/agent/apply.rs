@@ -26,11 +26,12 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use serde::{Deserialize, Serialize};
 use sg_common::*;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
+use super::taps::{TapPlan, TapsHandle};
 use crate::{
     compile::{Compiled, LpmEntry},
-    datapath::{Attached, Datapath, Iface, batch},
+    datapath::{Datapath, batch},
 };
 
 type Entries<K, V> = Vec<(u32, K, V)>;
@@ -127,6 +128,13 @@ pub struct LivePort {
     pub addr_id: u32,
     pub flags: u32,
     pub security_groups: Vec<String>,
+    /// The interface holding the links: the tap, or its hybrid peer `qvb<id>`
+    /// ([`super::taps`]); `None` while the port is not enforced anywhere.
+    #[serde(default)]
+    pub point: Option<String>,
+    /// The port left the input while its tap exists: the tap drops every frame.
+    #[serde(default)]
+    pub closed: bool,
 }
 
 /// A rule as the run-state file and `sg trace` describe it.
@@ -177,12 +185,14 @@ pub struct Applier {
     ports: BTreeMap<String, LivePort>,
     rule_idx: BTreeMap<(String, String), u32>,
     rules: BTreeMap<u32, LiveRule>,
-    /// ifindex → device of the taps whose links this agent attached or took over.
-    attached: BTreeMap<u32, String>,
+    /// Ports that left the input while their tap exists, by port id: closed, until the taps
+    /// thread reports the tap gone.
+    closed: BTreeMap<String, LivePort>,
+    /// The thread that attaches taps and switches SG_PORTS entries.
+    taps: TapsHandle,
     next_policy: u32,
     next_addr: u32,
     next_port_idx: u32,
-    next_rule: u32,
 }
 
 impl Applier {
@@ -235,13 +245,13 @@ impl Applier {
         // Ids freed before the restart may still be carried by conntrack entries: never give
         // one again (sg-common `NextIds`).
         let used = dp.next_ids()?;
+        let taps = TapsHandle::spawn(dp.tap_handles()?, netns.clone())?;
 
         let mut a = Self {
             next_policy: (policies.keys().max().copied().unwrap_or(0) + 1).max(used.policy),
             next_addr: (addr_sets.keys().max().copied().unwrap_or(0) + 1).max(used.addr_id),
             next_port_idx: (port_entries.iter().map(|(_, p)| p.port_idx).max().unwrap_or(0) + 1)
                 .max(used.port_idx),
-            next_rule: 1,
             dp,
             netns,
             policies: HashMap::with_hasher(hashing.clone()),
@@ -251,7 +261,8 @@ impl Applier {
             ports: BTreeMap::new(),
             rule_idx: BTreeMap::new(),
             rules: BTreeMap::new(),
-            attached: BTreeMap::new(),
+            closed: BTreeMap::new(),
+            taps,
         };
         for (id, mut content) in policies {
             content.classes.sort_by(|x, y| {
@@ -290,7 +301,6 @@ impl Applier {
                 a.rule_idx
                     .insert((r.security_group_id.clone(), r.rule_id.clone()), r.index);
                 a.rules.insert(r.index, r.clone());
-                a.next_rule = a.next_rule.max(r.index + 1);
             }
             for p in &prev.ports {
                 // Trust the previous state only where the maps agree with it.
@@ -311,39 +321,46 @@ impl Applier {
         self.ports.values()
     }
 
+    /// The taps thread, for the agent: its wake-ups and its checks.
+    pub fn taps(&self) -> &TapsHandle {
+        &self.taps
+    }
+
+    /// The state for the CLI, with where each port is enforced right now.
     pub fn run_state(&self, generation: u64) -> RunState {
+        let view = self.taps.view().unwrap_or_else(|e| {
+            warn!("asking the taps thread where ports are enforced: {e:#}");
+            BTreeMap::new()
+        });
+        let located = |p: &LivePort| {
+            let mut p = p.clone();
+            let point = view.get(&p.device).and_then(|v| v.point.clone());
+            p.ifindex = point.as_ref().map(|x| x.ifindex);
+            p.point = point.map(|x| x.name);
+            p
+        };
+        let mut ports: Vec<LivePort> = self.ports.values().map(located).collect();
+        ports.extend(
+            self.closed
+                .values()
+                .filter(|p| view.get(&p.device).is_some_and(|v| v.closed))
+                .map(located),
+        );
         RunState {
             generation,
-            ports: self.ports.values().cloned().collect(),
+            netns: self.netns.clone(),
+            ports,
             rules: self.rules.values().cloned().collect(),
         }
     }
 
-    /// Makes the maps and attachments match `compiled`, given the interfaces that exist now
-    /// (name → ifindex).
-    pub fn apply(&mut self, compiled: &Compiled, links: &BTreeMap<String, u32>) -> Result<ApplyReport> {
+    /// Makes the maps and attachments match `compiled`. The taps thread reads the namespace's
+    /// interfaces itself, so a tap that appeared a moment ago is attached too.
+    pub fn apply(&mut self, compiled: &Compiled) -> Result<ApplyReport> {
         let mut report = ApplyReport::default();
 
-        // Rules: stable live indexes.
-        let mut rule_map: HashMap<u32, u32> = HashMap::new();
-        let mut live_rules = BTreeMap::new();
-        for r in &compiled.rules {
-            let key = (r.security_group_id.clone(), r.rule_id.clone());
-            let idx = match self.rule_idx.get(&key) {
-                Some(i) => *i,
-                None => self.alloc_rule()?,
-            };
-            rule_map.insert(r.index, idx);
-            live_rules.insert(
-                idx,
-                LiveRule {
-                    index: idx,
-                    security_group_id: r.security_group_id.clone(),
-                    rule_id: r.rule_id.clone(),
-                    text: r.text.clone(),
-                },
-            );
-        }
+        // Rules: stable live indexes, checked against the limit before anything is written.
+        let (rule_map, live_rules, reused) = self.assign_rule_indexes(compiled)?;
 
         // Desired contents, by compiled policy id and by port.
         let mut desired_policies: HashMap<u32, PolicyContent> = HashMap::new();
@@ -397,11 +414,18 @@ impl Applier {
             }
             return Err(e.context("writing the new policy; the running policy is unchanged"));
         }
+        // An index taken over from a rule this change removes starts its new rule at zero. No
+        // port uses the new policy yet; hits the old rule gets until its ports switch below are
+        // counted under the new one (only when the free indexes ran out).
+        for idx in reused {
+            self.dp.reset_rule_hits(idx)?;
+        }
 
-        // Phase 2: switch each port with one SG_PORTS update, attaching taps that appeared.
-        let mut desired_ids: BTreeSet<String> = BTreeSet::new();
+        // Phase 2: switch each port with one SG_PORTS update, attaching taps that appeared,
+        // and close the taps of ports that left. The taps thread does it.
+        let mut plan: BTreeMap<String, TapPlan> = BTreeMap::new();
+        let mut live: BTreeMap<String, LivePort> = BTreeMap::new();
         for cp in &compiled.ports {
-            desired_ids.insert(cp.id.clone());
             let (policy, addr_id) = if cp.info.flags & PORT_F_FILTERED != 0 {
                 let policy = self.policies[&desired_policies[&cp.info.policy]];
                 let addr_id = self.addr_sets[&port_addrs[cp.id.as_str()]];
@@ -409,7 +433,7 @@ impl Applier {
             } else {
                 (0, 0)
             };
-            let port_idx = match self.ports.get(&cp.id) {
+            let port_idx = match self.ports.get(&cp.id).or_else(|| self.closed.get(&cp.id)) {
                 Some(p) => p.port_idx,
                 None => {
                     let i = self.next_port_idx;
@@ -423,48 +447,22 @@ impl Applier {
                 port_idx,
                 ..cp.info
             };
-            let ifindex = links.get(&cp.device).copied();
-            let prev = self.ports.get(&cp.id).cloned();
-            if let Some(prev_if) = prev.as_ref().and_then(|p| p.ifindex)
-                && Some(prev_if) != ifindex
-            {
-                // The tap went away or came back under another ifindex.
-                let _ = self.dp.ports()?.remove(&prev_if);
-                self.attached.remove(&prev_if);
-            }
-            match ifindex {
-                Some(ifindex) => {
-                    let current = self.dp.ports()?.get(&ifindex, 0).ok();
-                    if current != Some(info) {
-                        // The switch: one update, so a packet sees the old or the new policy.
-                        self.dp.ports()?.insert(ifindex, info, 0).with_context(|| {
-                            format!("SG_PORTS entry of {} (ifindex {ifindex})", cp.device)
-                        })?;
-                        report.ports_switched.push(cp.device.clone());
-                    }
-                    if !self.attached.contains_key(&ifindex) {
-                        let iface = Iface::new(&cp.device, self.netns.as_deref());
-                        let (_, how) = self
-                            .dp
-                            .attach(&iface)
-                            .with_context(|| format!("attaching to {}", cp.device))?;
-                        self.attached.insert(ifindex, cp.device.clone());
-                        match how {
-                            Attached::New => report.taps_attached.push(cp.device.clone()),
-                            Attached::TookOver => report.taps_taken_over.push(cp.device.clone()),
-                        }
-                    }
-                }
-                None => report.taps_missing.push(cp.device.clone()),
-            }
-            self.ports.insert(
+            plan.insert(
+                cp.device.clone(),
+                TapPlan {
+                    port_id: cp.id.clone(),
+                    info,
+                },
+            );
+            self.closed.remove(&cp.id);
+            live.insert(
                 cp.id.clone(),
                 LivePort {
                     id: cp.id.clone(),
                     device: cp.device.clone(),
                     network_id: cp.network_id.clone(),
                     port_idx,
-                    ifindex,
+                    ifindex: None,
                     policy,
                     addr_id,
                     flags: info.flags,
@@ -474,27 +472,69 @@ impl Applier {
                         .find(|p| p.id == cp.info.policy)
                         .map(|p| p.security_groups.clone())
                         .unwrap_or_default(),
+                    point: None,
+                    closed: false,
                 },
             );
         }
-        // Ports that left the input (or this host): stop filtering and detach.
-        let gone: Vec<String> = self
+        // Ports that left the input (or this host): a tap that still exists is closed.
+        let leaving: Vec<LivePort> = self
             .ports
-            .keys()
-            .filter(|id| !desired_ids.contains(*id))
+            .values()
+            .filter(|p| !live.contains_key(&p.id))
             .cloned()
             .collect();
-        for id in gone {
-            let p = self.ports.remove(&id).expect("listed above");
-            if let Some(ifindex) = p.ifindex {
-                let _ = self.dp.ports()?.remove(&ifindex);
-                self.attached.remove(&ifindex);
-                if let Some(root) = self.dp.pin_root() {
-                    let iface = Iface::new(&p.device, self.netns.as_deref());
-                    crate::datapath::unpin_links(root, &iface, ifindex)?;
-                }
+        let had = |p: &LivePort| TapPlan {
+            port_id: p.id.clone(),
+            info: PortInfo {
+                policy: p.policy,
+                addr_id: p.addr_id,
+                port_idx: p.port_idx,
+                flags: p.flags,
+                ..Default::default()
+            },
+        };
+        let switch = self
+            .taps
+            .switch(plan, leaving.iter().map(|p| (p.device.clone(), had(p))).collect())?;
+        report.ports_switched = switch.switched;
+        report.taps_attached = switch.attached;
+        report.taps_taken_over = switch.taken_over;
+        report.taps_missing = switch.missing;
+        for p in leaving {
+            if switch.closed.contains(&p.device) {
+                self.closed.insert(
+                    p.id.clone(),
+                    LivePort {
+                        policy: 0,
+                        addr_id: 0,
+                        flags: PORT_F_FILTERED | PORT_F_CLOSED,
+                        closed: true,
+                        ..p.clone()
+                    },
+                );
             }
             report.ports_removed.push(p.device);
+        }
+        self.ports = live;
+        // Where each port is enforced now; a closed tap the taps thread saw go is forgotten.
+        let view = self.taps.view()?;
+        for p in self.ports.values_mut() {
+            let point = view.get(&p.device).and_then(|v| v.point.clone());
+            p.ifindex = point.as_ref().map(|x| x.ifindex);
+            p.point = point.map(|x| x.name);
+        }
+        self.closed
+            .retain(|_, p| view.get(&p.device).is_some_and(|v| v.closed));
+        if !switch.errors.is_empty() {
+            // The ports that failed may still use the old policies: keep them until the next
+            // apply, which deletes what is then unused.
+            self.rules_applied(live_rules)?;
+            bail!(
+                "the new policy is written, but {} tap(s) could not be switched:\n{}",
+                switch.errors.len(),
+                switch.errors.join("\n")
+            );
         }
 
         // Phase 3: delete what no port uses any more.
@@ -536,7 +576,13 @@ impl Applier {
             report.entries_deleted += self.delete_addrs(id, &set)?;
             report.addr_sets_deleted += 1;
         }
-        // Rules no longer in the input give their index back, with a clean counter.
+        self.rules_applied(live_rules)?;
+        debug!(?report, "apply finished");
+        Ok(report)
+    }
+
+    /// Rules no longer in the input give their index back, with a clean counter.
+    fn rules_applied(&mut self, live_rules: BTreeMap<u32, LiveRule>) -> Result<()> {
         let dropped: Vec<(String, String)> = self
             .rule_idx
             .iter()
@@ -553,49 +599,77 @@ impl Applier {
                 .insert((r.security_group_id.clone(), r.rule_id.clone()), r.index);
         }
         self.rules = live_rules;
+        // The next ids outlive this process (sg-common `NextIds`).
         self.dp.set_next_ids(NextIds {
             policy: self.next_policy,
             addr_id: self.next_addr,
             port_idx: self.next_port_idx,
             _pad: 0,
         })?;
-        debug!(?report, "apply finished");
-        Ok(report)
+        Ok(())
     }
 
-    /// Forgets the attachments of deleted interfaces: their links died with them, and a new
-    /// device (even with the same name and ifindex) needs fresh ones. Returns whether any
-    /// managed tap was among them.
-    pub fn forget_deleted(&mut self, ifindexes: &[u32]) -> bool {
-        let mut any = false;
-        for i in ifindexes {
-            if self.attached.remove(i).is_some() {
-                any = true;
-                for p in self.ports.values_mut() {
-                    if p.ifindex == Some(*i) {
-                        p.ifindex = None;
+    /// Live rule indexes for `compiled`'s rules: a rule keeps its index across applies (its
+    /// SG_RULE_HITS counter carries on); a new rule takes the lowest index that no rule held
+    /// before this apply, and only when none is left, the index of a rule this apply removes
+    /// (returned as `reused`). Returns compiled index → live index, and the live rules. Refuses
+    /// more rules than SG_RULE_HITS has indexes, before anything is written.
+    #[allow(clippy::type_complexity)]
+    fn assign_rule_indexes(
+        &self,
+        compiled: &Compiled,
+    ) -> Result<(HashMap<u32, u32>, BTreeMap<u32, LiveRule>, Vec<u32>)> {
+        let limit = MAX_RULES - 1;
+        if compiled.rules.len() > limit as usize {
+            bail!(
+                "the ports of this host use {} security-group rules; sg counts each rule under an \
+                 index of SG_RULE_HITS and has {} of them (index 0 means no rule); the running \
+                 policy is unchanged",
+                thousands(compiled.rules.len()),
+                thousands(limit as usize)
+            );
+        }
+        let wanted: BTreeSet<(&str, &str)> = compiled
+            .rules
+            .iter()
+            .map(|r| (r.security_group_id.as_str(), r.rule_id.as_str()))
+            .collect();
+        let held: BTreeSet<u32> = self.rule_idx.values().copied().collect();
+        let mut free = (1..MAX_RULES).filter(|i| !held.contains(i));
+        let mut leaving = self
+            .rule_idx
+            .iter()
+            .filter(|((g, r), _)| !wanted.contains(&(g.as_str(), r.as_str())))
+            .map(|(_, i)| *i);
+        let mut rule_map = HashMap::new();
+        let mut live = BTreeMap::new();
+        let mut reused = Vec::new();
+        for r in &compiled.rules {
+            let key = (r.security_group_id.clone(), r.rule_id.clone());
+            let idx = match self.rule_idx.get(&key) {
+                Some(i) => *i,
+                None => match free.next() {
+                    Some(i) => i,
+                    None => {
+                        // Fewer rules than indexes (checked above), so a held index is leaving.
+                        let i = leaving.next().expect("an index of a removed rule");
+                        reused.push(i);
+                        i
                     }
-                }
-                let _ = self.dp.ports().map(|mut m| m.remove(i));
-                if let Some(root) = self.dp.pin_root() {
-                    let _ = crate::datapath::collect_stale_links(root, self.netns.as_deref());
-                }
-            }
+                },
+            };
+            rule_map.insert(r.index, idx);
+            live.insert(
+                idx,
+                LiveRule {
+                    index: idx,
+                    security_group_id: r.security_group_id.clone(),
+                    rule_id: r.rule_id.clone(),
+                    text: r.text.clone(),
+                },
+            );
         }
-        any
-    }
-
-    fn alloc_rule(&mut self) -> Result<u32> {
-        let used: BTreeSet<u32> = self.rule_idx.values().copied().collect();
-        if self.next_rule < MAX_RULES {
-            let i = self.next_rule;
-            self.next_rule += 1;
-            return Ok(i);
-        }
-        match (1..MAX_RULES).find(|i| !used.contains(i)) {
-            Some(i) => Ok(i),
-            None => bail!("more than {} security-group rules on this host", MAX_RULES - 1),
-        }
+        Ok((rule_map, live, reused))
     }
 
     // A policy is written and deleted in batches (datapath::batch): one syscall per map rather
@@ -694,6 +768,19 @@ fn policy_content<'a>(
     })
 }
 
+/// 65535 → "65,535".
+fn thousands(n: usize) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
 fn addr_content(addrs: &[LpmEntry<AddrKey, AddrVal>]) -> Entries<AddrKey, AddrVal> {
     sorted(
         addrs
@@ -708,6 +795,9 @@ fn addr_content(addrs: &[LpmEntry<AddrKey, AddrVal>]) -> Entries<AddrKey, AddrVa
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct RunState {
     pub generation: u64,
+    /// The named network namespace of the taps (`sg agent --netns`); `None`: the agent's own.
+    #[serde(default)]
+    pub netns: Option<String>,
     pub ports: Vec<LivePort>,
     pub rules: Vec<LiveRule>,
 }
@@ -733,24 +823,6 @@ impl RunState {
         std::fs::write(&tmp, serde_json::to_vec_pretty(self)?)?;
         std::fs::rename(&tmp, run_dir.join(Self::FILE))?;
         Ok(())
-    }
-
-    /// Deletes the run state, and `run_dir` if nothing else is left in it. Returns whether
-    /// there was a state to delete.
-    pub fn remove(run_dir: &std::path::Path) -> Result<bool> {
-        let mut found = false;
-        for name in [Self::FILE.to_string(), format!("{}.tmp", Self::FILE)] {
-            match std::fs::remove_file(run_dir.join(&name)) {
-                Ok(()) => found = true,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => {
-                    return Err(e).with_context(|| format!("removing {}", run_dir.join(&name).display()));
-                }
-            }
-        }
-        // Not empty (someone else's files) or already gone: both are fine.
-        let _ = std::fs::remove_dir(run_dir);
-        Ok(found)
     }
 }
 

@@ -1,20 +1,43 @@
-//! Following interfaces over rtnetlink: a dump of name → ifindex, and a wake-up on every link
-//! event (created, deleted, renamed, moved). The agent re-reads the whole table on a wake-up
-//! instead of interpreting each event: renames and ifindex reuse then need no special case.
+//! Following interfaces over rtnetlink: a dump of every interface (name, ifindex, bridge), and
+//! each change as it happens (created, changed, deleted, renamed, moved away).
 
 use std::collections::BTreeMap;
 
 use anyhow::{Context as _, Result};
 use futures::{StreamExt as _, TryStreamExt as _, channel::mpsc::UnboundedReceiver};
-use netlink_packet_route::{RouteNetlinkMessage, link::LinkAttribute};
+use netlink_packet_core::{NetlinkMessage, NetlinkPayload};
+use netlink_packet_route::{
+    RouteNetlinkMessage,
+    link::{LinkAttribute, LinkMessage},
+};
 use rtnetlink::{Handle, MulticastGroup, new_multicast_connection};
 
 use crate::netns;
 
-type Events = UnboundedReceiver<(
-    netlink_packet_core::NetlinkMessage<RouteNetlinkMessage>,
-    netlink_sys::SocketAddr,
-)>;
+type Events = UnboundedReceiver<(NetlinkMessage<RouteNetlinkMessage>, netlink_sys::SocketAddr)>;
+
+/// One interface as the taps thread needs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Link {
+    pub ifindex: u32,
+    /// The bridge (or other master) it is a port of.
+    pub master: Option<u32>,
+}
+
+/// One rtnetlink link event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LinkChange {
+    /// Created, or changed (renamed, enslaved, up/down): the interface as it is now.
+    New {
+        name: String,
+        link: Link,
+    },
+    Deleted {
+        ifindex: u32,
+    },
+    /// The socket's buffer overflowed and events were lost: read the whole table again.
+    Overrun,
+}
 
 pub struct Links {
     handle: Handle,
@@ -36,57 +59,77 @@ impl Links {
         Ok(Self { handle, events })
     }
 
-    /// Every interface: name → ifindex.
-    pub async fn dump(&self) -> Result<BTreeMap<String, u32>> {
+    /// Every interface: name → ifindex and master.
+    pub async fn dump(&self) -> Result<BTreeMap<String, Link>> {
         let mut out = BTreeMap::new();
         let mut links = self.handle.link().get().execute();
         while let Some(msg) = links.try_next().await.context("rtnetlink link dump")? {
-            let index = msg.header.index;
-            for attr in msg.attributes {
-                if let LinkAttribute::IfName(name) = attr {
-                    out.insert(name, index);
-                }
+            if let Some((name, link)) = describe(&msg) {
+                out.insert(name, link);
             }
         }
         Ok(out)
     }
 
-    /// Takes the events already queued (the caller is about to re-read the whole table) and
-    /// returns the ifindexes deleted among them.
-    pub fn drain(&mut self) -> Vec<u32> {
-        let mut deleted = Vec::new();
-        while let Ok(Some((msg, _))) = self.events.try_recv().map(Some) {
-            if let Some(i) = deleted_index(&msg) {
-                deleted.push(i);
-            }
-        }
-        deleted
-    }
-
-    /// Waits for the next link event and returns the ifindexes it deleted (possibly none).
-    /// A deleted ifindex matters even if the same name and index reappear before the table is
-    /// read again: the tcx links died with the old device. `None` when the connection is gone.
-    pub async fn changed(&mut self) -> Option<Vec<u32>> {
+    /// The next link event; `None` when the connection is gone.
+    pub async fn next(&mut self) -> Option<LinkChange> {
         loop {
             let (msg, _) = self.events.next().await?;
-            match &msg.payload {
-                netlink_packet_core::NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(_)) => {
-                    return Some(Vec::new());
+            match msg.payload {
+                NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(l)) => {
+                    if let Some((name, link)) = describe(&l) {
+                        return Some(LinkChange::New { name, link });
+                    }
                 }
-                netlink_packet_core::NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelLink(_)) => {
-                    return Some(deleted_index(&msg).into_iter().collect());
+                NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelLink(l)) => {
+                    return Some(LinkChange::Deleted {
+                        ifindex: l.header.index,
+                    });
                 }
+                NetlinkPayload::Overrun(_) => return Some(LinkChange::Overrun),
                 _ => {}
             }
         }
     }
+
+    /// The events already queued, without waiting.
+    pub fn queued(&mut self) -> Vec<LinkChange> {
+        let mut out = Vec::new();
+        while let Ok(Some((msg, _))) = self.events.try_recv().map(Some) {
+            match msg.payload {
+                NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(l)) => {
+                    if let Some((name, link)) = describe(&l) {
+                        out.push(LinkChange::New { name, link });
+                    }
+                }
+                NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelLink(l)) => {
+                    out.push(LinkChange::Deleted {
+                        ifindex: l.header.index,
+                    });
+                }
+                NetlinkPayload::Overrun(_) => out.push(LinkChange::Overrun),
+                _ => {}
+            }
+        }
+        out
+    }
 }
 
-fn deleted_index(msg: &netlink_packet_core::NetlinkMessage<RouteNetlinkMessage>) -> Option<u32> {
-    match &msg.payload {
-        netlink_packet_core::NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelLink(l)) => {
-            Some(l.header.index)
+fn describe(msg: &LinkMessage) -> Option<(String, Link)> {
+    let mut name = None;
+    let mut master = None;
+    for attr in &msg.attributes {
+        match attr {
+            LinkAttribute::IfName(n) => name = Some(n.clone()),
+            LinkAttribute::Controller(m) if *m != 0 => master = Some(*m),
+            _ => {}
         }
-        _ => None,
     }
+    Some((
+        name?,
+        Link {
+            ifindex: msg.header.index,
+            master,
+        },
+    ))
 }

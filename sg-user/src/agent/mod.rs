@@ -1,19 +1,27 @@
-//! The agent: follow taps, watch the input, reconcile the datapath.
+//! The agent: follow taps, watch the input, reconcile the datapath, and keep enforcement in
+//! place.
 //!
 //! The loop drives one of two back ends (`--dataplane`): sg's eBPF datapath, or Neutron's own
 //! iptables ruleset ([`crate::iptables`], for hosts without eBPF and as the reference side of
-//! the differential test). One loop, three sources of change:
-//! - the input file or directory changed (inotify): validate, compile, apply; a rejected input
-//!   is logged and the running policy stays as it is;
-//! - an interface appeared, disappeared or was renamed (rtnetlink): re-apply the last good
-//!   compilation against the new name → ifindex table;
-//! - a timer: collect expired conntrack entries and pins of vanished interfaces.
+//! the differential test). Its sources of change:
+//! - the input file or directory changed ([`watch`]): validate, compile, apply; a rejected
+//!   input is logged and the running policy stays as it is;
+//! - a tap appeared, went or was renamed: the taps thread ([`taps`]) enforces it on its own,
+//!   at once, and tells the loop, which records where each port is enforced;
+//! - a pin vanished ([`pins`]), or the housekeeping timer: check that every map and link is
+//!   still pinned and attached, and restore what someone removed; collect expired conntrack
+//!   entries and pins of vanished interfaces; compare the input's identity in case an event
+//!   was missed; record that the agent is alive ([`lock::AgentRecord`]).
 //!
+//! An agent holds an exclusive lock on its pin root ([`lock::PinLock`]) for its whole life.
 //! Exiting (SIGTERM, SIGINT, or a crash) leaves maps and links pinned: enforcement stays, and
 //! the next agent takes the links over with an atomic program swap.
 
 pub mod apply;
 pub mod links;
+pub mod lock;
+mod pins;
+pub mod taps;
 mod watch;
 
 use std::{
@@ -22,12 +30,19 @@ use std::{
 };
 
 use anyhow::{Context as _, Result};
-use tokio::signal::unix::{SignalKind, signal};
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::mpsc::UnboundedReceiver,
+};
 use tracing::{error, info, warn};
 
-use self::apply::{Applier, RunState, log_report};
+use self::{
+    apply::{Applier, RunState, log_report},
+    lock::{AgentRecord, PinLock},
+    pins::PinWatch,
+};
 use crate::{
-    compile::{self, Compiled},
+    compile,
     datapath::{Datapath, LoadOptions},
     iptables, model, pinned,
 };
@@ -63,8 +78,31 @@ pub enum DataplaneOptions {
     },
 }
 
+/// The files an agent keeps in its run directory. `sg detach --all` (and so `dpkg -r`) deletes
+/// them with the pins they describe.
+pub const RUN_FILES: [&str; 2] = [RunState::FILE, lock::AgentRecord::FILE];
+
+/// Deletes the run state (RUN_FILES and their temporary files), and `run_dir` if nothing else
+/// is left in it. Returns whether there was any.
+pub fn remove_run_state(run_dir: &Path) -> Result<bool> {
+    let mut found = false;
+    for name in RUN_FILES {
+        for name in [name.to_string(), format!("{name}.tmp")] {
+            let path = run_dir.join(&name);
+            match std::fs::remove_file(&path) {
+                Ok(()) => found = true,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e).with_context(|| format!("removing {}", path.display())),
+            }
+        }
+    }
+    // Not empty (files that are not sg's) or gone already: both are fine.
+    let _ = std::fs::remove_dir(run_dir);
+    Ok(found)
+}
+
 /// Loads, validates and compiles the input. Errors carry every validation problem.
-pub fn load_and_compile(path: &Path, host: &str) -> Result<(model::Model, Compiled)> {
+pub fn load_and_compile(path: &Path, host: &str) -> Result<(model::Model, compile::Compiled)> {
     let model = load(path)?;
     let compiled = compile::compile(&model, host);
     Ok((model, compiled))
@@ -74,20 +112,15 @@ fn load(path: &Path) -> Result<model::Model> {
     model::load(path).map_err(|e| anyhow::anyhow!("{} rejected:\n{e}", path.display()))
 }
 
-type LinkTable = std::collections::BTreeMap<String, u32>;
-
 /// What the reconcile loop drives: one of the two back ends.
 trait Dataplane {
     /// Applies a validated input. On error the running policy stays as it was.
-    fn apply(&mut self, model: &model::Model, links: &LinkTable, generation: u64) -> Result<()>;
-    /// Interfaces appeared, went or were renamed (`changed`: the name → ifindex table differs).
-    fn links_changed(
-        &mut self,
-        deleted: &[u32],
-        links: &LinkTable,
-        changed: bool,
-        generation: u64,
-    ) -> Result<()>;
+    fn apply(&mut self, model: &model::Model, generation: u64) -> Result<()>;
+    /// The taps thread enforced, moved or lost a tap: record where ports are enforced now.
+    fn taps_changed(&mut self, generation: u64) -> Result<()>;
+    /// Checks that enforcement is in place and restores what someone removed. An error is
+    /// fatal: the agent can no longer stand for what is enforced.
+    fn check(&mut self, generation: u64) -> Result<()>;
     /// Periodic housekeeping.
     fn gc(&mut self);
     fn describe_exit(&self) -> String;
@@ -96,31 +129,96 @@ trait Dataplane {
 /// The eBPF back end: compile, then swap maps and programs (agent::apply).
 struct Ebpf {
     applier: Applier,
-    /// The last compilation applied, re-applied when interfaces change.
-    current: Option<Compiled>,
     opts: AgentOptions,
+    lock: PinLock,
+    /// An input has been applied: the applier knows which ports are gone.
+    applied: bool,
+}
+
+impl Ebpf {
+    fn save_state(&self, generation: u64) -> Result<()> {
+        self.applier
+            .run_state(generation)
+            .save(&self.opts.run_dir)
+            .context("writing the run state")
+    }
 }
 
 impl Dataplane for Ebpf {
-    fn apply(&mut self, model: &model::Model, links: &LinkTable, generation: u64) -> Result<()> {
+    fn apply(&mut self, model: &model::Model, generation: u64) -> Result<()> {
         let compiled = compile::compile(model, &self.opts.host);
-        apply_and_record(&mut self.applier, &compiled, links, &self.opts, generation)?;
-        self.current = Some(compiled);
-        Ok(())
+        let t = Instant::now();
+        let result = self.applier.apply(&compiled);
+        self.applied = true;
+        if let Ok(report) = &result {
+            log_report(report, &compiled);
+            if report.changed() {
+                info!(
+                    elapsed_us = t.elapsed().as_micros() as u64,
+                    generation, "apply done"
+                );
+            }
+        }
+        // Also after a partial failure: the ports that were switched are recorded.
+        self.save_state(generation)?;
+        result.map(|_| ())
     }
 
-    fn links_changed(
-        &mut self,
-        deleted: &[u32],
-        links: &LinkTable,
-        changed: bool,
-        generation: u64,
-    ) -> Result<()> {
-        let forgot = self.applier.forget_deleted(deleted);
-        if (changed || forgot)
-            && let Some(c) = &self.current
-        {
-            apply_and_record(&mut self.applier, c, links, &self.opts, generation)?;
+    fn taps_changed(&mut self, generation: u64) -> Result<()> {
+        self.save_state(generation)
+    }
+
+    fn check(&mut self, generation: u64) -> Result<()> {
+        // Another agent on the pin root, or another map pinned in ours, ends this agent; any
+        // other failure (the pins being removed while they are restored) is retried at the
+        // next wake-up.
+        let fatal = |e: &anyhow::Error| e.is::<lock::Taken>() || e.is::<crate::datapath::ForeignPin>();
+        let root = self.opts.pin_root.clone();
+        let mut restored = false;
+        if !self.lock.still_held() {
+            error!(
+                pin_root = %root.display(),
+                "the pin root was removed under the running agent (sg detach --all --force?): \
+                 taking it back and restoring maps and links"
+            );
+            match PinLock::acquire(&root) {
+                Ok(l) => self.lock = l,
+                Err(e) if fatal(&e) => return Err(e.context("taking the removed pin root back")),
+                Err(e) => {
+                    error!("taking the removed pin root back: {e:#}; retrying");
+                    return Ok(());
+                }
+            }
+            restored = true;
+        }
+        let maps = match self.applier.dp.repin_maps() {
+            Ok(m) => m,
+            Err(e) if fatal(&e) => return Err(e.context("restoring the map pins")),
+            Err(e) => {
+                error!("restoring the map pins: {e:#}; retrying");
+                return Ok(());
+            }
+        };
+        if !maps.is_empty() {
+            error!(
+                maps = ?maps,
+                "map pins were removed under the running agent: pinned again (flows and counters kept)"
+            );
+            restored = true;
+        }
+        match self.applier.taps().verify() {
+            Ok(0) => {}
+            Ok(n) => {
+                error!(
+                    links = n,
+                    "tcx links were removed under the running agent: attached and pinned again"
+                );
+                restored = true;
+            }
+            Err(e) => error!("checking the taps' links: {e:#}"),
+        }
+        if restored {
+            self.save_state(generation)?;
         }
         Ok(())
     }
@@ -129,9 +227,8 @@ impl Dataplane for Ebpf {
         // Entries of ports that left the input go too, once an input has been applied: before
         // that the agent does not know which ports are gone.
         let ports: Option<std::collections::BTreeSet<u32>> = self
-            .current
-            .as_ref()
-            .map(|_| self.applier.ports().map(|p| p.port_idx).collect());
+            .applied
+            .then(|| self.applier.ports().map(|p| p.port_idx).collect());
         match pinned::collect_expired(&self.opts.pin_root, ports.as_ref()) {
             Ok(n) if n > 0 => info!(deleted = n, "conntrack: expired entries collected"),
             Ok(_) => {}
@@ -161,7 +258,7 @@ struct Iptables {
 }
 
 impl Dataplane for Iptables {
-    fn apply(&mut self, model: &model::Model, _links: &LinkTable, generation: u64) -> Result<()> {
+    fn apply(&mut self, model: &model::Model, generation: u64) -> Result<()> {
         let t = Instant::now();
         // Established flows survive a rule removal under iptables (RELATED,ESTABLISHED comes
         // first) until Neutron's agent deletes their conntrack entries: apply_change does too.
@@ -175,18 +272,33 @@ impl Dataplane for Iptables {
         if let Some(e) = change.conntrack_error {
             warn!("conntrack cleanup: {e}");
         }
+        if let Some(old) = &self.current {
+            let now: std::collections::BTreeSet<&str> = model
+                .local_ports(&self.render.host)
+                .iter()
+                .map(|p| p.id.as_str())
+                .collect();
+            for p in old.local_ports(&self.render.host) {
+                if !now.contains(p.id.as_str()) {
+                    warn!(port = %p.id, tap = %p.device, "port left the input: its chains are removed");
+                }
+            }
+        }
         self.current = Some(model.clone());
         RunState {
             generation,
-            ports: Vec::new(),
-            rules: Vec::new(),
+            ..Default::default()
         }
         .save(&self.run_dir)
         .context("writing the run state")
     }
 
-    /// The rules match taps by name (physdev), so they need no change when taps come and go.
-    fn links_changed(&mut self, _: &[u32], _: &LinkTable, _: bool, _: u64) -> Result<()> {
+    fn taps_changed(&mut self, _: u64) -> Result<()> {
+        Ok(())
+    }
+
+    /// The rules match taps by name (physdev) and live in the kernel's tables.
+    fn check(&mut self, _: u64) -> Result<()> {
         Ok(())
     }
 
@@ -199,10 +311,30 @@ impl Dataplane for Iptables {
 }
 
 pub async fn run(opts: AgentOptions) -> Result<()> {
+    let mut record: Option<AgentRecord> = None;
+    let result = run_inner(&opts, &mut record).await;
+    if let Some(r) = &mut record {
+        let reason = match &result {
+            Ok(signal) => signal.to_string(),
+            Err(e) => format!("error: {e:#}"),
+        };
+        if let Err(e) = r.stopped(&opts.run_dir, &reason) {
+            warn!("recording the agent's exit: {e:#}");
+        }
+    }
+    result.map(|_| ())
+}
+
+async fn run_inner(opts: &AgentOptions, record: &mut Option<AgentRecord>) -> Result<&'static str> {
     let started = Instant::now();
     let mut generation = 0;
+    let mut tap_events: Option<UnboundedReceiver<()>> = None;
+    let mut pin_watch: Option<PinWatch> = None;
     let mut dp: Box<dyn Dataplane> = match &opts.dataplane {
         DataplaneOptions::Ebpf => {
+            // First the lock: nothing is touched while another agent runs on this root.
+            let lock = PinLock::acquire(&opts.pin_root)?;
+            *record = Some(AgentRecord::start(&opts.run_dir, &opts.pin_root)?);
             let dp = Datapath::load(&LoadOptions {
                 pin_root: Some(opts.pin_root.clone()),
                 ct_entries: opts.ct_entries,
@@ -215,10 +347,13 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
             });
             let applier = Applier::adopt(dp, opts.netns.clone(), previous.as_ref())?;
             generation = previous.map(|p| p.generation).unwrap_or(0);
+            tap_events = Some(applier.taps().subscribe()?);
+            pin_watch = Some(PinWatch::new(&opts.pin_root, opts.netns.as_deref())?);
             Box::new(Ebpf {
                 applier,
-                current: None,
                 opts: opts.clone(),
+                lock,
+                applied: false,
             })
         }
         DataplaneOptions::Iptables {
@@ -243,23 +378,15 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
             })
         }
     };
-    let mut links = links::Links::open(opts.netns.as_deref())?;
     let mut watcher = watch::Watcher::new(&opts.state)?;
 
-    let initial = match load(&opts.state) {
+    match load(&opts.state) {
         Ok(m) => {
             info!(input = %opts.state.display(), model = %m.summary(), "input loaded");
-            Some(m)
+            generation += 1;
+            dp.apply(&m, generation)?;
         }
-        Err(e) => {
-            error!("{e:#}");
-            None
-        }
-    };
-    let mut table = links.dump().await?;
-    if let Some(m) = &initial {
-        generation += 1;
-        dp.apply(m, &table, generation)?;
+        Err(e) => error!("{e:#}"),
     }
     info!(elapsed_ms = started.elapsed().as_millis() as u64, "ready");
 
@@ -267,62 +394,74 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut gc = tokio::time::interval(opts.gc_interval);
     gc.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
+    let reload = |dp: &mut Box<dyn Dataplane>, generation: &mut u64| match load(&opts.state) {
+        Ok(m) => {
+            info!(model = %m.summary(), "input changed");
+            *generation += 1;
+            if let Err(e) = dp.apply(&m, *generation) {
+                error!("{e:#}");
+            }
+        }
+        Err(e) => error!("{e:#}\nthe running policy is unchanged"),
+    };
+    let exit = loop {
         tokio::select! {
-            _ = sigterm.recv() => break,
-            _ = sigint.recv() => break,
-            ev = links.changed() => {
-                let Some(mut deleted) = ev else {
-                    anyhow::bail!("the rtnetlink connection closed");
-                };
-                // Taps come in bursts (create, rename, up): settle, then read the table once.
-                tokio::time::sleep(Duration::from_millis(20)).await;
-                deleted.extend(links.drain());
-                let new_table = links.dump().await?;
-                let changed = new_table != table;
-                table = new_table;
-                if let Err(e) = dp.links_changed(&deleted, &table, changed, generation) {
-                    error!("re-applying after an interface change: {e:#}");
+            _ = sigterm.recv() => break "stopped by SIGTERM",
+            _ = sigint.recv() => break "stopped by SIGINT",
+            ev = recv(&mut tap_events) => {
+                // The taps thread holds the sender for its whole life.
+                anyhow::ensure!(ev.is_some(), "the taps thread stopped: new taps would go unfiltered");
+                if let Some(rx) = &mut tap_events {
+                    while rx.try_recv().is_ok() {}
+                }
+                if let Err(e) = dp.taps_changed(generation) {
+                    error!("{e:#}");
+                }
+            }
+            fired = fired(&mut pin_watch) => {
+                fired?;
+                dp.check(generation)?;
+                if let Some(w) = &mut pin_watch {
+                    w.rearm();
                 }
             }
             changed = watcher.changed() => {
                 changed?;
-                match load(&opts.state) {
-                    Ok(m) => {
-                        info!(model = %m.summary(), "input changed");
-                        generation += 1;
-                        if let Err(e) = dp.apply(&m, &table, generation) {
-                            error!("{e:#}");
-                        }
-                    }
-                    Err(e) => error!("{e:#}\nthe running policy is unchanged"),
+                reload(&mut dp, &mut generation);
+            }
+            _ = gc.tick() => {
+                dp.check(generation)?;
+                if let Some(w) = &mut pin_watch {
+                    w.rearm();
+                }
+                dp.gc();
+                // A backstop for any event the input watch missed.
+                if watcher.check() {
+                    warn!("the input changed without an event the watch saw");
+                    reload(&mut dp, &mut generation);
+                }
+                if let Some(r) = record.as_mut()
+                    && let Err(e) = r.alive(&opts.run_dir)
+                {
+                    warn!("recording that the agent is alive: {e:#}");
                 }
             }
-            _ = gc.tick() => dp.gc(),
         }
-    }
+    };
     info!("{}", dp.describe_exit());
-    Ok(())
+    Ok(exit)
 }
 
-fn apply_and_record(
-    applier: &mut Applier,
-    compiled: &Compiled,
-    table: &LinkTable,
-    opts: &AgentOptions,
-    generation: u64,
-) -> Result<()> {
-    let t = Instant::now();
-    let report = applier.apply(compiled, table)?;
-    log_report(&report, compiled);
-    if report.changed() {
-        info!(
-            elapsed_us = t.elapsed().as_micros() as u64,
-            generation, "apply done"
-        );
+async fn recv(rx: &mut Option<UnboundedReceiver<()>>) -> Option<()> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
     }
-    applier
-        .run_state(generation)
-        .save(&opts.run_dir)
-        .context("writing the run state")
+}
+
+async fn fired(w: &mut Option<PinWatch>) -> Result<()> {
+    match w {
+        Some(w) => w.fired().await,
+        None => std::future::pending().await,
+    }
 }

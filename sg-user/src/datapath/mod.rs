@@ -8,6 +8,7 @@
 
 use std::{
     fs, io,
+    os::fd::AsFd as _,
     path::{Path, PathBuf},
 };
 
@@ -284,79 +285,108 @@ impl Datapath {
     /// swapped in atomically, so the tap is never unfiltered.
     pub fn attach(&mut self, iface: &Iface) -> Result<(u32, Attached)> {
         let ifindex = iface.ifindex()?;
+        let pin_root = self.pin_root.clone();
         let mut how = Attached::New;
         for (name, attach_type) in PROGRAMS {
-            let pin = self
-                .pin_root
+            let prog = self.program(name)?;
+            let ifname = iface.name.clone();
+            let pin = pin_root
                 .as_ref()
                 .map(|root| link_pin_path(root, iface, ifindex, name));
-            let prog = self.program(name)?;
-            let existing = match &pin {
-                Some(p) => match PinnedLink::from_pin(p) {
-                    Ok(link) => Some(link),
-                    Err(LinkError::SyscallError(SyscallError { io_error, .. }))
-                        if io_error.kind() == io::ErrorKind::NotFound =>
-                    {
-                        None
-                    }
-                    Err(e) => return Err(e).context(format!("opening pin {}", p.display())),
-                },
-                None => None,
-            };
-            let mut took_over = None;
-            if let Some(pinned) = existing {
-                let link: SchedClassifierLink = FdLink::from(pinned).try_into()?;
-                match prog.attach_to_link(link) {
-                    Ok(id) => took_over = Some(id),
-                    // The pinned link outlived its device (ENOLINK): a new device has the same
-                    // name and ifindex. Drop the dead pin and attach afresh.
-                    Err(e) if is_enolink(&e) => {
-                        let p = pin.as_ref().expect("a pinned link has a path");
-                        tracing::warn!("pinned link {} is dead ({e}); attaching afresh", p.display());
-                        fs::remove_file(p).with_context(|| format!("removing dead pin {}", p.display()))?;
-                    }
-                    Err(e) => {
-                        return Err(e).with_context(|| {
-                            format!("swapping {name} into the pinned link of {}", iface.name)
-                        });
-                    }
-                }
-            }
-            let fresh = took_over.is_none();
-            let id = match took_over {
-                Some(id) => {
-                    how = Attached::TookOver;
-                    id
-                }
-                None => {
-                    let ifname = iface.name.clone();
-                    netns::run_in(iface.netns.as_deref(), || {
-                        prog.attach_with_options(
-                            &ifname,
-                            attach_type,
-                            TcAttachOptions::TcxOrder(LinkOrder::first()),
-                        )
-                    })?
-                    .with_context(|| format!("attaching {name} to {}", iface.name))?
-                }
-            };
-            let link = prog.take_link(id)?;
-            match &pin {
-                Some(p) => {
-                    if fresh {
-                        if let Some(parent) = p.parent() {
-                            fs::create_dir_all(parent)?;
-                        }
-                        let fd: FdLink = link.try_into()?;
-                        fd.pin(p).with_context(|| format!("pinning {}", p.display()))?;
-                    }
-                    // A taken-over link is already pinned; dropping our handle keeps it.
-                }
-                // Unpinned: keep the link alive as long as this process.
-                None => std::mem::forget(link),
+            if netns::run_in(iface.netns.as_deref(), || {
+                attach_here(prog, attach_type, &ifname, pin.as_deref())
+            })?? == Attached::TookOver
+            {
+                how = Attached::TookOver;
             }
         }
         Ok((ifindex, how))
+    }
+
+    /// The ids of the loaded programs, in `PROGRAMS` order: what a tcx query of an enforced
+    /// interface lists.
+    pub fn program_ids(&mut self) -> Result<[u32; 2]> {
+        let mut ids = [0; 2];
+        for (i, (name, _)) in PROGRAMS.iter().enumerate() {
+            ids[i] = self.program(name)?.info()?.id();
+        }
+        Ok(ids)
+    }
+
+    /// Second handles on the loaded programs and on SG_PORTS, for the thread that attaches
+    /// taps while this one applies policies (`agent::taps`). `sg_to_vm` comes first: a tcx
+    /// attach waits for an RCU grace period, and a tap that comes up between the two attaches
+    /// is then already closed to the outside.
+    pub fn tap_handles(&mut self) -> Result<TapHandles> {
+        let mut progs = Vec::new();
+        for (name, attach_type) in PROGRAMS.into_iter().rev() {
+            let info = self.program(name)?.info()?;
+            progs.push((
+                name,
+                SchedClassifier::from_program_info(info, name.into())
+                    .with_context(|| format!("a second handle on {name}"))?,
+                attach_type,
+            ));
+        }
+        let ports = match self.ebpf.map(MAP_PORTS) {
+            Some(aya::maps::Map::HashMap(m)) => m.fd().as_fd().try_clone_to_owned()?,
+            _ => bail!("map {MAP_PORTS} missing from the object"),
+        };
+        Ok(TapHandles {
+            progs,
+            ports: MapData::from_fd(ports)?,
+            pin_root: self.pin_root.clone(),
+        })
+    }
+
+    /// Pins again every map whose pin is gone (someone removed the pin root under a running
+    /// agent). The maps themselves live on in this process, with every entry and flow. Returns
+    /// the names re-pinned. A pin that now names another map is refused: two agents' state
+    /// cannot be merged.
+    pub fn repin_maps(&self) -> Result<Vec<&'static str>> {
+        let Some(root) = &self.pin_root else {
+            return Ok(Vec::new());
+        };
+        let dir = root.join("maps");
+        let mut repinned = Vec::new();
+        for name in PINNED_MAPS {
+            let data = match self.ebpf.map(name) {
+                Some(
+                    aya::maps::Map::HashMap(m)
+                    | aya::maps::Map::LpmTrie(m)
+                    | aya::maps::Map::LruHashMap(m)
+                    | aya::maps::Map::PerCpuHashMap(m)
+                    | aya::maps::Map::PerCpuArray(m)
+                    | aya::maps::Map::Array(m),
+                ) => m,
+                Some(_) => bail!("map {name} is of a type sg does not pin"),
+                _ => bail!("map {name} missing from the object"),
+            };
+            let path = dir.join(name);
+            match MapInfo::from_pin(&path) {
+                Ok(pinned) => {
+                    let ours = data.info()?.id();
+                    if pinned.id() != ours {
+                        return Err(anyhow::Error::new(ForeignPin(format!(
+                            "{} is now map id {} and this agent's {name} is id {ours}: another \
+                             process pinned its own map there",
+                            path.display(),
+                            pinned.id()
+                        ))));
+                    }
+                }
+                Err(aya::maps::MapError::SyscallError(SyscallError { io_error, .. }))
+                    if io_error.kind() == io::ErrorKind::NotFound =>
+                {
+                    fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+                    data.pin(&path)
+                        .with_context(|| format!("pinning {}", path.display()))?;
+                    repinned.push(name);
+                }
+                Err(e) => return Err(e).with_context(|| format!("reading pinned map {}", path.display())),
+            }
+        }
+        Ok(repinned)
     }
 
     pub fn ports(&mut self) -> Result<HashMap<&mut MapData, u32, PortInfo>> {
@@ -513,6 +543,87 @@ fn is_enolink(e: &aya::programs::ProgramError) -> bool {
         src = err.source();
     }
     e.to_string().contains("os error 67")
+}
+
+/// Attaches one program to interface `ifname` of the calling thread's namespace, tcx first in
+/// the chain. With `pin`: a live link pinned there gets the program swapped in atomically
+/// (`TookOver`); a dead one (its device is gone, ENOLINK) is removed; a fresh link is pinned.
+/// Without: the fresh link lives as long as this process.
+pub fn attach_here(
+    prog: &mut SchedClassifier,
+    attach_type: TcAttachType,
+    ifname: &str,
+    pin: Option<&Path>,
+) -> Result<Attached> {
+    let existing = match pin {
+        Some(p) => match PinnedLink::from_pin(p) {
+            Ok(link) => Some(link),
+            Err(LinkError::SyscallError(SyscallError { io_error, .. }))
+                if io_error.kind() == io::ErrorKind::NotFound =>
+            {
+                None
+            }
+            Err(e) => return Err(e).context(format!("opening pin {}", p.display())),
+        },
+        None => None,
+    };
+    if let Some(pinned) = existing {
+        let p = pin.expect("a pinned link has a path");
+        let link: SchedClassifierLink = FdLink::from(pinned).try_into()?;
+        match prog.attach_to_link(link) {
+            Ok(id) => {
+                // Already pinned; dropping our handle keeps it.
+                prog.take_link(id)?;
+                return Ok(Attached::TookOver);
+            }
+            // The pinned link outlived its device (ENOLINK): a new device has the same name
+            // and ifindex. Drop the dead pin and attach afresh.
+            Err(e) if is_enolink(&e) => {
+                tracing::warn!("pinned link {} is dead ({e}); attaching afresh", p.display());
+                fs::remove_file(p).with_context(|| format!("removing dead pin {}", p.display()))?;
+            }
+            Err(e) => {
+                return Err(e)
+                    .with_context(|| format!("swapping a program into the pinned link of {ifname}"));
+            }
+        }
+    }
+    let id = prog
+        .attach_with_options(ifname, attach_type, TcAttachOptions::TcxOrder(LinkOrder::first()))
+        .with_context(|| format!("attaching to {ifname}"))?;
+    let link = prog.take_link(id)?;
+    match pin {
+        Some(p) => {
+            if let Some(parent) = p.parent() {
+                fs::create_dir_all(parent)?;
+            }
+            let fd: FdLink = link.try_into()?;
+            fd.pin(p).with_context(|| format!("pinning {}", p.display()))?;
+        }
+        // Unpinned: keep the link alive as long as this process.
+        None => std::mem::forget(link),
+    }
+    Ok(Attached::New)
+}
+
+/// A pin of ours now names another process's object: nothing this process can repair.
+#[derive(Debug)]
+pub struct ForeignPin(pub String);
+
+impl std::fmt::Display for ForeignPin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ForeignPin {}
+
+/// What the taps thread needs of a loaded datapath: its own handles on the two programs (with
+/// their attach types) and on SG_PORTS, and the pin root.
+pub struct TapHandles {
+    pub progs: Vec<(&'static str, SchedClassifier, TcAttachType)>,
+    pub ports: MapData,
+    pub pin_root: Option<PathBuf>,
 }
 
 impl Datapath {
@@ -740,8 +851,13 @@ pub fn collect_stale_links(root: &Path, netns: Option<&str>) -> Result<usize> {
 }
 
 /// Removes every link and map sg pinned under `root`, which detaches the programs. Returns
-/// the number of pins removed.
+/// the number of pins removed. A directory that something filled again meanwhile (a running
+/// agent restoring its pins after a forced detach) is left in place.
 pub fn detach_all(root: &Path) -> Result<usize> {
+    let remove_dir = |d: &Path| match fs::remove_dir(d) {
+        Err(e) if e.raw_os_error() == Some(libc::ENOTEMPTY) || e.kind() == io::ErrorKind::NotFound => Ok(()),
+        r => r.with_context(|| format!("removing {}", d.display())),
+    };
     let mut removed = 0;
     let links = root.join("links");
     if links.exists() {
@@ -757,9 +873,9 @@ pub fn detach_all(root: &Path) -> Result<usize> {
                 }
                 removed += 1;
             }
-            fs::remove_dir(&ns)?;
+            remove_dir(&ns)?;
         }
-        fs::remove_dir(&links)?;
+        remove_dir(&links)?;
     }
     let maps = root.join("maps");
     if maps.exists() {
@@ -767,10 +883,10 @@ pub fn detach_all(root: &Path) -> Result<usize> {
             fs::remove_file(m?.path())?;
             removed += 1;
         }
-        fs::remove_dir(&maps)?;
+        remove_dir(&maps)?;
     }
     if root.exists() {
-        fs::remove_dir(root)?;
+        remove_dir(root)?;
     }
     Ok(removed)
 }

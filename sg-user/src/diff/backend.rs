@@ -1,6 +1,6 @@
 //! The two back ends the differential test compares, behind one interface.
 
-use std::{collections::BTreeMap, path::PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{Context as _, Result};
 
@@ -10,7 +10,6 @@ use crate::{
     compile,
     datapath::{Datapath, LoadOptions},
     model::Model,
-    netns,
 };
 
 pub trait Backend {
@@ -32,11 +31,10 @@ pub struct Ebpf {
     pin_root: PathBuf,
     node: String,
     host: String,
-    devices: Vec<String>,
 }
 
 impl Ebpf {
-    pub fn new(topo: &Topology, host: &str, model: &Model, tag: &str) -> Result<Self> {
+    pub fn new(topo: &Topology, host: &str, tag: &str) -> Result<Self> {
         let pin_root = PathBuf::from(format!("/sys/fs/bpf/sgdiff-{tag}"));
         let dp = Datapath::load(&LoadOptions {
             pin_root: Some(pin_root.clone()),
@@ -48,18 +46,7 @@ impl Ebpf {
             pin_root,
             node: topo.node.0.clone(),
             host: host.to_string(),
-            devices: model.local_ports(host).iter().map(|p| p.device.clone()).collect(),
         })
-    }
-
-    fn links(&self) -> Result<BTreeMap<String, u32>> {
-        let devices = self.devices.clone();
-        netns::run_in(Some(&self.node), move || {
-            devices
-                .iter()
-                .map(|d| Ok((d.clone(), netns::ifindex(d)?)))
-                .collect::<Result<BTreeMap<_, _>>>()
-        })?
     }
 }
 
@@ -74,11 +61,7 @@ impl Backend for Ebpf {
 
     fn apply(&mut self, model: &Model, _old: Option<&Model>) -> Result<()> {
         let compiled = compile::compile(model, &self.host);
-        let links = self.links()?;
-        self.applier
-            .as_mut()
-            .context("torn down")?
-            .apply(&compiled, &links)?;
+        self.applier.as_mut().context("torn down")?.apply(&compiled)?;
         Ok(())
     }
 

@@ -474,6 +474,32 @@ fn err_port_value_out_of_range() {
 }
 
 #[test]
+fn port_value_out_of_range_is_one_error() {
+    // The range checks must not run on a value that was refused: they would report the refused
+    // bound as missing (`port_range_max=null`), an error about a value nobody sent.
+    for (rule, field) in [
+        (
+            json!({"protocol": "tcp", "port_range_min": 80, "port_range_max": 70000}),
+            "port_range_max",
+        ),
+        (
+            json!({"protocol": "tcp", "port_range_min": 70000, "port_range_max": 80}),
+            "port_range_min",
+        ),
+        (
+            json!({"protocol": "udp", "port_range_min": -1, "port_range_max": 80}),
+            "port_range_min",
+        ),
+    ] {
+        let errs = one_rule(rule.clone()).expect_err("input should be refused");
+        assert_eq!(errs.len(), 1, "{rule}: one error expected, got:\n{errs}");
+        let e = errs.iter().next().unwrap();
+        assert_eq!(e.field, field, "{errs}");
+        assert!(e.reason.contains("0 to 65535"), "{errs}");
+    }
+}
+
+#[test]
 fn err_port_min_above_max() {
     assert_err(
         one_rule(json!({"protocol": "udp", "port_range_min": 90, "port_range_max": 80})),

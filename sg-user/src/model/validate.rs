@@ -247,8 +247,11 @@ fn rule(
         }
     };
 
-    let mut port_min = port_value(&mut f, "port_range_min");
-    let mut port_max = port_value(&mut f, "port_range_max");
+    let port_min = port_value(&mut f, "port_range_min");
+    let port_max = port_value(&mut f, "port_range_max");
+    // A refused value is reported once: the range checks below would see it as missing.
+    let ports_parsed = port_min.is_ok() && port_max.is_ok();
+    let (mut port_min, mut port_max) = (port_min.unwrap_or(None), port_max.unwrap_or(None));
 
     // An unparsable prefix is reported here and then treated as absent.
     let remote_ip_prefix = match map.get("remote_ip_prefix") {
@@ -278,7 +281,9 @@ fn rule(
     if port_min == Some(1) && port_max == Some(65535) {
         (port_min, port_max) = (None, None);
     }
-    if let Some(protocol) = &protocol {
+    if let Some(protocol) = &protocol
+        && ports_parsed
+    {
         validate_port_range(&mut f, protocol.as_deref(), port_min, port_max);
     }
     if let (Some(net), Some(e)) = (&remote_ip_prefix, ethertype)
@@ -348,9 +353,12 @@ fn rule(
     (rule, ok)
 }
 
-/// `convert_validate_port_value`: an integer 0-65535 (or its decimal string).
-fn port_value(f: &mut Fields, key: &str) -> Option<u16> {
-    let v = f.get(key)?;
+/// `convert_validate_port_value`: an integer 0-65535 (or its decimal string). `Err` when the
+/// value was refused (and reported).
+fn port_value(f: &mut Fields, key: &str) -> Result<Option<u16>, ()> {
+    let Some(v) = f.get(key) else {
+        return Ok(None);
+    };
     let n = match v {
         Value::Number(n) => n.as_u64(),
         Value::String(s) if !s.is_empty() && s.len() <= 5 && s.bytes().all(|b| b.is_ascii_digit()) => {
@@ -359,10 +367,10 @@ fn port_value(f: &mut Fields, key: &str) -> Option<u16> {
         _ => None,
     };
     match n {
-        Some(n) if n <= 65535 => Some(n as u16),
+        Some(n) if n <= 65535 => Ok(Some(n as u16)),
         _ => {
             f.err(key, v, "invalid value for port: must be an integer 0 to 65535");
-            None
+            Err(())
         }
     }
 }

@@ -153,7 +153,7 @@ pub fn run(rounds: usize, repeat: u32, distinct_flows: usize) -> Result<Results>
             .map(|(_, dev, _, _)| Ok((dev.clone(), netns::ifindex(dev)?)))
             .collect::<Result<_>>()?;
         let t = Instant::now();
-        applier.apply(&compiled, &links)?;
+        applier.apply(&compiled)?;
         let apply_s = t.elapsed().as_secs_f64();
         let rules = applier.run_state(0).rules;
         let mut targets = Vec::new();

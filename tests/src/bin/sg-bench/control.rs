@@ -18,7 +18,6 @@
 //!   maps and links, or the iptables rules and ipsets), timed from spawn to its "ready" line.
 
 use std::{
-    collections::BTreeMap,
     io::{BufRead as _, BufReader},
     path::{Path, PathBuf},
     process::{Command, Stdio},
@@ -33,7 +32,6 @@ use sg_user::{
     datapath::{Datapath, LoadOptions},
     iptables::{Backend, IptablesDataplane, RenderOptions},
     model::Model,
-    netns,
 };
 
 use crate::{
@@ -100,7 +98,6 @@ pub fn node_doc(ports: usize, base: usize, tenant: usize, tenants: usize, peers:
 /// Taps for the local ports of `m`: veth pairs in a namespace.
 struct Taps {
     ns: Ns,
-    devices: Vec<String>,
 }
 
 impl Taps {
@@ -114,17 +111,7 @@ impl Taps {
             ));
         }
         ns.ip_batch(&batch)?;
-        Ok(Self { ns, devices })
-    }
-
-    fn links(&self) -> Result<BTreeMap<String, u32>> {
-        let devices = self.devices.clone();
-        netns::run_in(Some(&self.ns.0), move || {
-            devices
-                .iter()
-                .map(|d| Ok((d.clone(), netns::ifindex(d)?)))
-                .collect::<Result<BTreeMap<_, _>>>()
-        })?
+        Ok(Self { ns })
     }
 }
 
@@ -147,12 +134,12 @@ impl Sg {
     }
 
     /// (seconds of the applier call, seconds of the compile, entries written + deleted).
-    fn apply(&mut self, m: &Model, links: &BTreeMap<String, u32>) -> Result<(f64, f64, usize)> {
+    fn apply(&mut self, m: &Model) -> Result<(f64, f64, usize)> {
         let t = Instant::now();
         let c = compile::compile(m, HOST);
         let compile_s = t.elapsed().as_secs_f64();
         let t = Instant::now();
-        let r = self.applier.apply(&c, links)?;
+        let r = self.applier.apply(&c)?;
         Ok((
             t.elapsed().as_secs_f64(),
             compile_s,
@@ -209,14 +196,12 @@ impl Ipt {
 /// links over, as an agent does.
 struct Attached {
     taps: Taps,
-    links: BTreeMap<String, u32>,
     pins: PinRoot,
 }
 
 impl Attached {
     fn new(m: &Model, what: &str) -> Result<Self> {
         let taps = Taps::new(m, what)?;
-        let links = taps.links()?;
         let pins = PinRoot::new(what);
         {
             let _rcu = RcuExpedited::on();
@@ -225,9 +210,9 @@ impl Attached {
                 ..Default::default()
             })?;
             let mut a = Applier::adopt(dp, Some(taps.ns.0.clone()), None)?;
-            a.apply(&compile::compile(m, HOST), &links)?;
+            a.apply(&compile::compile(m, HOST))?;
         }
-        Ok(Self { taps, links, pins })
+        Ok(Self { taps, pins })
     }
 
     /// An agent's state from nothing over the attached taps: the pinned maps are dropped (the
@@ -255,7 +240,7 @@ fn full_sync(name: &str, doc: &Doc, repeats: usize, node: &Attached) -> Result<S
         let t = Instant::now();
         let c = compile::compile(&m, HOST);
         let compile_s = t.elapsed().as_secs_f64();
-        let r = applier.apply(&c, &node.links)?;
+        let r = applier.apply(&c)?;
         s.sg.push(t.elapsed().as_secs_f64());
         s.sg_compile.push(compile_s);
         s.sg_entries = r.entries_written + r.ports_switched.len();
@@ -290,11 +275,10 @@ fn attach_cost(n: usize) -> Result<(f64, f64)> {
     let mut out = [0.0; 2];
     for (i, expedited) in [false, true].into_iter().enumerate() {
         let taps = Taps::new(&m, "atc")?;
-        let links = taps.links()?;
         let mut sg = Sg::new(&taps, "atc")?;
         let _rcu = expedited.then(RcuExpedited::on);
         let t = Instant::now();
-        let (_, _, _) = sg.apply(&m, &links)?;
+        let (_, _, _) = sg.apply(&m)?;
         out[i] = t.elapsed().as_secs_f64() / n as f64;
     }
     Ok((out[0], out[1]))
@@ -304,9 +288,8 @@ fn attach_cost(n: usize) -> Result<(f64, f64)> {
 /// `to_a`.
 fn change(to_b: &str, to_a: &str, a: &Model, b: &Model, repeats: usize) -> Result<(Scenario, Scenario)> {
     let taps = Taps::new(a, "cct")?;
-    let links = taps.links()?;
     let mut sg = Sg::new(&taps, "ccs")?;
-    sg.apply(a, &links)?;
+    sg.apply(a)?;
     let legacy = Ipt::new(Backend::Legacy, "ccl")?;
     let nft = Ipt::new(Backend::Nft, "ccn")?;
     legacy.apply(a)?;
@@ -323,7 +306,7 @@ fn change(to_b: &str, to_a: &str, a: &Model, b: &Model, repeats: usize) -> Resul
     };
     for _ in 0..repeats {
         for (m, s) in [(b, &mut sb), (a, &mut sa)] {
-            let (apply_s, compile_s, entries) = sg.apply(m, &links)?;
+            let (apply_s, compile_s, entries) = sg.apply(m)?;
             s.sg.push(apply_s);
             s.sg_compile.push(compile_s);
             s.sg_entries = entries;

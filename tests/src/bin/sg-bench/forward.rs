@@ -20,7 +20,6 @@
 //! the connection, as Neutron's default egress rule allows).
 
 use std::{
-    collections::BTreeMap,
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
@@ -180,11 +179,7 @@ impl Node {
         }
         if let Some(a) = &mut self.sg {
             let compiled = compile::compile(m, HOST);
-            let dev = self.device.clone();
-            let node = self.topo.node.0.clone();
-            let ifindex = netns::run_in(Some(&node), move || netns::ifindex(&dev))??;
-            let links = BTreeMap::from([(self.device.clone(), ifindex)]);
-            a.apply(&compiled, &links)?;
+            a.apply(&compiled)?;
         }
         Ok(None)
     }

@@ -82,16 +82,10 @@ pub fn run_all() -> Result<Results> {
     }
     ns.ip_batch(&batch)?;
     let nsname = ns.0.clone();
-    let links: BTreeMap<String, u32> = sg_user::netns::run_in(Some(&ns.0), move || {
-        devices
-            .iter()
-            .map(|d| Ok((d.clone(), sg_user::netns::ifindex(d)?)))
-            .collect::<Result<BTreeMap<_, _>>>()
-    })??;
     {
         let _rcu = RcuExpedited::on();
         let mut a = Applier::adopt(dp, Some(nsname), None)?;
-        a.apply(&compiled, &links)?;
+        a.apply(&compiled)?;
     }
     let loaded = memlocks(&pins.0)?;
     let counts: BTreeMap<&str, u64> = BTreeMap::from([
