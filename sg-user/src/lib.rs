@@ -13,6 +13,7 @@ pub mod datapath;
 pub mod diff;
 pub mod generator;
 pub mod inspect;
+pub mod journal;
 pub mod netns;
 pub mod packet;
 pub mod pinned;

@@ -442,15 +442,20 @@ fn run(cli: Cli) -> Result<()> {
             no_comments,
             no_ipset,
         } => {
-            // stderr, as every diagnostic: under systemd it is the journal, by hand the terminal.
+            // stderr, as every diagnostic: under systemd it is the journal (with each line's
+            // priority), by hand the terminal.
+            let journal = sg_user::journal::stderr_is_journal();
             tracing_subscriber::fmt()
                 .with_writer(std::io::stderr)
-                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+                .with_ansi(!journal && std::io::IsTerminal::is_terminal(&std::io::stderr()))
                 .with_env_filter(
                     tracing_subscriber::EnvFilter::try_from_default_env()
                         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
                 )
-                .with_target(false)
+                .event_format(sg_user::journal::Prefixed::new(
+                    tracing_subscriber::fmt::format().with_target(false),
+                    journal,
+                ))
                 .init();
             let opts = agent::AgentOptions {
                 state,

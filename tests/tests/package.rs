@@ -267,6 +267,12 @@ impl Node {
             .append(true)
             .open(self.log())
             .unwrap();
+        // As systemd connects stderr to the journal: JOURNAL_STREAM names the stream.
+        let stream = {
+            use std::os::unix::fs::MetadataExt as _;
+            let m = log.metadata().unwrap();
+            format!("{}:{}", m.dev(), m.ino())
+        };
         let child = Command::new("nsenter")
             .arg(format!("--net=/run/netns/{}", self.node.host.name))
             .arg("setpriv")
@@ -275,6 +281,7 @@ impl Node {
             .arg("--")
             .args(&exec)
             .env("NO_COLOR", "1")
+            .env("JOURNAL_STREAM", stream)
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -510,6 +517,11 @@ fn install_web1_upgrade_under_a_connection_refuse_a_changed_layout_remove_purge(
     assert!(
         log.contains(&format!("took_over=[\"{TAP}\"]")),
         "the new agent took the links over:\n{log}"
+    );
+    let ready = log.lines().filter(|l| l.contains(" ready ")).last().unwrap();
+    assert!(
+        ready.starts_with("<6>") && ready.contains("INFO"),
+        "on a journal stream each line carries its syslog priority: {ready}"
     );
     let status = n.sg(&["status"]);
     assert!(status.contains(TAP) && status.contains("enforced"), "{status}");
