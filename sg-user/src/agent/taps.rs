@@ -629,8 +629,8 @@ impl Taps {
             let hybrid = at.name != device;
             for (i, (name, prog, attach_type)) in self.progs.iter_mut().enumerate() {
                 let hook = hook_at(*attach_type, hybrid);
-                let attached = SchedClassifier::query_tcx(at.name.as_str(), hook)
-                    .map(|(_, progs)| progs.iter().any(|p| p.id() == self.prog_ids[i]))
+                let attached = datapath::tcx_prog_ids(at.ifindex, hook)
+                    .map(|ids| ids.contains(&self.prog_ids[i]))
                     .unwrap_or(false);
                 let pin = self
                     .pin_root

@@ -39,6 +39,9 @@ pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DI
 /// attaches it.
 pub static PASSTHRU_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sg-passthru"));
 
+/// Name prefix of the pins `Datapath::tap_handles` makes for a moment under the pin root.
+const HANDLE_PIN_PREFIX: &str = "handle_";
+
 /// Default pin root. The version component changes whenever a pinned layout changes.
 pub const DEFAULT_PIN_ROOT: &str = "/sys/fs/bpf/sg/v1";
 
@@ -320,11 +323,29 @@ impl Datapath {
     pub fn tap_handles(&mut self) -> Result<TapHandles> {
         let mut progs = Vec::new();
         for (name, attach_type) in PROGRAMS.into_iter().rev() {
-            let info = self.program(name)?.info()?;
+            let handle = match self.pin_root.clone() {
+                // Through a pin of our own, removed at once: opening a pin (BPF_OBJ_GET) needs
+                // only the file, where opening the program by id (bpf_prog_get_fd_by_id, what
+                // `from_program_info` does) needs CAP_SYS_ADMIN, which the unit does not grant.
+                Some(root) => {
+                    let path = root.join(format!("{HANDLE_PIN_PREFIX}{name}"));
+                    let _ = fs::remove_file(&path);
+                    let prog = self.program(name)?;
+                    prog.pin(&path)
+                        .with_context(|| format!("pinning {name} at {}", path.display()))?;
+                    let handle = SchedClassifier::from_pin(&path);
+                    prog.unpin()
+                        .with_context(|| format!("removing {}", path.display()))?;
+                    handle
+                }
+                None => {
+                    let info = self.program(name)?.info()?;
+                    SchedClassifier::from_program_info(info, name.into())
+                }
+            };
             progs.push((
                 name,
-                SchedClassifier::from_program_info(info, name.into())
-                    .with_context(|| format!("a second handle on {name}"))?,
+                handle.with_context(|| format!("a second handle on {name}"))?,
                 attach_type,
             ));
         }
@@ -530,6 +551,60 @@ impl Datapath {
             .with_context(|| format!("BPF_PROG_TEST_RUN of {program} (ifindex {ifindex})"))?;
         Ok((r.return_value as i32, r.duration))
     }
+}
+
+/// The ids of the programs attached at tcx `hook` of interface `ifindex` (in this thread's
+/// network namespace). A BPF_PROG_QUERY of the ids alone, which CAP_NET_ADMIN allows; aya's
+/// `query_tcx` also opens each program by id (bpf_prog_get_fd_by_id), which needs
+/// CAP_SYS_ADMIN, which the unit does not grant.
+pub fn tcx_prog_ids(ifindex: u32, hook: TcAttachType) -> io::Result<Vec<u32>> {
+    /// `union bpf_attr`'s BPF_PROG_QUERY member.
+    #[repr(C)]
+    #[derive(Default)]
+    struct ProgQuery {
+        target_ifindex: u32,
+        attach_type: u32,
+        query_flags: u32,
+        attach_flags: u32,
+        prog_ids: u64,
+        prog_cnt: u32,
+        _pad: u32,
+        prog_attach_flags: u64,
+        link_ids: u64,
+        link_attach_flags: u64,
+        revision: u64,
+    }
+    const BPF_PROG_QUERY: libc::c_long = 16;
+    const BPF_TCX_INGRESS: u32 = 46;
+    const BPF_TCX_EGRESS: u32 = 47;
+    let attach_type = match hook {
+        TcAttachType::Ingress => BPF_TCX_INGRESS,
+        TcAttachType::Egress => BPF_TCX_EGRESS,
+        TcAttachType::Custom(_) => return Err(io::Error::from(io::ErrorKind::InvalidInput)),
+    };
+    let mut ids = vec![0u32; 64];
+    let mut q = ProgQuery {
+        target_ifindex: ifindex,
+        attach_type,
+        prog_ids: ids.as_mut_ptr() as u64,
+        prog_cnt: ids.len() as u32,
+        ..Default::default()
+    };
+    // SAFETY: `q` is a valid BPF_PROG_QUERY attribute of the size passed; the kernel writes at
+    // most `prog_cnt` ids into `ids`, which outlives the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_PROG_QUERY,
+            &mut q as *mut ProgQuery,
+            std::mem::size_of::<ProgQuery>() as u32,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    ids.truncate(q.prog_cnt as usize);
+    Ok(ids)
 }
 
 fn is_enolink(e: &aya::programs::ProgramError) -> bool {
@@ -886,6 +961,17 @@ pub fn detach_all(root: &Path) -> Result<usize> {
         remove_dir(&maps)?;
     }
     if root.exists() {
+        // A program pin of tap_handles that an agent killed at that moment left behind.
+        for e in fs::read_dir(root)? {
+            let path = e?.path();
+            if path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with(HANDLE_PIN_PREFIX))
+            {
+                fs::remove_file(&path)?;
+            }
+        }
         remove_dir(root)?;
     }
     Ok(removed)
