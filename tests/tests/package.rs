@@ -232,10 +232,13 @@ impl Node {
             .map(|c| format!("+{}", c.trim_start_matches("CAP_").to_lowercase()))
             .collect();
         let mut exec: Vec<String> = value("ExecStart").split_whitespace().map(str::to_owned).collect();
+        let mut bounding = format!("--bounding-set=-all,{}", caps.join(","));
         if !self.sg_knows_config() {
             // The transition: the parent commit predates the packaging, and its package is its
             // sg in this tree's packaging (xtask/src/package.rs), which has no --config yet.
-            // It gets the keys configure() wrote as flags.
+            // It gets the keys configure() wrote as flags, and every capability: it was not
+            // made to run under the unit's set.
+            bounding = "--bounding-set=+all".into();
             let at = exec
                 .iter()
                 .position(|w| w == "--config")
@@ -276,7 +279,7 @@ impl Node {
         let child = Command::new("nsenter")
             .arg(format!("--net=/run/netns/{}", self.node.host.name))
             .arg("setpriv")
-            .arg(format!("--bounding-set=-all,{}", caps.join(",")))
+            .arg(bounding)
             .arg("--inh-caps=-all")
             .arg("--")
             .args(&exec)
