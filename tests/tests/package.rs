@@ -334,10 +334,12 @@ impl Node {
         tcp_reachable(&self.peer.name, vm_ip(), port, timeout).unwrap()
     }
 
-    /// The installed `sg` with the installed config, as an operator runs it.
+    /// The installed `sg` with the installed config, as an operator runs it: in the namespace
+    /// of the node's taps.
     fn sg(&self, args: &[&str]) -> String {
-        let o = Command::new("/usr/sbin/sg")
-            .args(["--config", CONFIG])
+        let o = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", self.node.host.name))
+            .args(["/usr/sbin/sg", "--config", CONFIG])
             .args(args)
             .output()
             .unwrap();

@@ -37,6 +37,9 @@ enum Cmd {
         /// in target/sg-package/, for the package test (`cargo xtask test` does this).
         #[arg(long)]
         for_tests: bool,
+        /// With --for-tests: the commit whose package the upgrade test starts from.
+        #[arg(long, default_value = "HEAD^", requires = "for_tests")]
+        previous: String,
     },
     /// The demo compute node in network namespaces (needs root).
     Demo,
@@ -77,11 +80,11 @@ fn run(cli: Cli) -> Result<()> {
             demo::run()
         }
         Cmd::Bench { quick, only } => bench(quick, &only),
-        Cmd::Package { for_tests } => {
+        Cmd::Package { for_tests, previous } => {
             setup::run()?;
             if for_tests {
                 build(false)?;
-                package::for_tests()
+                package::for_tests(&previous)
             } else {
                 let deb = package::release()?;
                 println!("{}", deb.display());
@@ -173,7 +176,7 @@ fn test() -> Result<()> {
         );
     }
     // The package test installs these: this tree's package and its parent commit's.
-    package::for_tests()?;
+    package::for_tests("HEAD^")?;
     step(
         "tests (unit, BPF_PROG_TEST_RUN, network namespaces)",
         cargo().args([

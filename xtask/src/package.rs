@@ -57,8 +57,9 @@ pub fn release() -> Result<PathBuf> {
 }
 
 /// `cargo xtask package --for-tests`: this tree's package from the debug build, and the
-/// parent commit's, at TEST_DIR/{current,previous}.deb.
-pub fn for_tests() -> Result<()> {
+/// package of `previous_rev` (the parent commit, HEAD^, unless told), at
+/// TEST_DIR/{current,previous}.deb.
+pub fn for_tests(previous_rev: &str) -> Result<()> {
     ensure_cargo_deb()?;
     let root = workspace_root();
     let dir = root.join(TEST_DIR);
@@ -78,7 +79,7 @@ pub fn for_tests() -> Result<()> {
     for sub in ["man", "completions"] {
         copy_dir(&root.join("target/debug/sg-docs").join(sub), &docs.join(sub))?;
     }
-    previous("HEAD^", &dir.join("previous.deb"), &docs)?;
+    previous(previous_rev, &dir.join("previous.deb"), &docs)?;
     eprintln!(
         "    packages for the tests in {} ({:.0?})",
         dir.display(),
