@@ -523,7 +523,7 @@ fn install_web1_upgrade_under_a_connection_refuse_a_changed_layout_remove_purge(
         log.contains(&format!("took_over=[\"{TAP}\"]")),
         "the new agent took the links over:\n{log}"
     );
-    let ready = log.lines().filter(|l| l.contains(" ready ")).last().unwrap();
+    let ready = log.lines().rfind(|l| l.contains(" ready ")).unwrap();
     assert!(
         ready.starts_with("<6>") && ready.contains("INFO"),
         "on a journal stream each line carries its syslog priority: {ready}"
