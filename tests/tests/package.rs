@@ -103,6 +103,16 @@ fn dpkg(args: &[&str]) -> String {
     out
 }
 
+/// The pid of the package test that installed sg on this machine.
+const OWNER: &str = "/run/sg-package-test.pid";
+
+/// Removes the package and everything it made, its pins included (its prerm detaches what the
+/// installed config names).
+fn purge() {
+    let _ = std::fs::remove_file("/etc/sg/keep-enforcement");
+    let _ = Command::new("dpkg").args(["--purge", "sg"]).output();
+}
+
 /// The machine-wide lock: one package test at a time on a machine.
 struct MachineLock(#[allow(dead_code)] std::fs::File);
 
@@ -130,9 +140,9 @@ impl Drop for Node {
     fn drop(&mut self) {
         self.stop_agent();
         if installed().is_some() {
-            let _ = std::fs::remove_file("/etc/sg/keep-enforcement");
-            let _ = Command::new("dpkg").args(["--purge", "sg"]).output();
+            purge();
         }
+        let _ = std::fs::remove_file(OWNER);
         // PinRoot's own drop detaches whatever is left under the pin root.
         let _ = std::fs::remove_dir_all(&self.dir);
     }
@@ -144,11 +154,21 @@ impl Node {
         if let Some((status, version)) = installed()
             && !status.starts_with("un")
         {
-            panic!(
-                "the sg package is on this machine already ({status} {version}): the package \
-                 test installs and purges it, so it does not run here (`dpkg --purge sg` first)"
-            );
+            let owner = std::fs::read_to_string(OWNER)
+                .ok()
+                .and_then(|s| s.trim().parse::<i32>().ok());
+            // SAFETY: kill(2) with signal 0 only checks that the process exists.
+            match owner {
+                // Installed by a package test that was killed before its guards ran.
+                Some(pid) if unsafe { libc::kill(pid, 0) } != 0 => purge(),
+                _ => panic!(
+                    "the sg package is on this machine already ({status} {version}): the \
+                     package test installs and purges it, so it does not run here (`dpkg \
+                     --purge sg` first)"
+                ),
+            }
         }
+        std::fs::write(OWNER, std::process::id().to_string()).unwrap();
         let mut node = ComputeNode::new().unwrap();
         node.add_vm(TAP, MAC, &format!("{VM_IP}/24")).unwrap();
         let peer = node.add_peer(&format!("{PEER_IP}/24")).unwrap();

@@ -131,6 +131,11 @@ fn build(
     c.args(["build", "-p", "sg-user", "--bin", "sg"])
         .env("CARGO_TARGET_DIR", target_dir)
         .current_dir(tree);
+    if tree != workspace_root() {
+        // Another checkout (the parent commit) is built once per commit: incremental state
+        // would only take disk space.
+        c.env("CARGO_INCREMENTAL", "0");
+    }
     if profile == Profile::Release {
         c.arg("--release");
     }
