@@ -113,6 +113,32 @@ fn purge() {
     let _ = Command::new("dpkg").args(["--purge", "sg"]).output();
 }
 
+/// Stops the agent a killed package test (pid `owner`) left running on its own pin root
+/// (`/sys/fs/bpf/sg-test-<owner>-...`, in the installed config): it holds the pin root, and
+/// the package's removal would refuse to detach under it.
+fn stop_leftover_agent(owner: i32) {
+    let Some(root) = std::fs::read_to_string(CONFIG).ok().and_then(|c| {
+        c.lines()
+            .find_map(|l| l.strip_prefix("pin-root = "))
+            .map(|v| PathBuf::from(v.trim().trim_matches('"')))
+    }) else {
+        return;
+    };
+    if !root
+        .to_string_lossy()
+        .starts_with(&format!("/sys/fs/bpf/sg-test-{owner}-"))
+    {
+        return;
+    }
+    if let Ok(Some(agent)) = sg_user::agent::lock::holder(&root) {
+        // SAFETY: kill(2); the agent holds the dead test's own pin root.
+        unsafe { libc::kill(agent as i32, libc::SIGTERM) };
+        let _ = wait_until("the leftover agent exits", MUST_HAPPEN, || {
+            sg_user::agent::lock::holder(&root).is_ok_and(|h| h.is_none())
+        });
+    }
+}
+
 /// The machine-wide lock: one package test at a time on a machine.
 struct MachineLock(#[allow(dead_code)] std::fs::File);
 
@@ -160,7 +186,10 @@ impl Node {
             // SAFETY: kill(2) with signal 0 only checks that the process exists.
             match owner {
                 // Installed by a package test that was killed before its guards ran.
-                Some(pid) if unsafe { libc::kill(pid, 0) } != 0 => purge(),
+                Some(pid) if unsafe { libc::kill(pid, 0) } != 0 => {
+                    stop_leftover_agent(pid);
+                    purge();
+                }
                 _ => panic!(
                     "the sg package is on this machine already ({status} {version}): the \
                      package test installs and purges it, so it does not run here (`dpkg \
