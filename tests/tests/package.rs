@@ -68,28 +68,62 @@ fn deb_version(deb: &Path) -> String {
     String::from_utf8_lossy(&o.stdout).trim().to_string()
 }
 
-fn apt_install(deb: &Path) {
-    let o = Command::new("apt-get")
-        .args([
-            "install",
-            "-y",
-            "-q",
-            "--no-install-recommends",
-            "--allow-downgrades",
-            "-o",
-            "Dpkg::Options::=--force-confold",
-        ])
-        .arg(deb)
-        .env("DEBIAN_FRONTEND", "noninteractive")
-        .output()
-        .unwrap();
-    assert!(
-        o.status.success(),
-        "apt-get install {} failed:\n{}\n{}",
-        deb.display(),
+fn apt_install(deb: &Path) -> String {
+    apt_install_with(deb, |c| c)
+}
+
+/// `apt-get install ./deb`, through `wrap` (which may put it under another command); returns
+/// what it printed.
+fn apt_install_with(deb: &Path, wrap: impl FnOnce(&mut Command) -> &mut Command) -> String {
+    let mut c = Command::new("apt-get");
+    c.args([
+        "install",
+        "-y",
+        "-q",
+        "--no-install-recommends",
+        "--allow-downgrades",
+        "-o",
+        "Dpkg::Options::=--force-confold",
+    ])
+    .arg(deb)
+    .env("DEBIAN_FRONTEND", "noninteractive");
+    let o = wrap(&mut c).output().unwrap();
+    let out = format!(
+        "{}\n{}",
         String::from_utf8_lossy(&o.stdout),
         String::from_utf8_lossy(&o.stderr)
     );
+    assert!(
+        o.status.success(),
+        "apt-get install {} failed:\n{out}",
+        deb.display()
+    );
+    out
+}
+
+/// The upgrade's `apt-get install`, in a private mount namespace where /sys/fs/bpf is not
+/// mounted (as on a host where nothing mounted bpffs): the postinst must mount it. The pins
+/// of the node live in the machine's bpffs, which that namespace does not touch.
+fn apt_install_without_bpffs(deb: &Path) -> String {
+    let script = "umount /sys/fs/bpf && ! grep -q ' /sys/fs/bpf bpf ' /proc/self/mounts && \
+                  apt-get \"$@\" && grep -q ' /sys/fs/bpf bpf ' /proc/self/mounts && \
+                  echo 'bpffs mounted after the install'";
+    let out = apt_install_with(deb, |c| {
+        let args: Vec<std::ffi::OsString> = c.get_args().map(|a| a.to_owned()).collect();
+        let envs: Vec<(std::ffi::OsString, std::ffi::OsString)> = c
+            .get_envs()
+            .filter_map(|(k, v)| Some((k.to_owned(), v?.to_owned())))
+            .collect();
+        *c = Command::new("unshare");
+        c.args(["--mount", "--propagation", "private", "sh", "-c", script, "sh"])
+            .args(args)
+            .envs(envs)
+    });
+    assert!(
+        out.contains("sg: mounted bpffs on /sys/fs/bpf") && out.contains("bpffs mounted after the install"),
+        "the postinst mounts bpffs where it is missing:\n{out}"
+    );
+    out
 }
 
 fn dpkg(args: &[&str]) -> String {
@@ -547,8 +581,9 @@ fn install_web1_upgrade_under_a_connection_refuse_a_changed_layout_remove_purge(
 
     // 3. Upgrade to this tree's package under the connection. systemd would restart the unit
     // after unpacking (restart-after-upgrade); here the test does: SIGTERM, then the new
-    // ExecStart. The new agent adopts the pins and swaps its programs into the links.
-    apt_install(&current);
+    // ExecStart. The new agent adopts the pins and swaps its programs into the links. The
+    // install runs where bpffs is not mounted, so its postinst has to mount it.
+    apt_install_without_bpffs(&current);
     assert_eq!(installed().unwrap().1, v_cur);
     let verify = Command::new("systemd-analyze")
         .args(["verify", UNIT])
