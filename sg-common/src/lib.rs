@@ -37,6 +37,7 @@ pub const MAP_PORTS: &str = "SG_PORTS";
 pub const MAP_ADDRS: &str = "SG_ADDRS";
 pub const MAP_CLASSES: &str = "SG_CLASSES";
 pub const MAP_SERVICES: &str = "SG_SERVICES";
+pub const MAP_SRC_PORTS: &str = "SG_SRC_PORTS";
 pub const MAP_CONNTRACK: &str = "SG_CONNTRACK";
 pub const MAP_CT_ASSURED: &str = "SG_CT_ASSURED";
 pub const MAP_CT_EVENTS: &str = "SG_CT_EVENTS";
@@ -47,11 +48,12 @@ pub const MAP_RULE_HITS: &str = "SG_RULE_HITS";
 pub const MAP_TRACE: &str = "SG_TRACE";
 
 /// Every map sg pins, in a stable order.
-pub const PINNED_MAPS: [&str; 11] = [
+pub const PINNED_MAPS: [&str; 12] = [
     MAP_PORTS,
     MAP_ADDRS,
     MAP_CLASSES,
     MAP_SERVICES,
+    MAP_SRC_PORTS,
     MAP_CONNTRACK,
     MAP_CT_ASSURED,
     MAP_CT_EVENTS,
@@ -70,6 +72,7 @@ pub const MAX_PORTS: u32 = 16_384;
 pub const MAX_ADDRS: u32 = 262_144;
 pub const MAX_CLASSES: u32 = 1_048_576;
 pub const MAX_SERVICES: u32 = 1_048_576;
+pub const MAX_SRC_PORTS: u32 = 65_536;
 /// SG_CONNTRACK: flows not yet assured.
 pub const DEFAULT_CT_ENTRIES: u32 = 262_144;
 /// SG_CT_ASSURED: assured flows.
@@ -124,6 +127,9 @@ pub const PORT_F_ARP_PROTECT: u32 = 1 << 5;
 /// The port left the input (or this host) while its tap still exists: every frame is dropped,
 /// both ways, until the tap goes. A firewall that loses track of a port fails closed.
 pub const PORT_F_CLOSED: u32 = 1 << 6;
+/// The port's policy has rules with source ports (only Neutron's agent rule dicts carry them):
+/// a packet that SG_SERVICES does not admit is also looked up in SG_SRC_PORTS.
+pub const PORT_F_SRC_PORTS: u32 = 1 << 7;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
@@ -264,6 +270,31 @@ pub struct ServiceVal {
     /// Index of the first security-group rule (in Neutron's chain order) that allows every
     /// packet of this entry. Never 0.
     pub rule: u32,
+}
+
+// -------------------------------------------------------------------------------------------
+// Policy, stage 2 for rules with source ports: SG_SRC_PORTS, LPM (policy, class, dir, family,
+// protocol, source port, destination port) -> rule. Only the rules that restrict the source port
+// are here (TCP, UDP, UDP-Lite, SCTP, DCCP), each as prefixes of the 32 bits sport:dport; it is
+// consulted only when SG_SERVICES admits nothing and the port has PORT_F_SRC_PORTS.
+// -------------------------------------------------------------------------------------------
+
+/// Bits of `SrcPortKey` up to and including `proto`.
+pub const SRC_PORT_KEY_PROTO_BITS: u32 = 88;
+/// Bits up to and including `dport_be`: an exact (source, destination) port pair.
+pub const SRC_PORT_KEY_FULL_BITS: u32 = 120;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct SrcPortKey {
+    pub policy: u32,
+    pub class: u32,
+    pub dir: u8,
+    pub family: u8,
+    pub proto: u8,
+    pub sport_be: [u8; 2],
+    pub dport_be: [u8; 2],
+    pub _pad: [u8; 1],
 }
 
 // -------------------------------------------------------------------------------------------
@@ -568,8 +599,8 @@ pub struct TraceRec {
 }
 
 user_pod!(
-    PortInfo, AddrKey, AddrVal, ClassKey, ClassVal, ServiceKey, ServiceVal, CtKey, CtVal, CtEventKey,
-    FragKey, FragVal, StatKey, Counter, TraceRec, NextIds,
+    PortInfo, AddrKey, AddrVal, ClassKey, ClassVal, ServiceKey, ServiceVal, SrcPortKey, CtKey, CtVal,
+    CtEventKey, FragKey, FragVal, StatKey, Counter, TraceRec, NextIds,
 );
 
 #[cfg(test)]
@@ -584,6 +615,7 @@ mod tests {
         assert_eq!(size_of::<AddrKey>(), 28);
         assert_eq!(size_of::<ClassKey>(), 24);
         assert_eq!(size_of::<ServiceKey>(), 16);
+        assert_eq!(size_of::<SrcPortKey>(), 16);
         assert_eq!(size_of::<CtKey>(), 44);
         assert_eq!(size_of::<CtVal>(), 24);
         assert_eq!(size_of::<CtEventKey>(), 8);
@@ -614,6 +646,14 @@ mod tests {
         assert_eq!(
             SERVICE_KEY_FULL_BITS as usize,
             8 * core::mem::offset_of!(ServiceKey, _pad)
+        );
+        assert_eq!(
+            SRC_PORT_KEY_PROTO_BITS as usize,
+            8 * core::mem::offset_of!(SrcPortKey, sport_be)
+        );
+        assert_eq!(
+            SRC_PORT_KEY_FULL_BITS as usize,
+            8 * core::mem::offset_of!(SrcPortKey, _pad)
         );
     }
 

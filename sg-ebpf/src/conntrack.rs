@@ -474,17 +474,20 @@ fn recheck(key: &CtKey, flags: u8, port: &PortInfo) -> u32 {
         DIR_EGRESS
     };
     let orig_a = flags & CT_F_ORIG_A != 0;
-    let (src, dst, dport) = if orig_a {
-        (&key.addr_a, &key.addr_b, key.port_b)
+    let (src, dst, sport, dport) = if orig_a {
+        (&key.addr_a, &key.addr_b, key.port_a, key.port_b)
     } else {
-        (&key.addr_b, &key.addr_a, key.port_a)
+        (&key.addr_b, &key.addr_a, key.port_b, key.port_a)
     };
     policy::lookup(&policy::Query {
         policy: port.policy,
         dir,
         family: key.family,
         proto: key.proto,
+        // ICMP keys hold the query id here; no SG_SRC_PORTS entry has an ICMP protocol.
+        src_ports: (port.flags & PORT_F_SRC_PORTS != 0) as u8,
         port: dport,
+        sport,
         remote: if dir == DIR_INGRESS { *src } else { *dst },
     })
     .rule

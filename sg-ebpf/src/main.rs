@@ -169,7 +169,9 @@ fn rules(port: &PortInfo, pkt: &Pkt, d: &mut Decision) -> u8 {
         dir: d.dir,
         family: pkt.family,
         proto: pkt.proto,
+        src_ports: (port.flags & PORT_F_SRC_PORTS != 0) as u8,
         port: pkt.service_port(),
+        sport: pkt.source_port(),
         remote: if d.dir == DIR_INGRESS { pkt.src } else { pkt.dst },
     });
     d.class = hit.class;

@@ -23,6 +23,11 @@ pub static SG_CLASSES: LpmTrie<ClassKey, ClassVal, { MAX_CLASSES as usize }> = L
 #[btf_map]
 pub static SG_SERVICES: LpmTrie<ServiceKey, ServiceVal, { MAX_SERVICES as usize }> = LpmTrie::new();
 
+/// Policy stage 2 for rules with source ports: (class, protocol, source port, destination
+/// port) -> rule, consulted after a miss in SG_SERVICES.
+#[btf_map]
+pub static SG_SRC_PORTS: LpmTrie<SrcPortKey, ServiceVal, { MAX_SRC_PORTS as usize }> = LpmTrie::new();
+
 /// Per-port connection tracking of flows not yet assured. LRU: when it is full, a new flow
 /// evicts the least recently used of them instead of being refused (Linux's early drop). The
 /// agent may resize it at load time.

@@ -114,6 +114,15 @@ impl Pkt {
         }
     }
 
+    /// The SG_SRC_PORTS source port: the source port of port-carrying protocols, 0 otherwise.
+    #[inline(always)]
+    pub fn source_port(&self) -> u16 {
+        match self.proto {
+            IPPROTO_TCP | IPPROTO_UDP | IPPROTO_UDPLITE | IPPROTO_SCTP | IPPROTO_DCCP => self.sport,
+            _ => 0,
+        }
+    }
+
     /// ICMP for IPv4 or ICMPv6 for IPv6 (a protocol number of the other family is "other").
     #[inline(always)]
     pub fn has_icmp(&self) -> bool {

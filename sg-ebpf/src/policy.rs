@@ -4,7 +4,7 @@
 use aya_ebpf::maps::lpm_trie::Key;
 use sg_common::*;
 
-use crate::maps::{SG_CLASSES, SG_SERVICES};
+use crate::maps::{SG_CLASSES, SG_SERVICES, SG_SRC_PORTS};
 
 /// The outcome of a policy lookup; 0 means "none" for both fields.
 #[derive(Clone, Copy, Default)]
@@ -25,15 +25,17 @@ pub fn lookup(q: &Query) -> Hit {
 }
 
 /// One policy question. `remote` is the packet's source towards the VM and its destination
-/// from the VM; `port` is `Pkt::service_port()` (or a conntrack entry's original one, for
-/// revocation).
+/// from the VM; `port` is `Pkt::service_port()` and `sport` the source port (or a conntrack
+/// entry's original ones, for revocation); `src_ports` is the port's `PORT_F_SRC_PORTS`.
 #[repr(C)]
 pub struct Query {
     pub policy: u32,
     pub dir: u8,
     pub family: u8,
     pub proto: u8,
+    pub src_ports: u8,
     pub port: u16,
+    pub sport: u16,
     pub remote: [u8; 16],
 }
 
@@ -80,6 +82,27 @@ fn two_stage(q: &Query) -> Hit {
     );
     if let Some(s) = SG_SERVICES.get(&service_key) {
         hit.rule = s.rule;
+        return hit;
+    }
+    // Rules with source ports answer only what no other rule admits: the verdict is the same
+    // as iptables' first match, the rule named may be a later one (tests/DIFFERENCES.md D21).
+    if q.src_ports != 0 {
+        let key = Key::new(
+            SRC_PORT_KEY_FULL_BITS,
+            SrcPortKey {
+                policy: q.policy,
+                class: hit.class,
+                dir: q.dir,
+                family: q.family,
+                proto: q.proto,
+                sport_be: q.sport.to_be_bytes(),
+                dport_be: q.port.to_be_bytes(),
+                _pad: [0; 1],
+            },
+        );
+        if let Some(s) = SG_SRC_PORTS.get(&key) {
+            hit.rule = s.rule;
+        }
     }
     hit
 }

@@ -68,11 +68,23 @@ enum Cmd {
         port_idx: u32,
     },
     /// Run the agent: attach to every local port's tap, apply the input, follow changes.
+    ///
+    /// The input is a file (`--state`), what Neutron's agent pushes through the sg_neutron
+    /// firewall driver (`--api-socket`), or both.
     #[command(after_long_help = AGENT_NOTES)]
     Agent {
         /// Neutron input (file or directory); watched for changes.
-        #[arg(long)]
-        state: PathBuf,
+        #[arg(long, required_unless_present = "api_socket")]
+        state: Option<PathBuf>,
+        /// Serve the local API for the sg_neutron firewall driver on this Unix socket (mode
+        /// 0660; protocol in sg-user/neutron/PROTOCOL.md). What the driver pushes is kept in
+        /// the run directory (neutron-state.json) and resumed after a restart.
+        #[arg(long, value_name = "PATH")]
+        api_socket: Option<PathBuf>,
+        /// Group owning the API socket, whose members (Neutron's agent user) may use it.
+        /// Default: only root and the agent's own user.
+        #[arg(long, value_name = "GROUP", requires = "api_socket")]
+        api_group: Option<String>,
         /// This host's name for `binding:host_id` (default: the hostname).
         #[arg(long)]
         host: Option<String>,
@@ -431,6 +443,8 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Agent {
             state,
+            api_socket,
+            api_group,
             host,
             netns,
             ct_entries,
@@ -459,6 +473,10 @@ fn run(cli: Cli) -> Result<()> {
                 .init();
             let opts = agent::AgentOptions {
                 state,
+                api: api_socket.map(|socket| agent::api::ApiOptions {
+                    socket,
+                    group: api_group,
+                }),
                 host: host.unwrap_or_else(model::default_host),
                 pin_root: cli.pin_root,
                 run_dir: cli.run_dir,

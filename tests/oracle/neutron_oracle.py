@@ -230,6 +230,13 @@ class Recorder:
 N = {}  # imported neutron modules, filled by bootstrap()
 
 
+def cleanup():
+    """Removes what bootstrap() made on disk (its lock directory); call before os._exit."""
+    import shutil
+    if 'lock_dir' in N:
+        shutil.rmtree(N['lock_dir'], ignore_errors=True)
+
+
 def bootstrap(agent):
     # The wrap name is basename(argv[0])[:16]; iptables_manager reads it at
     # import time, so argv[0] must be set before anything imports it.
@@ -300,6 +307,7 @@ def bootstrap(agent):
     ip_conntrack.threading = type('threading', (), {'Thread': _NoThread})
     ip_conntrack.IpConntrackManager._process = _inline_process
 
+    N['lock_dir'] = lock_dir
     N.update(
         netaddr=netaddr, converters=converters, n_context=n_context,
         aap_validators=aap_validators, validators=validators,
@@ -682,6 +690,44 @@ def make_hybrid_server(sgs, ags, ports):
     return PluginRpc()
 
 
+def is_rpc_document(doc):
+    """The agent's RPC shape (sg-user/src/model/rpc.rs): what the server hands the agent."""
+    return (any(k in doc for k in ('devices', 'sg_member_ips', 'trusted_ports'))
+            or isinstance(doc.get('security_groups'), dict))
+
+
+def make_rpc_server(doc):
+    """A server whose answer is the RPC-shaped document itself, with the provider rules the
+    real server adds to each port dict (SecurityGroupInfoAPIMixin._apply_provider_rule)."""
+    base = N['securitygroups_rpc_base']
+    devices = doc.get('devices') or {}
+    if isinstance(devices, list):
+        devices = {d['device']: d for d in devices}
+    provider = type('Provider', (base.SecurityGroupInfoAPIMixin,), {})()
+
+    class PluginRpc:
+        def security_group_info_for_devices(self, context, device_ids):
+            devs = {}
+            for d in device_ids:
+                if d not in devices:
+                    continue
+                port = copy.deepcopy(devices[d])
+                port.setdefault('device', d)
+                port['security_group_rules'] = []
+                devs[d] = port
+            provider._apply_provider_rule(context, devs)
+            members = {
+                rid: {eth: [tuple(m) if isinstance(m, list) else (m, None)
+                            for m in ms] for eth, ms in by_eth.items()}
+                for rid, by_eth in (doc.get('sg_member_ips') or {}).items()}
+            return {'devices': devs,
+                    'security_groups': copy.deepcopy(
+                        doc.get('security_groups') or {}),
+                    'sg_member_ips': members}
+
+    return PluginRpc(), list(devices) + list(doc.get('trusted_ports') or [])
+
+
 def _member_key(m):
     """Address order: the value of the prefix the member expands to (what
     `_expand_sg_rule_with_remote_ips` writes), its length, then the text and
@@ -720,16 +766,19 @@ def run_one(doc, agent, host, comments, ipset, devices_per_rpc):
     # driver installs when it gets the complete lists.
     cfg.CONF.set_override('rpc_resources_processing_step', devices_per_rpc)
 
-    sgs, ags, ports = normalize_input(doc)
-    local = [p for p in ports if p['host'] in (None, '', host)]
-    if agent == 'ovs-hybrid':
-        # the OVS agent's device id is the port UUID
-        for p in ports:
-            p['device'] = p['id']
-        rpc = make_hybrid_server(sgs, ags, ports)
+    if is_rpc_document(doc):
+        rpc, devices = make_rpc_server(doc)
     else:
-        rpc = make_lb_server(sgs, ags, ports)
-    devices = [p['device'] for p in local]
+        sgs, ags, ports = normalize_input(doc)
+        local = [p for p in ports if p['host'] in (None, '', host)]
+        if agent == 'ovs-hybrid':
+            # the OVS agent's device id is the port UUID
+            for p in ports:
+                p['device'] = p['id']
+            rpc = make_hybrid_server(sgs, ags, ports)
+        else:
+            rpc = make_lb_server(sgs, ags, ports)
+        devices = [p['device'] for p in local]
     if len(set(devices)) != len(devices):
         raise OracleError('two local ports share a device name')
 
@@ -864,6 +913,7 @@ def main():
     sys.stdout.flush()
     sys.stderr.flush()
     # Neutron leaves non-daemon machinery behind; end explicitly.
+    cleanup()
     os._exit(rc)
 
 

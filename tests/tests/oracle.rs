@@ -218,6 +218,53 @@ fn sg_render_equals_the_oracle() {
     );
 }
 
+/// Inputs in the agent's RPC shape (what the sg_neutron driver pushes): the oracle hands them
+/// to Neutron's agent as the server's answer, with the provider rules the server adds, and
+/// sg renders them from its model; both must agree, for every variant.
+#[test]
+fn sg_render_equals_the_oracle_on_agent_rpc_inputs() {
+    let dir = workspace_root().join("tests/corpus/rpc");
+    let mut cases: Vec<(String, Value)> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "json"))
+        .map(|p| {
+            let doc = serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
+            (p.file_stem().unwrap().to_string_lossy().into_owned(), doc)
+        })
+        .collect();
+    cases.sort_by(|a, b| a.0.cmp(&b.0));
+    assert!(cases.len() >= 3, "tests/corpus/rpc is missing");
+    setup_venv();
+    let batch = batch_of(&cases);
+    let mut failures = Vec::new();
+    for (label, args, opts) in variants() {
+        let results = oracle(&args, &batch);
+        for ((name, doc), r) in cases.iter().zip(&results) {
+            let Some(want) = r["output"].as_str() else {
+                failures.push(format!(
+                    "oracle rejected or crashed on {name}: {}{}",
+                    r["error"], r["crash"]
+                ));
+                continue;
+            };
+            let got = sg_text(name, doc, &opts);
+            if got != want {
+                failures.push(format!(
+                    "[{label}] rpc/{name}: sg differs from Neutron\n{}",
+                    unified_diff("neutron", want, "sg", &got)
+                ));
+            }
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} difference(s); the first:\n{}",
+        failures.len(),
+        failures[0]
+    );
+}
+
 /// Neutron's agent asks for 20 devices per RPC and merges the answers with `dict.update`; on
 /// `chunked-devices.json` (22 ports) the second batch's member lists of group f0..0a ({IPv6})
 /// replace the first's ({IPv4}), so the IPv4 set is never created and the first 20 ports lose

@@ -5,6 +5,11 @@
 //! the page. With only the `default` group the request times out; once WEB_SERVERS (tcp 80
 //! and 443 from 0.0.0.0/0) is added to the agent's input, it succeeds.
 //!
+//! `cargo xtask demo --neutron` tells the same story with Neutron driving: its own
+//! SecurityGroupAgentRpc loads the sg_neutron driver by the alias `sg` and calls it from its
+//! RPC handlers (tests/neutron/agent_rpc.py, Neutron's server code behind a fake plugin), and
+//! the driver feeds `sg agent --api-socket`.
+//!
 //! Everything it creates (namespaces, processes, pins, files) is removed at the end, also
 //! when a step fails.
 
@@ -141,13 +146,12 @@ fn wait_generation(d: &Demo, generation: u64) -> Result<()> {
     }
 }
 
-pub fn run() -> Result<()> {
+fn new_demo() -> Result<Demo> {
     if !crate::is_root() {
         bail!("the demo creates network namespaces and loads eBPF: run it as root");
     }
-    let started = Instant::now();
     let id = std::process::id();
-    let mut d = Demo {
+    let d = Demo {
         host: format!("sgdemo-node-{id}"),
         vm: format!("sgdemo-web1-{id}"),
         client: format!("sgdemo-client-{id}"),
@@ -156,11 +160,12 @@ pub fn run() -> Result<()> {
         children: Vec::new(),
     };
     std::fs::create_dir_all(&d.dir)?;
-    let examples = workspace_root().join("sg-user/examples");
-    let input = d.dir.join("neutron.json");
-    std::fs::copy(examples.join("web1-default-only.json"), &input)?;
+    Ok(d)
+}
 
-    println!("\n== sg demo: VM WEB1 on a compute node, Neutron security groups enforced by eBPF ==\n");
+/// The namespace compute node, WEB1 and its servers, the client.
+fn build_node(d: &mut Demo, title: &str) -> Result<()> {
+    println!("\n== {title} ==\n");
     for ns in [&d.host, &d.vm, &d.client] {
         sh(&["ip", "netns", "add", ns])?;
         sh(&["ip", "-n", ns, "link", "set", "lo", "up"])?;
@@ -213,6 +218,20 @@ pub fn run() -> Result<()> {
             .spawn()?,
     );
     println!("  WEB1 serves HTTP on 80, accepts TCP on 443 and 22\n");
+
+    Ok(())
+}
+
+pub fn run() -> Result<()> {
+    let started = Instant::now();
+    let mut d = new_demo()?;
+    let examples = workspace_root().join("sg-user/examples");
+    let input = d.dir.join("neutron.json");
+    std::fs::copy(examples.join("web1-default-only.json"), &input)?;
+    build_node(
+        &mut d,
+        "sg demo: VM WEB1 on a compute node, Neutron security groups enforced by eBPF",
+    )?;
 
     println!("[1] sg agent starts with WEB1 in the `default` group only");
     let log = std::fs::File::create(d.dir.join("agent.log"))?;
@@ -302,6 +321,173 @@ pub fn run() -> Result<()> {
     indent(&sh(&["bpftool", "map", "dump", "name", "SG_PORTS"])?);
 
     println!("\n[8] teardown: agent stopped, sg detach --all, namespaces deleted");
+    drop(d);
+    println!("\ndemo done in {:.1?}", started.elapsed());
+    Ok(())
+}
+
+/// Neutron's agent side (tests/neutron/agent_rpc.py), one command per line.
+struct NeutronAgent {
+    child: Child,
+    stdin: Option<std::process::ChildStdin>,
+    stdout: std::io::BufReader<std::process::ChildStdout>,
+}
+
+impl NeutronAgent {
+    fn cmd(&mut self, line: &str) -> Result<String> {
+        use std::io::{BufRead as _, Write as _};
+        println!("    neutron> {line}");
+        writeln!(self.stdin.as_mut().context("stdin")?, "{line}")?;
+        let mut answer = String::new();
+        self.stdout.read_line(&mut answer)?;
+        let answer = answer.trim_end().to_string();
+        match answer.strip_prefix("ok") {
+            Some(rest) => Ok(rest.trim().to_string()),
+            None => bail!("Neutron's agent: `{line}` failed: {answer}"),
+        }
+    }
+}
+
+impl Drop for NeutronAgent {
+    fn drop(&mut self) {
+        // End of input: the helper cleans up after itself and exits.
+        drop(self.stdin.take());
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn run_neutron() -> Result<()> {
+    let started = Instant::now();
+    let mut d = new_demo()?;
+    let root = workspace_root();
+    let python = crate::neutron::venv_python()?;
+    let site = d.dir.join("site");
+    crate::neutron::install_driver(&python, &site)?;
+    build_node(
+        &mut d,
+        "sg demo with Neutron: its agent loads firewall_driver = sg and feeds the sg agent",
+    )?;
+
+    println!("[1] sg agent starts with no input: it serves the Neutron driver's socket");
+    let socket = d.dir.join("agent.sock");
+    let log = std::fs::File::create(d.dir.join("agent.log"))?;
+    let run_dir = d.dir.join("run");
+    d.children.push(
+        Command::new(bin("sg"))
+            .args(["--pin-root", &d.pin_root, "--run-dir", run_dir.to_str().unwrap()])
+            .args([
+                "agent",
+                "--api-socket",
+                socket.to_str().unwrap(),
+                "--netns",
+                &d.host,
+            ])
+            .env("NO_COLOR", "1")
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()?,
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !socket.exists() {
+        if Instant::now() > deadline {
+            bail!("the agent did not open {}", socket.display());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    println!("    sg agent --api-socket {}", socket.display());
+
+    println!("\n[2] Neutron's SecurityGroupAgentRpc, [SECURITYGROUP] firewall_driver = sg");
+    let mut child = Command::new(&python)
+        .args(["-W", "ignore"])
+        .arg(root.join("tests/neutron/agent_rpc.py"))
+        .args(["--driver", "sg", "--socket", socket.to_str().unwrap()])
+        .env("PYTHONPATH", &site)
+        .current_dir(&d.dir)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let mut neutron = NeutronAgent {
+        stdin: child.stdin.take(),
+        stdout: std::io::BufReader::new(child.stdout.take().context("stdout")?),
+        child,
+    };
+    println!("    loaded: {}", neutron.cmd("driver")?);
+
+    println!("\n[3] WEB1's port is plugged: Neutron prepares its filter (groups: default)");
+    let examples = root.join("sg-user/examples");
+    neutron.cmd(&format!(
+        "load {}",
+        examples.join("web1-default-only.json").display()
+    ))?;
+    neutron.cmd(&format!("prepare {TAP}"))?;
+    let http = format!("{VM_IP}:80");
+    let https = format!("{VM_IP}:443");
+    expect(
+        "client: GET http://192.168.206.6/",
+        probe(&d.client, &["get", &http, "--timeout-ms", "1500"])?,
+        false,
+    )?;
+    expect(
+        "client: TCP connect 192.168.206.6:443",
+        probe(&d.client, &["connect", &https, "--timeout-ms", "1000"])?,
+        false,
+    )?;
+
+    println!("\n[4] WEB1 joins WEB_SERVERS (tcp 80 and 443 from 0.0.0.0/0): Neutron updates the port");
+    neutron.cmd(&format!("load {}", examples.join("web1.json").display()))?;
+    neutron.cmd(&format!("port_updated {TAP}"))?;
+    expect(
+        "client: GET http://192.168.206.6/",
+        probe(&d.client, &["get", &http, "--timeout-ms", "1500"])?,
+        true,
+    )?;
+    expect(
+        "client: TCP connect 192.168.206.6:443",
+        probe(&d.client, &["connect", &https, "--timeout-ms", "1500"])?,
+        true,
+    )?;
+    expect(
+        "client: TCP connect 192.168.206.6:22",
+        probe(
+            &d.client,
+            &["connect", &format!("{VM_IP}:22"), "--timeout-ms", "1000"],
+        )?,
+        false,
+    )?;
+
+    println!("\n[5] the agent's log");
+    indent(&std::fs::read_to_string(d.dir.join("agent.log"))?);
+
+    println!("\n[6] sg status");
+    indent(&d.sg(&["status"])?);
+
+    let pushed = run_dir.join("neutron-state.json");
+    println!(
+        "[7] what Neutron pushed, kept for restarts: sg validate {}",
+        pushed.display()
+    );
+    indent(&d.sg(&["validate", pushed.to_str().unwrap()])?);
+
+    println!("\n[8] sg trace --port {TAP} to-vm tcp {CLIENT_IP}:40000 {VM_IP}:22   (dropped)");
+    indent(&d.sg(&[
+        "trace",
+        "--port",
+        TAP,
+        "--netns",
+        &d.host,
+        "to-vm",
+        "tcp",
+        &format!("{CLIENT_IP}:40000"),
+        &format!("{VM_IP}:22"),
+    ])?);
+
+    println!("\n[9] teardown: Neutron's agent and sg agent stopped, sg detach --all, namespaces deleted");
+    drop(neutron);
     drop(d);
     println!("\ndemo done in {:.1?}", started.elapsed());
     Ok(())

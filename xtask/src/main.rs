@@ -4,6 +4,7 @@
 //! nothing that needs bpf-linker (only anyhow and clap).
 
 mod demo;
+mod neutron;
 mod package;
 mod setup;
 
@@ -42,15 +43,30 @@ enum Cmd {
         previous: String,
     },
     /// The demo compute node in network namespaces (needs root).
-    Demo,
+    Demo {
+        /// Neutron drives the story: its SecurityGroupAgentRpc loads the sg driver by alias
+        /// and feeds an `sg agent --api-socket`.
+        #[arg(long)]
+        neutron: bool,
+    },
+    /// Neutron's own functional firewall suite (test_firewall.py, unmodified) against sg, or
+    /// against Neutron's iptables driver for comparison (needs root).
+    Neutron {
+        #[arg(long, value_enum, default_value = "sg")]
+        driver: neutron::Driver,
+    },
     /// The benchmarks: writes bench/results.md and bench/*.svg (needs root; --quick: < 5 min).
     Bench {
         /// Fewer repeats and shorter runs.
         #[arg(long)]
         quick: bool,
-        /// Only these sections: classifier, forwarding, control, memory (repeatable).
+        /// Only these sections: classifier, forwarding, control, memory, driver (repeatable).
         #[arg(long)]
         only: Vec<String>,
+        /// Where results.md and the plots go (a part run belongs beside the full one, e.g.
+        /// `--only driver --out bench/neutron-driver`).
+        #[arg(long, default_value = "bench")]
+        out: String,
     },
 }
 
@@ -74,12 +90,22 @@ fn run(cli: Cli) -> Result<()> {
             build(release)
         }
         Cmd::Test => test(),
-        Cmd::Demo => {
+        Cmd::Demo { neutron } => {
             setup::run()?;
             build(false)?;
-            demo::run()
+            if neutron { demo::run_neutron() } else { demo::run() }
         }
-        Cmd::Bench { quick, only } => bench(quick, &only),
+        Cmd::Neutron { driver } => {
+            setup::run()?;
+            if !is_root() {
+                bail!("Neutron's functional tests create namespaces and bridges: run them as root");
+            }
+            if driver == neutron::Driver::Sg {
+                build(false)?;
+            }
+            neutron::run(driver)
+        }
+        Cmd::Bench { quick, only, out } => bench(quick, &only, &out),
         Cmd::Package { for_tests, previous } => {
             setup::run()?;
             if for_tests {
@@ -189,12 +215,16 @@ fn test() -> Result<()> {
             "2",
         ]),
     )?;
+    // The Neutron driver: its unit tests, then Neutron's functional suite with sg.
+    let t = std::time::Instant::now();
+    neutron::run(neutron::Driver::Sg)?;
+    eprintln!("    Neutron's functional suite with sg took {:.0?}", t.elapsed());
     eprintln!("\nall checks passed in {:.0?}", started.elapsed());
     Ok(())
 }
 
 /// Builds `sg` and `sg-bench` in release and runs the benchmarks into `bench/`.
-fn bench(quick: bool, only: &[String]) -> Result<()> {
+fn bench(quick: bool, only: &[String], out: &str) -> Result<()> {
     setup::run()?;
     if !is_root() {
         bail!("the benchmarks load eBPF programs and create network namespaces: run them as root");
@@ -205,7 +235,7 @@ fn bench(quick: bool, only: &[String]) -> Result<()> {
     )?;
     let root = workspace_root();
     let mut c = Command::new(root.join("target/release/sg-bench"));
-    c.args(["--out", "bench", "--sg", "target/release/sg"]);
+    c.args(["--out", out, "--sg", "target/release/sg"]);
     if quick {
         c.arg("--quick");
     }
@@ -215,7 +245,7 @@ fn bench(quick: bool, only: &[String]) -> Result<()> {
     let started = std::time::Instant::now();
     step("benchmarks", &mut c)?;
     eprintln!(
-        "\nbench/results.md and bench/*.svg written in {:.0?}",
+        "\n{out}/results.md and {out}/*.svg written in {:.0?}",
         started.elapsed()
     );
     Ok(())

@@ -21,6 +21,10 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "iproute2",
     "tcpdump",
     "iperf3",
+    // Neutron's functional firewall suite (cargo xtask neutron) checks traffic with these.
+    "ncat",
+    "iputils-ping",
+    "iputils-arping",
     // systemd-analyze, for the package test's `systemd-analyze verify` of sg-agent.service
     // (systemd need not run: the test machines have none as PID 1).
     "systemd",

@@ -41,6 +41,7 @@ type Entries<K, V> = Vec<(u32, K, V)>;
 struct PolicyContent {
     classes: Entries<ClassKey, ClassVal>,
     services: Entries<ServiceKey, ServiceVal>,
+    src_ports: Entries<SrcPortKey, ServiceVal>,
 }
 
 impl Hash for PolicyContent {
@@ -50,6 +51,10 @@ impl Hash for PolicyContent {
         }
         0xffu8.hash(h);
         for (p, k, v) in &self.services {
+            (p, bytemuck::bytes_of(k), v.rule).hash(h);
+        }
+        0xfeu8.hash(h);
+        for (p, k, v) in &self.src_ports {
             (p, bytemuck::bytes_of(k), v.rule).hash(h);
         }
     }
@@ -233,6 +238,17 @@ impl Applier {
                 .services
                 .push((k.prefix_len(), key, v));
         }
+        for item in dp.src_ports()?.iter() {
+            let (k, v) = item?;
+            let mut key = k.data();
+            let id = key.policy;
+            key.policy = 0;
+            policies
+                .entry(id)
+                .or_default()
+                .src_ports
+                .push((k.prefix_len(), key, v));
+        }
         let mut addr_sets: BTreeMap<u32, Entries<AddrKey, AddrVal>> = BTreeMap::new();
         for item in dp.addrs()?.iter() {
             let (k, v) = item?;
@@ -271,6 +287,11 @@ impl Applier {
                     .then(x.0.cmp(&y.0))
             });
             content.services.sort_by(|x, y| {
+                bytemuck::bytes_of(&x.1)
+                    .cmp(bytemuck::bytes_of(&y.1))
+                    .then(x.0.cmp(&y.0))
+            });
+            content.src_ports.sort_by(|x, y| {
                 bytemuck::bytes_of(&x.1)
                     .cmp(bytemuck::bytes_of(&y.1))
                     .then(x.0.cmp(&y.0))
@@ -365,7 +386,7 @@ impl Applier {
         // Desired contents, by compiled policy id and by port.
         let mut desired_policies: HashMap<u32, PolicyContent> = HashMap::new();
         for p in &compiled.policies {
-            let content = policy_content(p.classes.iter(), p.services.iter(), &rule_map)?;
+            let content = policy_content(p, &rule_map)?;
             desired_policies.insert(p.id, content);
         }
         let mut port_addrs: HashMap<&str, AddrSet> = HashMap::new();
@@ -690,7 +711,14 @@ impl Applier {
             .collect();
         batch::lpm_update(self.dp.lpm_map(MAP_SERVICES)?, &services)
             .context("SG_SERVICES is full or refused an entry")?;
-        Ok(c.classes.len() + c.services.len())
+        let src_ports: Entries<SrcPortKey, ServiceVal> = c
+            .src_ports
+            .iter()
+            .map(|(p, k, v)| (*p, SrcPortKey { policy: id, ..*k }, *v))
+            .collect();
+        batch::lpm_update(self.dp.lpm_map(MAP_SRC_PORTS)?, &src_ports)
+            .context("SG_SRC_PORTS is full or refused an entry")?;
+        Ok(c.classes.len() + c.services.len() + c.src_ports.len())
     }
 
     fn delete_policy(&mut self, id: u32, c: &PolicyContent) -> Result<usize> {
@@ -704,12 +732,19 @@ impl Applier {
             .iter()
             .map(|(p, k, v)| (*p, ServiceKey { policy: id, ..*k }, *v))
             .collect();
-        // Both maps are attempted even if the first fails, as the per-entry loop did.
+        let src_ports: Entries<SrcPortKey, ServiceVal> = c
+            .src_ports
+            .iter()
+            .map(|(p, k, v)| (*p, SrcPortKey { policy: id, ..*k }, *v))
+            .collect();
+        // Every map is attempted even if one fails, as the per-entry loop did.
         let a = batch::lpm_delete(self.dp.lpm_map(MAP_CLASSES)?, &classes).context("SG_CLASSES");
         let b = batch::lpm_delete(self.dp.lpm_map(MAP_SERVICES)?, &services).context("SG_SERVICES");
+        let c2 = batch::lpm_delete(self.dp.lpm_map(MAP_SRC_PORTS)?, &src_ports).context("SG_SRC_PORTS");
         a?;
         b?;
-        Ok(c.classes.len() + c.services.len())
+        c2?;
+        Ok(c.classes.len() + c.services.len() + c.src_ports.len())
     }
 
     fn write_addrs(&mut self, id: u32, set: &AddrSet) -> Result<usize> {
@@ -743,28 +778,44 @@ fn sorted<K: bytemuck::Pod, V>(mut v: Entries<K, V>) -> Entries<K, V> {
     v
 }
 
-fn policy_content<'a>(
-    classes: impl Iterator<Item = &'a LpmEntry<ClassKey, ClassVal>>,
-    services: impl Iterator<Item = &'a LpmEntry<ServiceKey, ServiceVal>>,
-    rule_map: &HashMap<u32, u32>,
-) -> Result<PolicyContent> {
-    let classes = classes
+fn policy_content(p: &crate::compile::CompiledPolicy, rule_map: &HashMap<u32, u32>) -> Result<PolicyContent> {
+    let live = |rule: u32| -> Result<ServiceVal> {
+        match rule_map.get(&rule) {
+            Some(&rule) => Ok(ServiceVal { rule }),
+            None => bail!("compiled service entry refers to unknown rule {rule}"),
+        }
+    };
+    let classes = p
+        .classes
+        .iter()
         .map(|e| (e.prefix_len, ClassKey { policy: 0, ..e.key }, e.value))
         .collect();
-    let mut out = Vec::new();
-    for e in services {
-        let Some(&rule) = rule_map.get(&e.value.rule) else {
-            bail!("compiled service entry refers to unknown rule {}", e.value.rule);
-        };
-        out.push((
-            e.prefix_len,
-            ServiceKey { policy: 0, ..e.key },
-            ServiceVal { rule },
-        ));
-    }
+    let services = p
+        .services
+        .iter()
+        .map(|e| {
+            Ok((
+                e.prefix_len,
+                ServiceKey { policy: 0, ..e.key },
+                live(e.value.rule)?,
+            ))
+        })
+        .collect::<Result<_>>()?;
+    let src_ports = p
+        .src_ports
+        .iter()
+        .map(|e| {
+            Ok((
+                e.prefix_len,
+                SrcPortKey { policy: 0, ..e.key },
+                live(e.value.rule)?,
+            ))
+        })
+        .collect::<Result<_>>()?;
     Ok(PolicyContent {
         classes: sorted(classes),
-        services: sorted(out),
+        services: sorted(services),
+        src_ports: sorted(src_ports),
     })
 }
 

@@ -3,9 +3,14 @@
 //!
 //! The loop drives one of two back ends (`--dataplane`): sg's eBPF datapath, or Neutron's own
 //! iptables ruleset ([`crate::iptables`], for hosts without eBPF and as the reference side of
-//! the differential test). Its sources of change:
+//! the differential test). The input is a file (`--state`), what the Neutron driver pushes
+//! through the local API (`--api-socket`, [`api`]), or both (the union of the two). Its sources
+//! of change:
 //! - the input file or directory changed ([`watch`]): validate, compile, apply; a rejected
 //!   input is logged and the running policy stays as it is;
+//! - a driver call arrived on the API: validated with the model's rules, applied, persisted
+//!   (`neutron-state.json` in the run directory, [`pushed`]), answered; a rejected call changes
+//!   nothing;
 //! - a tap appeared, went or was renamed: the taps thread ([`taps`]) enforces it on its own,
 //!   at once, and tells the loop, which records where each port is enforced;
 //! - a pin vanished ([`pins`]), or the housekeeping timer: check that every map and link is
@@ -17,29 +22,35 @@
 //! Exiting (SIGTERM, SIGINT, or a crash) leaves maps and links pinned: enforcement stays, and
 //! the next agent takes the links over with an atomic program swap.
 
+pub mod api;
 pub mod apply;
 pub mod links;
 pub mod lock;
 mod pins;
+pub mod pushed;
 pub mod taps;
 mod watch;
 
 use std::{
+    collections::{BTreeSet, HashMap},
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, Result};
+use anyhow::{Context as _, Result, bail};
+use serde_json::{Map, Value, json};
 use tokio::{
     signal::unix::{SignalKind, signal},
-    sync::mpsc::UnboundedReceiver,
+    sync::{mpsc, mpsc::UnboundedReceiver, watch as tokio_watch},
 };
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use self::{
+    api::{ApiError, ApiOptions, Call, Enforced, Event, Reply, Request},
     apply::{Applier, RunState, log_report},
     lock::{AgentRecord, PinLock},
     pins::PinWatch,
+    pushed::{Op, Pushed},
 };
 use crate::{
     compile,
@@ -50,7 +61,9 @@ use crate::{
 #[derive(Debug, Clone)]
 pub struct AgentOptions {
     /// Neutron input: a JSON file or a directory of them.
-    pub state: PathBuf,
+    pub state: Option<PathBuf>,
+    /// The local API for the Neutron driver.
+    pub api: Option<ApiOptions>,
     pub host: String,
     pub pin_root: PathBuf,
     /// Where the run-state file for the CLI goes.
@@ -78,22 +91,29 @@ pub enum DataplaneOptions {
     },
 }
 
-/// The files an agent keeps in its run directory. `sg detach --all` (and so `dpkg -r`) deletes
-/// them with the pins they describe.
-pub const RUN_FILES: [&str; 2] = [RunState::FILE, lock::AgentRecord::FILE];
+/// The files an agent keeps in its run directory: the run state, the agent's record, what
+/// Neutron's driver pushed, and their temporary files. `sg detach --all` (and so `dpkg -r`)
+/// deletes them with the pins they describe.
+pub fn run_files(run_dir: &Path) -> Vec<PathBuf> {
+    vec![
+        run_dir.join(RunState::FILE),
+        run_dir.join(format!("{}.tmp", RunState::FILE)),
+        run_dir.join(lock::AgentRecord::FILE),
+        run_dir.join(format!("{}.tmp", lock::AgentRecord::FILE)),
+        pushed::Pushed::path(run_dir),
+        pushed::Pushed::tmp_path(run_dir),
+    ]
+}
 
-/// Deletes the run state (RUN_FILES and their temporary files), and `run_dir` if nothing else
-/// is left in it. Returns whether there was any.
+/// Deletes `run_files`, and `run_dir` if nothing else is left in it. Returns whether there was
+/// any.
 pub fn remove_run_state(run_dir: &Path) -> Result<bool> {
     let mut found = false;
-    for name in RUN_FILES {
-        for name in [name.to_string(), format!("{name}.tmp")] {
-            let path = run_dir.join(&name);
-            match std::fs::remove_file(&path) {
-                Ok(()) => found = true,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(e).with_context(|| format!("removing {}", path.display())),
-            }
+    for path in run_files(run_dir) {
+        match std::fs::remove_file(&path) {
+            Ok(()) => found = true,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("removing {}", path.display())),
         }
     }
     // Not empty (files that are not sg's) or gone already: both are fine.
@@ -123,6 +143,8 @@ trait Dataplane {
     fn check(&mut self, generation: u64) -> Result<()>;
     /// Periodic housekeeping.
     fn gc(&mut self);
+    /// The taps whose port's policy is in force now (what `prepare_port_filter` waits for).
+    fn enforced_taps(&self) -> BTreeSet<String>;
     fn describe_exit(&self) -> String;
 }
 
@@ -240,6 +262,22 @@ impl Dataplane for Ebpf {
         }
     }
 
+    /// A tap is enforced once its port's programs hold its policy where the port is enforced:
+    /// the tap, or its hybrid peer `qvb` (agent::taps).
+    fn enforced_taps(&self) -> BTreeSet<String> {
+        match self.applier.taps().view() {
+            Ok(view) => view
+                .into_iter()
+                .filter(|(_, v)| v.point.is_some() && !v.closed)
+                .map(|(device, _)| device)
+                .collect(),
+            Err(e) => {
+                warn!("asking the taps thread where ports are enforced: {e:#}");
+                BTreeSet::new()
+            }
+        }
+    }
+
     fn describe_exit(&self) -> String {
         format!(
             "exiting; maps and links stay pinned under {}, so enforcement continues",
@@ -305,6 +343,16 @@ impl Dataplane for Iptables {
     /// The kernel's conntrack expires its own entries.
     fn gc(&mut self) {}
 
+    /// The rules match taps by name (physdev), whether the tap exists yet or not.
+    fn enforced_taps(&self) -> BTreeSet<String> {
+        let host = &self.render.host;
+        self.current
+            .iter()
+            .flat_map(|m| m.local_ports(host))
+            .map(|p| p.device.clone())
+            .collect()
+    }
+
     fn describe_exit(&self) -> String {
         "exiting; the iptables rules and ipsets stay, so enforcement continues".to_string()
     }
@@ -327,10 +375,33 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
 
 async fn run_inner(opts: &AgentOptions, record: &mut Option<AgentRecord>) -> Result<&'static str> {
     let started = Instant::now();
+    if opts.state.is_none() && opts.api.is_none() {
+        bail!("the agent needs an input: --state FILE, --api-socket PATH, or both");
+    }
+    // The socket is bound first, so that a driver connecting while the agent starts waits for
+    // its answer instead of failing.
+    let api = match &opts.api {
+        Some(a) => Some(api::listen(a)?),
+        None => None,
+    };
+    let pushed = match &opts.api {
+        None => None,
+        Some(_) => Some(
+            Pushed::load(&opts.run_dir)
+                .with_context(|| {
+                    format!(
+                        "the state the Neutron driver pushed ({}) cannot be read: move it away to \
+                         start empty (Neutron's agent then resends everything on its next resync)",
+                        Pushed::path(&opts.run_dir).display()
+                    )
+                })?
+                .unwrap_or_default(),
+        ),
+    };
     let mut generation = 0;
     let mut tap_events: Option<UnboundedReceiver<()>> = None;
     let mut pin_watch: Option<PinWatch> = None;
-    let mut dp: Box<dyn Dataplane> = match &opts.dataplane {
+    let dp: Box<dyn Dataplane> = match &opts.dataplane {
         DataplaneOptions::Ebpf => {
             // First the lock: nothing is touched while another agent runs on this root.
             let lock = PinLock::acquire(&opts.pin_root)?;
@@ -378,32 +449,38 @@ async fn run_inner(opts: &AgentOptions, record: &mut Option<AgentRecord>) -> Res
             })
         }
     };
-    let mut watcher = watch::Watcher::new(&opts.state)?;
+    let mut watcher = opts.state.as_deref().map(watch::Watcher::new).transpose()?;
+    let (enforced_tx, enforced_rx) = tokio_watch::channel(Enforced::default());
+    let mut agent = Agent {
+        dp,
+        generation,
+        pushed,
+        batches: HashMap::new(),
+        enforced: enforced_tx,
+        opts: opts.clone(),
+    };
 
-    match load(&opts.state) {
+    match agent.model(agent.pushed.as_ref()) {
         Ok(m) => {
-            info!(input = %opts.state.display(), model = %m.summary(), "input loaded");
-            generation += 1;
-            dp.apply(&m, generation)?;
+            info!(model = %m.summary(), input = %agent.describe_input(), "input loaded");
+            agent.generation += 1;
+            let generation = agent.generation;
+            agent.dp.apply(&m, generation)?;
         }
-        Err(e) => error!("{e:#}"),
+        Err(e) => error!("{} rejected:\n{e}", agent.describe_input()),
     }
+    agent.publish();
+    let mut api_events = api.map(|(listener, gid)| {
+        let (tx, rx) = mpsc::channel(64);
+        tokio::spawn(api::serve(listener, gid, tx, enforced_rx.clone()));
+        rx
+    });
     info!(elapsed_ms = started.elapsed().as_millis() as u64, "ready");
 
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut gc = tokio::time::interval(opts.gc_interval);
     gc.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let reload = |dp: &mut Box<dyn Dataplane>, generation: &mut u64| match load(&opts.state) {
-        Ok(m) => {
-            info!(model = %m.summary(), "input changed");
-            *generation += 1;
-            if let Err(e) = dp.apply(&m, *generation) {
-                error!("{e:#}");
-            }
-        }
-        Err(e) => error!("{e:#}\nthe running policy is unchanged"),
-    };
     let exit = loop {
         tokio::select! {
             _ = sigterm.recv() => break "stopped by SIGTERM",
@@ -414,32 +491,56 @@ async fn run_inner(opts: &AgentOptions, record: &mut Option<AgentRecord>) -> Res
                 if let Some(rx) = &mut tap_events {
                     while rx.try_recv().is_ok() {}
                 }
-                if let Err(e) = dp.taps_changed(generation) {
+                if let Err(e) = agent.dp.taps_changed(agent.generation) {
                     error!("{e:#}");
                 }
+                agent.publish();
             }
             fired = fired(&mut pin_watch) => {
                 fired?;
-                dp.check(generation)?;
+                agent.dp.check(agent.generation)?;
                 if let Some(w) = &mut pin_watch {
                     w.rearm();
                 }
+                agent.publish();
             }
-            changed = watcher.changed() => {
+            changed = async {
+                match &mut watcher {
+                    Some(w) => w.changed().await,
+                    None => std::future::pending().await,
+                }
+            } => {
                 changed?;
-                reload(&mut dp, &mut generation);
+                agent.reload();
             }
+            ev = async {
+                match &mut api_events {
+                    Some(rx) => rx.recv().await,
+                    None => std::future::pending().await,
+                }
+            } => match ev {
+                Some(Event::Call(call)) => agent.call(call),
+                Some(Event::Closed(conn)) => {
+                    if agent.batches.remove(&conn).is_some() {
+                        warn!(conn, "a driver connection closed in the middle of a batch: its calls are dropped");
+                    }
+                }
+                None => bail!("the API server stopped"),
+            },
             _ = gc.tick() => {
-                dp.check(generation)?;
+                agent.dp.check(agent.generation)?;
                 if let Some(w) = &mut pin_watch {
                     w.rearm();
                 }
-                dp.gc();
+                agent.dp.gc();
                 // A backstop for any event the input watch missed.
-                if watcher.check() {
+                if let Some(w) = &mut watcher
+                    && w.check()
+                {
                     warn!("the input changed without an event the watch saw");
-                    reload(&mut dp, &mut generation);
+                    agent.reload();
                 }
+                agent.publish();
                 if let Some(r) = record.as_mut()
                     && let Err(e) = r.alive(&opts.run_dir)
                 {
@@ -448,8 +549,277 @@ async fn run_inner(opts: &AgentOptions, record: &mut Option<AgentRecord>) -> Res
             }
         }
     };
-    info!("{}", dp.describe_exit());
+    info!("{}", agent.dp.describe_exit());
+    // The socket is ours; a stale one would only be replaced by the next agent, and would be
+    // left in the run directory when the package is removed.
+    if let Some(a) = &opts.api {
+        let _ = std::fs::remove_file(&a.socket);
+    }
     Ok(exit)
+}
+
+/// A deferred batch of one connection (`filter_defer_apply_on` .. `_off`).
+struct Batch {
+    ops: Vec<Op>,
+    /// The groups and remote ids known when it began: the end of the batch forgets those no
+    /// port needs any more, as Neutron's driver does.
+    groups: BTreeSet<String>,
+    remotes: BTreeSet<String>,
+}
+
+/// The loop's state.
+struct Agent {
+    opts: AgentOptions,
+    dp: Box<dyn Dataplane>,
+    generation: u64,
+    /// What the driver pushed; None without `--api-socket`.
+    pushed: Option<Pushed>,
+    batches: HashMap<u64, Batch>,
+    enforced: tokio_watch::Sender<Enforced>,
+}
+
+impl Agent {
+    /// The input: the file's documents, then the pushed one.
+    fn model(&self, pushed: Option<&Pushed>) -> Result<model::Model, model::ValidationErrors> {
+        let extra = pushed
+            .map(|p| {
+                vec![(
+                    Pushed::path(&self.opts.run_dir).display().to_string(),
+                    p.to_document(),
+                )]
+            })
+            .unwrap_or_default();
+        model::load_with(self.opts.state.as_deref(), extra)
+    }
+
+    /// The input changed on disk: validate, apply, or keep the running policy.
+    fn reload(&mut self) {
+        match self.model(self.pushed.as_ref()) {
+            Ok(m) => {
+                info!(model = %m.summary(), "input changed");
+                self.generation += 1;
+                if let Err(e) = self.dp.apply(&m, self.generation) {
+                    error!("{e:#}");
+                }
+                self.publish();
+            }
+            Err(e) => error!(
+                "{} rejected:\n{e}\nthe running policy is unchanged",
+                self.describe_input()
+            ),
+        }
+    }
+
+    fn describe_input(&self) -> String {
+        match (&self.opts.state, &self.pushed) {
+            (Some(f), None) => f.display().to_string(),
+            (None, _) => "the state pushed by the Neutron driver".to_string(),
+            (Some(f), Some(_)) => format!("{} with the state pushed by the Neutron driver", f.display()),
+        }
+    }
+
+    fn publish(&self) {
+        let e = Enforced {
+            taps: self.dp.enforced_taps(),
+            plug: self.pushed.as_ref().map(|p| p.plug),
+        };
+        self.enforced.send_if_modified(|cur| {
+            let changed = *cur != e;
+            *cur = e;
+            changed
+        });
+    }
+
+    /// One driver call.
+    fn call(&mut self, call: Call) {
+        let Call { conn, request, reply } = call;
+        let name = request.name();
+        let t = Instant::now();
+        let answer = self.handle(conn, request);
+        match &answer.result {
+            Ok(_) => debug!(
+                conn,
+                op = name,
+                elapsed_us = t.elapsed().as_micros() as u64,
+                "API call"
+            ),
+            Err(e) if e.kind == "invalid" => warn!(
+                conn,
+                op = name,
+                "API call rejected, nothing changed:\n{}",
+                e.message
+            ),
+            Err(e) => warn!(conn, op = name, kind = e.kind, "API call failed: {}", e.message),
+        }
+        let _ = reply.send(answer);
+    }
+
+    fn handle(&mut self, conn: u64, request: Request) -> Reply {
+        let Some(pushed) = &self.pushed else {
+            return Reply::err(ApiError::new("protocol", "the agent serves no pushed state"));
+        };
+        let plug = pushed.plug;
+        match request {
+            Request::Hello {
+                plug: new_plug,
+                client,
+            } => {
+                info!(conn, client = %client, plug = ?new_plug, "Neutron driver connected");
+                if let Some(p) = new_plug
+                    && p != plug
+                    && let Err(e) = self.commit(vec![Op::Plug(p)], None)
+                {
+                    return Reply::err(e);
+                }
+                let mut body = self.body();
+                body.insert("versions".into(), json!([api::PROTOCOL_VERSION]));
+                body.insert("agent".into(), json!(format!("sg {}", env!("CARGO_PKG_VERSION"))));
+                body.insert("host".into(), json!(self.opts.host));
+                Reply::ok(body)
+            }
+            Request::SecurityGroupUpdated => Reply::ok(self.body()),
+            Request::State => {
+                let mut body = self.body();
+                body.insert("document".into(), pushed.to_document());
+                Reply::ok(body)
+            }
+            Request::Enforcement { devices, wait } => {
+                let taps: Vec<(String, String)> = devices.iter().map(|d| (d.clone(), plug.tap(d))).collect();
+                let now = self.dp.enforced_taps();
+                let state: Map<String, Value> = taps
+                    .iter()
+                    .map(|(d, t)| (d.clone(), Value::Bool(now.contains(t))))
+                    .collect();
+                let mut body = self.body();
+                body.insert("enforced".into(), Value::Object(state));
+                Reply {
+                    result: Ok(body),
+                    wait: wait.map(|w| (taps, w)),
+                }
+            }
+            Request::DeferOn => {
+                self.batches.entry(conn).or_insert_with(|| Batch {
+                    ops: Vec::new(),
+                    groups: pushed.security_groups.keys().cloned().collect(),
+                    remotes: pushed.sg_member_ips.keys().cloned().collect(),
+                });
+                Reply::ok(self.body())
+            }
+            Request::DeferOff { wait } => {
+                let Some(batch) = self.batches.remove(&conn) else {
+                    return Reply::ok(self.body());
+                };
+                let waits = waited_devices(&batch.ops);
+                match self.commit(batch.ops, Some((&batch.groups, &batch.remotes))) {
+                    Ok(()) => self.wait_reply(waits, wait),
+                    Err(e) => Reply::err(e),
+                }
+            }
+            Request::Change { op, wait } => {
+                if let Some(batch) = self.batches.get_mut(&conn) {
+                    // A call in a batch is checked alone when it arrives, so that a bad one
+                    // fails by itself (its errors name only its objects) and the batch goes on.
+                    if let Some(doc) = op.alone(plug)
+                        && let Err(errs) = model::from_values(vec![(format!("{} call", op_name(&op)), doc)])
+                    {
+                        return Reply::err(ApiError::invalid(&errs));
+                    }
+                    batch.ops.push(op);
+                    let mut body = self.body();
+                    body.insert("deferred".into(), json!(true));
+                    return Reply::ok(body);
+                }
+                // Outside a batch the call is validated with the whole input it makes, which
+                // was valid before it: the errors are this call's.
+                let waits = waited_devices(std::slice::from_ref(&op));
+                match self.commit(vec![op], None) {
+                    Ok(()) => self.wait_reply(waits, wait),
+                    Err(e) => Reply::err(e),
+                }
+            }
+        }
+    }
+
+    fn body(&self) -> Map<String, Value> {
+        let mut body = Map::new();
+        body.insert("generation".into(), json!(self.generation));
+        body
+    }
+
+    fn wait_reply(&self, devices: Vec<String>, wait: Option<Duration>) -> Reply {
+        let plug = self.pushed.as_ref().map_or(model::rpc::Plug::Direct, |p| p.plug);
+        let devices: Vec<(String, String)> = devices
+            .into_iter()
+            .filter(|d| self.pushed.as_ref().is_some_and(|p| p.devices.contains_key(d)))
+            .map(|d| {
+                let tap = plug.tap(&d);
+                (d, tap)
+            })
+            .collect();
+        Reply {
+            result: Ok(self.body()),
+            wait: wait.filter(|_| !devices.is_empty()).map(|w| (devices, w)),
+        }
+    }
+
+    /// Applies `ops` to the pushed state as one change: validated as a whole with the model's
+    /// rules, applied, persisted. On any error nothing changed.
+    fn commit(
+        &mut self,
+        ops: Vec<Op>,
+        collect: Option<(&BTreeSet<String>, &BTreeSet<String>)>,
+    ) -> Result<(), ApiError> {
+        let current = self.pushed.as_ref().expect("API calls come with a pushed state");
+        let mut candidate = current.clone();
+        let mut changed = false;
+        for op in &ops {
+            changed |= candidate.apply(op);
+        }
+        if let Some((groups, remotes)) = collect {
+            candidate.collect_unused(groups, remotes);
+        }
+        if !changed && candidate == *current {
+            return Ok(());
+        }
+        let model = self.model(Some(&candidate)).map_err(|e| ApiError::invalid(&e))?;
+        let generation = self.generation + 1;
+        self.dp
+            .apply(&model, generation)
+            .map_err(|e| ApiError::new("apply", format!("{e:#}")))?;
+        self.generation = generation;
+        let saved = candidate.save(&self.opts.run_dir);
+        self.pushed = Some(candidate);
+        self.publish();
+        saved.map_err(|e| {
+            ApiError::new(
+                "persist",
+                format!(
+                    "applied, but the state could not be saved ({e:#}): a restarted agent would not have it"
+                ),
+            )
+        })
+    }
+}
+
+fn op_name(op: &Op) -> &'static str {
+    Request::Change {
+        op: op.clone(),
+        wait: None,
+    }
+    .name()
+}
+
+/// The devices a batch prepared or updated, whose enforcement its answer waits for.
+fn waited_devices(ops: &[Op]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for op in ops {
+        if let Op::Port { device, .. } = op
+            && !out.contains(device)
+        {
+            out.push(device.clone());
+        }
+    }
+    out
 }
 
 async fn recv(rx: &mut Option<UnboundedReceiver<()>>) -> Option<()> {

@@ -4,7 +4,7 @@
 
 use std::net::IpAddr;
 
-use sg_common::{ClassKey, ServiceKey};
+use sg_common::{ClassKey, ServiceKey, SrcPortKey};
 
 use super::Compiled;
 use super::lpm::Lpm;
@@ -21,6 +21,8 @@ pub struct Packet {
     /// The destination port for TCP/UDP/SCTP/DCCP/UDP-Lite, `type << 8 | code` for ICMP
     /// (IPv4) and ICMPv6 (IPv6); ignored otherwise.
     pub port: u16,
+    /// The source port for TCP/UDP/SCTP/DCCP/UDP-Lite; ignored otherwise.
+    pub sport: u16,
 }
 
 impl Packet {
@@ -30,15 +32,23 @@ impl Packet {
 }
 
 /// The first rule, in chain order over the groups `sg_ids`, that admits the packet, the way
-/// iptables walks the port's chain.
+/// iptables walks the port's chain; except that rules with source ports come after all the
+/// others (sg names the rule that way, compile module docs): the packet is admitted exactly
+/// when iptables admits it.
 pub fn reference_first_rule<'m>(
     model: &'m Model,
     sg_ids: &'m [String],
     pkt: &Packet,
 ) -> Option<(&'m SecurityGroup, &'m Rule)> {
+    let admits = |r: &Rule| rule_admits(model, r, pkt);
     model
         .groups_rules(sg_ids)
-        .find(|(_, rule)| rule_admits(model, rule, pkt))
+        .find(|(_, r)| !super::has_source_ports(r) && admits(r))
+        .or_else(|| {
+            model
+                .groups_rules(sg_ids)
+                .find(|(_, r)| super::has_source_ports(r) && admits(r))
+        })
 }
 
 fn rule_admits(model: &Model, rule: &Rule, pkt: &Packet) -> bool {
@@ -65,11 +75,16 @@ fn rule_admits(model: &Model, rule: &Rule, pkt: &Packet) -> bool {
     }
     let (min, max) = (rule.port_range_min, rule.port_range_max);
     if is_port_protocol(proto) {
-        // `--dport N` or `-m multiport --dports A:B`.
-        match (min, max) {
-            (Some(lo), Some(hi)) => (lo..=hi).contains(&pkt.port),
+        // `--sport`/`--dport N` or `-m multiport --sports/--dports A:B`.
+        let sport_ok = match (rule.source_port_range_min, rule.source_port_range_max) {
+            (Some(lo), Some(hi)) => (lo..=hi).contains(&pkt.sport),
             _ => true,
-        }
+        };
+        sport_ok
+            && match (min, max) {
+                (Some(lo), Some(hi)) => (lo..=hi).contains(&pkt.port),
+                _ => true,
+            }
     } else if is_icmp_protocol(proto) {
         // `--icmp-type T[/C]`: type T with any code, or exactly T/C. xt's IPv4 icmp match
         // takes type 255 as "any"; the IPv6 one does not.
@@ -107,10 +122,11 @@ pub struct Verdict {
     pub rule: Option<u32>,
 }
 
-/// The compiled `SG_CLASSES` and `SG_SERVICES` maps loaded into LPM simulators.
+/// The compiled `SG_CLASSES`, `SG_SERVICES` and `SG_SRC_PORTS` maps loaded into LPM simulators.
 pub struct CompiledLookup {
     classes: Lpm<u32>,
     services: Lpm<u32>,
+    src_ports: Lpm<u32>,
 }
 
 impl CompiledLookup {
@@ -119,7 +135,11 @@ impl CompiledLookup {
     pub fn new(compiled: &Compiled) -> Result<Self, super::lpm::LpmError> {
         let mut classes = Lpm::new(size_of::<ClassKey>());
         let mut services = Lpm::new(size_of::<ServiceKey>());
+        let mut src_ports = Lpm::new(size_of::<SrcPortKey>());
         for p in &compiled.policies {
+            for e in &p.src_ports {
+                src_ports.insert_pod(e.prefix_len, &e.key, e.value.rule)?;
+            }
             for e in &p.classes {
                 classes.insert_pod(e.prefix_len, &e.key, e.value.class)?;
             }
@@ -127,11 +147,16 @@ impl CompiledLookup {
                 services.insert_pod(e.prefix_len, &e.key, e.value.rule)?;
             }
         }
-        Ok(CompiledLookup { classes, services })
+        Ok(CompiledLookup {
+            classes,
+            services,
+            src_ports,
+        })
     }
 
     /// Stage 1 on (policy, dir, family, remote address), then stage 2 on (policy, class, dir,
-    /// family, protocol, port).
+    /// family, protocol, port), then on a miss `SG_SRC_PORTS` (which holds entries only for
+    /// policies whose ports have `PORT_F_SRC_PORTS`).
     pub fn evaluate(&self, policy: u32, pkt: &Packet) -> Verdict {
         let eth = pkt.ethertype();
         let ck = ClassKey {
@@ -153,9 +178,23 @@ impl CompiledLookup {
             port_be: port_field(eth, pkt.proto, pkt.port).to_be_bytes(),
             _pad: [0; 3],
         };
+        if let Some((_, &r)) = self.services.lookup_pod(&sk) {
+            return Verdict { class, rule: Some(r) };
+        }
+        let port_protocol = is_port_protocol(pkt.proto);
+        let spk = SrcPortKey {
+            policy,
+            class,
+            dir: pkt.dir.key(),
+            family: eth.family(),
+            proto: pkt.proto,
+            sport_be: if port_protocol { pkt.sport } else { 0 }.to_be_bytes(),
+            dport_be: port_field(eth, pkt.proto, pkt.port).to_be_bytes(),
+            _pad: [0; 1],
+        };
         Verdict {
             class,
-            rule: self.services.lookup_pod(&sk).map(|(_, &r)| r),
+            rule: self.src_ports.lookup_pod(&spk).map(|(_, &r)| r),
         }
     }
 }

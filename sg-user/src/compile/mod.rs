@@ -25,6 +25,14 @@
 //! some rule admits therefore finds an entry naming the first rule that admits it, and a packet
 //! that no rule admits finds none.
 //!
+//! **Source ports (`SG_SRC_PORTS`).** Rules that also restrict the source port (only agent rule
+//! dicts have them) are left out of stage 2 and compiled the same way over the 40 bits
+//! `proto:sport:dport`, per class: a source block that is not a single port, combined with a
+//! destination range, is expanded port by port (validation bounds that). The datapath asks
+//! `SG_SRC_PORTS` only when `SG_SERVICES` admits nothing, so a packet two such rules admit is
+//! credited to the rule without source ports even when the other comes first in the chain
+//! (tests/DIFFERENCES.md D21); the verdict is the same.
+//!
 //! **Pruning.** An entry whose value equals that of its nearest kept ancestor (the entry the
 //! lookup would fall back to without it) is left out, in both stages: the packets it covers get
 //! the same answer from the ancestor, and entries longer than it are unaffected. A /24 member
@@ -46,8 +54,9 @@ use ipnet::IpNet;
 use sg_common::{
     ADDR_KEY_FIXED_BITS, ADDR_KIND_ARP_V4, ADDR_KIND_FIXED_V4, ADDR_KIND_FIXED_V6, ADDR_KIND_MAC,
     ADDR_KIND_PAIR_V4, ADDR_KIND_PAIR_V6, AddrKey, AddrVal, CLASS_KEY_FIXED_BITS, ClassKey, ClassVal,
-    PORT_F_ARP_PROTECT, PORT_F_FILTERED, PORT_F_SPOOF_V4, PORT_F_SPOOF_V6, PORT_F_STATEFUL, PORT_F_V6_FIXED,
-    PortInfo, SERVICE_KEY_ANY_PROTO_BITS, ServiceKey, ServiceVal,
+    PORT_F_ARP_PROTECT, PORT_F_FILTERED, PORT_F_SPOOF_V4, PORT_F_SPOOF_V6, PORT_F_SRC_PORTS, PORT_F_STATEFUL,
+    PORT_F_V6_FIXED, PortInfo, SERVICE_KEY_ANY_PROTO_BITS, SRC_PORT_KEY_PROTO_BITS, ServiceKey, ServiceVal,
+    SrcPortKey,
 };
 
 use crate::model::protocol::{PROTO_ICMP, is_icmp_protocol, is_port_protocol};
@@ -105,6 +114,8 @@ pub struct CompiledPolicy {
     pub classes: Vec<LpmEntry<ClassKey, ClassVal>>,
     /// `SG_SERVICES` entries, sorted by key bytes then prefix length.
     pub services: Vec<LpmEntry<ServiceKey, ServiceVal>>,
+    /// `SG_SRC_PORTS` entries (rules with source ports), sorted likewise.
+    pub src_ports: Vec<LpmEntry<SrcPortKey, ServiceVal>>,
 }
 
 /// A remote selector: one rule's notion of "which remote addresses".
@@ -158,6 +169,7 @@ pub struct Stats {
     pub addrs: MapStats,
     pub classes: MapStats,
     pub services: MapStats,
+    pub src_ports: MapStats,
     pub policies: usize,
     pub class_ids: usize,
     pub rules: usize,
@@ -229,6 +241,10 @@ pub fn compile(model: &Model, host: &str) -> Compiled {
         addrs: map_stats::<AddrKey, AddrVal>(ports.iter().map(|p| p.addrs.len()).sum(), true),
         classes: map_stats::<ClassKey, ClassVal>(policies.iter().map(|p| p.classes.len()).sum(), true),
         services: map_stats::<ServiceKey, ServiceVal>(policies.iter().map(|p| p.services.len()).sum(), true),
+        src_ports: map_stats::<SrcPortKey, ServiceVal>(
+            policies.iter().map(|p| p.src_ports.len()).sum(),
+            true,
+        ),
         policies: policies.len(),
         class_ids: c.classes.len(),
         rules: c.rules.len(),
@@ -263,6 +279,18 @@ struct Compiler<'m> {
 
 /// A (protocol, port) prefix over the 24 bits `proto << 16 | port`.
 type ServicePrefix = (u32, u8);
+
+/// The entries of one policy, as the compiler collects them.
+#[derive(Default)]
+struct PolicyEntries {
+    classes: Vec<LpmEntry<ClassKey, ClassVal>>,
+    services: Vec<LpmEntry<ServiceKey, ServiceVal>>,
+    src_ports: Vec<LpmEntry<SrcPortKey, ServiceVal>>,
+}
+
+/// A (protocol, source port, destination port) prefix over the 40 bits
+/// `proto << 32 | sport << 16 | dport`.
+type SrcPortPrefix = (u64, u8);
 
 impl<'m> Compiler<'m> {
     fn rule_index(&mut self, sg_id: &'m str, rule: &'m Rule) -> u32 {
@@ -331,8 +359,7 @@ impl<'m> Compiler<'m> {
     }
 
     fn policy(&mut self, id: u32, groups: &'m [String]) -> CompiledPolicy {
-        let mut classes = Vec::new();
-        let mut services = Vec::new();
+        let mut out = PolicyEntries::default();
         for dir in Direction::ALL {
             for eth in Ethertype::ALL {
                 let chain: Vec<(u32, &'m Rule)> = self
@@ -342,14 +369,22 @@ impl<'m> Compiler<'m> {
                     .map(|(sg, r)| (self.rule_index[&(sg.id.as_str(), r.id.as_str())], r))
                     .collect();
                 if !chain.is_empty() {
-                    self.context(id, dir, eth, &chain, &mut classes, &mut services);
+                    self.context(id, dir, eth, &chain, &mut out);
                 }
             }
         }
+        let PolicyEntries {
+            mut classes,
+            mut services,
+            mut src_ports,
+        } = out;
         classes.sort_by(|a: &LpmEntry<ClassKey, ClassVal>, b| {
             (bytemuck::bytes_of(&a.key), a.prefix_len).cmp(&(bytemuck::bytes_of(&b.key), b.prefix_len))
         });
         services.sort_by(|a: &LpmEntry<ServiceKey, ServiceVal>, b| {
+            (bytemuck::bytes_of(&a.key), a.prefix_len).cmp(&(bytemuck::bytes_of(&b.key), b.prefix_len))
+        });
+        src_ports.sort_by(|a: &LpmEntry<SrcPortKey, ServiceVal>, b| {
             (bytemuck::bytes_of(&a.key), a.prefix_len).cmp(&(bytemuck::bytes_of(&b.key), b.prefix_len))
         });
         CompiledPolicy {
@@ -357,6 +392,7 @@ impl<'m> Compiler<'m> {
             security_groups: groups.to_vec(),
             classes,
             services,
+            src_ports,
         }
     }
 
@@ -368,9 +404,13 @@ impl<'m> Compiler<'m> {
         dir: Direction,
         eth: Ethertype,
         chain: &[(u32, &'m Rule)],
-        class_out: &mut Vec<LpmEntry<ClassKey, ClassVal>>,
-        service_out: &mut Vec<LpmEntry<ServiceKey, ServiceVal>>,
+        out: &mut PolicyEntries,
     ) {
+        let PolicyEntries {
+            classes: class_out,
+            services: service_out,
+            src_ports: src_port_out,
+        } = out;
         // Each rule's selector, and the prefixes each selector is made of.
         let rule_sel: Vec<u32> = chain.iter().map(|(_, r)| self.selector_id(selector(r))).collect();
         let mut owners: HashMap<([u8; 16], u8), Vec<u32>> = HashMap::default();
@@ -426,7 +466,7 @@ impl<'m> Compiler<'m> {
         for (class, positions) in class_rules {
             // The earliest chain position owning each service prefix.
             let mut first: HashMap<ServicePrefix, usize> = HashMap::default();
-            for &pos in &positions {
+            for &pos in positions.iter().filter(|&&p| !has_source_ports(chain[p].1)) {
                 for p in service_prefixes(chain[pos].1) {
                     first.entry(p).and_modify(|f| *f = (*f).min(pos)).or_insert(pos);
                 }
@@ -455,6 +495,43 @@ impl<'m> Compiler<'m> {
                         proto: (value >> 16) as u8,
                         port_be: (value as u16).to_be_bytes(),
                         _pad: [0; 3],
+                    },
+                    value: ServiceVal { rule: chain[best].0 },
+                });
+            }
+
+            // The same over (proto, sport, dport) for the rules with source ports.
+            let mut first: HashMap<SrcPortPrefix, usize> = HashMap::default();
+            for &pos in positions.iter().filter(|&&p| has_source_ports(chain[p].1)) {
+                for p in src_port_prefixes(chain[pos].1) {
+                    first.entry(p).and_modify(|f| *f = (*f).min(pos)).or_insert(pos);
+                }
+            }
+            let mut own: Vec<SrcPortPrefix> = first.keys().copied().collect();
+            own.sort_unstable_by_key(|&(value, len)| (len, value));
+            let mut kept: HashMap<SrcPortPrefix, usize> = HashMap::default();
+            for (value, len) in own {
+                let best = (8..=len)
+                    .filter_map(|l| first.get(&(value & mask40(l), l)))
+                    .min()
+                    .copied()
+                    .expect("the prefix itself is present");
+                let nearest = (8..len).rev().find_map(|l| kept.get(&(value & mask40(l), l)));
+                if nearest == Some(&best) {
+                    continue;
+                }
+                kept.insert((value, len), best);
+                src_port_out.push(LpmEntry {
+                    prefix_len: SRC_PORT_KEY_PROTO_BITS - 8 + u32::from(len),
+                    key: SrcPortKey {
+                        policy,
+                        class,
+                        dir: dir.key(),
+                        family: eth.family(),
+                        proto: (value >> 32) as u8,
+                        sport_be: ((value >> 16) as u16).to_be_bytes(),
+                        dport_be: (value as u16).to_be_bytes(),
+                        _pad: [0; 1],
                     },
                     value: ServiceVal { rule: chain[best].0 },
                 });
@@ -509,6 +586,52 @@ fn mask24(len: u8) -> u32 {
     }
 }
 
+fn mask40(len: u8) -> u64 {
+    const ALL: u64 = (1 << 40) - 1;
+    if len == 0 {
+        0
+    } else {
+        (ALL << (40 - u32::from(len))) & ALL
+    }
+}
+
+/// Whether a rule restricts the source port (it then lives in `SG_SRC_PORTS`).
+pub fn has_source_ports(rule: &Rule) -> bool {
+    rule.source_port_range_min.is_some() && rule.proto_num.is_some_and(is_port_protocol)
+}
+
+/// The (protocol, source port, destination port) prefixes of a rule with source ports, over
+/// `proto << 32 | sport << 16 | dport`. A source block shorter than a port, followed by a
+/// destination range, is taken port by port (an LPM prefix cannot skip bits).
+pub fn src_port_prefixes(rule: &Rule) -> Vec<SrcPortPrefix> {
+    let (Some(proto), Some(slo), Some(shi)) = (
+        rule.proto_num,
+        rule.source_port_range_min,
+        rule.source_port_range_max,
+    ) else {
+        return Vec::new();
+    };
+    let base = u64::from(proto) << 32;
+    let dblocks = match (rule.port_range_min, rule.port_range_max) {
+        (Some(lo), Some(hi)) if lo <= hi => Some(range_prefixes(lo, hi)),
+        _ => None,
+    };
+    let mut out = Vec::new();
+    for (sp, sl) in range_prefixes(slo, shi) {
+        let Some(dblocks) = &dblocks else {
+            out.push((base | u64::from(sp) << 16, 8 + sl));
+            continue;
+        };
+        let sports = u64::from(sp)..u64::from(sp) + (1u64 << (16 - sl));
+        for s in sports {
+            for &(dp, dl) in dblocks {
+                out.push((base | s << 16 | u64::from(dp), 24 + dl));
+            }
+        }
+    }
+    out
+}
+
 /// The (protocol, port) prefixes a rule admits, over `proto << 16 | port`.
 pub fn service_prefixes(rule: &Rule) -> Vec<ServicePrefix> {
     let Some(proto) = rule.proto_num else {
@@ -541,21 +664,7 @@ pub fn service_prefixes(rule: &Rule) -> Vec<ServicePrefix> {
 
 /// The minimal aligned blocks covering `lo..=hi`, as (first port, prefix length in bits).
 pub fn range_prefixes(lo: u16, hi: u16) -> Vec<(u16, u8)> {
-    let (mut lo, hi) = (u32::from(lo), u32::from(hi));
-    let mut out = Vec::new();
-    while lo <= hi {
-        let mut size = if lo == 0 {
-            1 << 16
-        } else {
-            1u32 << lo.trailing_zeros().min(16)
-        };
-        while lo + size - 1 > hi {
-            size >>= 1;
-        }
-        out.push((lo as u16, (16 - size.trailing_zeros()) as u8));
-        lo += size;
-    }
-    out
+    crate::model::protocol::port_blocks(lo, hi)
 }
 
 fn compile_port(model: &Model, port: &Port, policy: u32, addr_id: u32) -> CompiledPort {
@@ -575,6 +684,9 @@ fn compile_port(model: &Model, port: &Port, policy: u32, addr_id: u32) -> Compil
     }
     if port.has_fixed_ip(Ethertype::IPv6) {
         flags |= PORT_F_V6_FIXED;
+    }
+    if model.port_rules(port).any(|(_, r)| has_source_ports(r)) {
+        flags |= PORT_F_SRC_PORTS;
     }
     // Neutron's arp_protect looks at the IPv4 addresses only and skips protection when one
     // of them is a /0.

@@ -157,11 +157,37 @@ fn rule() -> impl Strategy<Value = Value> {
                 protocol(v6).prop_flat_map(|(p, kind)| ports(kind).prop_map(move |pr| (p.clone(), pr)));
             (Just(egress), Just(v6), proto_ports, remote)
         })
-        .prop_map(|(egress, v6, (protocol, (min, max)), remote)| {
+        .prop_map(|(egress, v6, (protocol, (min, max)), remote)| (egress, v6, protocol, min, max, remote))
+        .prop_flat_map(|(egress, v6, protocol, min, max, remote)| {
+            // Source ports, as agent rule dicts carry them, on some port-protocol rules: a
+            // single port, or a range when there is no destination range (validation bounds
+            // the rest).
+            let port_proto = ["tcp", "6", "udp", "17", "sctp", "132", "dccp", "udplite"]
+                .iter()
+                .any(|p| protocol == json!(p) || protocol == json!(6));
+            let sport: BoxedStrategy<(Value, Value)> = if !port_proto {
+                Just((Value::Null, Value::Null)).boxed()
+            } else if min.is_null() {
+                prop_oneof![
+                    3 => Just((Value::Null, Value::Null)),
+                    1 => (select(&PORTS[..]), select(&PORTS[..])).prop_map(|(a, b)| (json!(a.min(b)), json!(a.max(b)))),
+                ]
+                .boxed()
+            } else {
+                prop_oneof![
+                    3 => Just((Value::Null, Value::Null)),
+                    1 => select(&PORTS[..]).prop_map(|a| (json!(a), json!(a))),
+                ]
+                .boxed()
+            };
+            (Just((egress, v6, protocol, min, max, remote)), sport)
+        })
+        .prop_map(|((egress, v6, protocol, min, max, remote), (smin, smax))| {
             let mut r = json!({
                 "direction": if egress { "egress" } else { "ingress" },
                 "ethertype": if v6 { "IPv6" } else { "IPv4" },
                 "protocol": protocol, "port_range_min": min, "port_range_max": max,
+                "source_port_range_min": smin, "source_port_range_max": smax,
             });
             r.as_object_mut()
                 .unwrap()
@@ -275,7 +301,12 @@ fn packet() -> impl Strategy<Value = Packet> {
         1 => any::<u16>(),
     ];
     let proto = prop_oneof![6 => select(&PACKET_PROTOS[..]), 1 => any::<u8>()];
-    (any::<bool>(), remote, proto, port).prop_map(|(egress, remote, proto, port)| Packet {
+    let sport = prop_oneof![
+        3 => select(&PORTS[..]),
+        3 => (select(&PORTS[..]), -1i32..=1).prop_map(|(p, d)| (i32::from(p) + d).clamp(0, 65535) as u16),
+        1 => any::<u16>(),
+    ];
+    (any::<bool>(), remote, proto, port, sport).prop_map(|(egress, remote, proto, port, sport)| Packet {
         dir: if egress {
             Direction::Egress
         } else {
@@ -284,6 +315,7 @@ fn packet() -> impl Strategy<Value = Packet> {
         remote,
         proto,
         port,
+        sport,
     })
 }
 

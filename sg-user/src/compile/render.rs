@@ -8,8 +8,9 @@ use serde::Serialize;
 use sg_common::{
     ADDR_KEY_FIXED_BITS, ADDR_KIND_ARP_V4, ADDR_KIND_FIXED_V4, ADDR_KIND_FIXED_V6, ADDR_KIND_MAC,
     ADDR_KIND_PAIR_V4, ADDR_KIND_PAIR_V6, AddrKey, CLASS_KEY_FIXED_BITS, ClassKey, FAMILY_V4,
-    PORT_F_ARP_PROTECT, PORT_F_FILTERED, PORT_F_SPOOF_V4, PORT_F_SPOOF_V6, PORT_F_STATEFUL, PORT_F_V6_FIXED,
-    SERVICE_KEY_ANY_PROTO_BITS, SERVICE_KEY_PROTO_BITS, ServiceKey,
+    PORT_F_ARP_PROTECT, PORT_F_FILTERED, PORT_F_SPOOF_V4, PORT_F_SPOOF_V6, PORT_F_SRC_PORTS, PORT_F_STATEFUL,
+    PORT_F_V6_FIXED, SERVICE_KEY_ANY_PROTO_BITS, SERVICE_KEY_PROTO_BITS, SRC_PORT_KEY_PROTO_BITS, ServiceKey,
+    SrcPortKey,
 };
 
 use super::{Compiled, MapStats};
@@ -31,6 +32,7 @@ pub fn flag_names(flags: u32) -> Vec<&'static str> {
         (PORT_F_SPOOF_V6, "SPOOF_V6"),
         (PORT_F_V6_FIXED, "V6_FIXED"),
         (PORT_F_ARP_PROTECT, "ARP_PROTECT"),
+        (PORT_F_SRC_PORTS, "SRC_PORTS"),
     ]
     .iter()
     .filter(|(f, _)| flags & f != 0)
@@ -114,6 +116,33 @@ fn service_text(key: &ServiceKey, prefix_len: u32) -> String {
     }
 }
 
+/// An SG_SRC_PORTS entry: `tcp sport 12345 dport 1024-2047`, `udp sport 32768-65535`.
+fn src_port_text(key: &SrcPortKey, prefix_len: u32) -> String {
+    let name = display_name(key.proto);
+    let range = |v: u16, bits: u32| {
+        let hi = if bits == 0 {
+            u16::MAX
+        } else {
+            v | (((1u32 << (16 - bits)) - 1) as u16)
+        };
+        if hi == v {
+            v.to_string()
+        } else {
+            format!("{v}-{hi}")
+        }
+    };
+    let bits = prefix_len - SRC_PORT_KEY_PROTO_BITS;
+    let sport = range(u16::from_be_bytes(key.sport_be), bits.min(16));
+    if bits <= 16 {
+        format!("{name} sport {sport}")
+    } else {
+        format!(
+            "{name} sport {sport} dport {}",
+            range(u16::from_be_bytes(key.dport_be), bits - 16)
+        )
+    }
+}
+
 #[derive(Serialize)]
 struct JsonCompiled<'a> {
     host: &'a str,
@@ -130,6 +159,8 @@ struct JsonStats {
     addrs: JsonMap,
     classes: JsonMap,
     services: JsonMap,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    src_ports: Option<JsonMap>,
     policies: usize,
     class_ids: usize,
     rules: usize,
@@ -174,6 +205,8 @@ struct JsonPolicy<'a> {
     security_groups: &'a [String],
     classes: Vec<JsonClassEntry>,
     services: Vec<JsonServiceEntry>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    src_ports: Vec<JsonServiceEntry>,
 }
 
 #[derive(Serialize)]
@@ -230,6 +263,8 @@ pub fn render_json(c: &Compiled) -> String {
             addrs: json_map(sg_common::MAP_ADDRS, c.stats.addrs),
             classes: json_map(sg_common::MAP_CLASSES, c.stats.classes),
             services: json_map(sg_common::MAP_SERVICES, c.stats.services),
+            src_ports: (c.stats.src_ports.entries > 0)
+                .then(|| json_map(sg_common::MAP_SRC_PORTS, c.stats.src_ports)),
             policies: c.stats.policies,
             class_ids: c.stats.class_ids,
             rules: c.stats.rules,
@@ -290,6 +325,20 @@ pub fn render_json(c: &Compiled) -> String {
                         dir: dir_name(e.key.dir),
                         family: e.key.family,
                         service: service_text(&e.key, e.prefix_len),
+                        rule: e.value.rule,
+                        key: hex(&e.key),
+                        value: hex(&e.value),
+                    })
+                    .collect(),
+                src_ports: p
+                    .src_ports
+                    .iter()
+                    .map(|e| JsonServiceEntry {
+                        prefix_len: e.prefix_len,
+                        class: e.key.class,
+                        dir: dir_name(e.key.dir),
+                        family: e.key.family,
+                        service: src_port_text(&e.key, e.prefix_len),
                         rule: e.value.rule,
                         key: hex(&e.key),
                         value: hex(&e.value),
@@ -402,6 +451,20 @@ pub fn render_table(c: &Compiled) -> String {
                 e.value.rule
             );
         }
+        if !p.src_ports.is_empty() {
+            let _ = writeln!(s, "  source ports ({}):", p.src_ports.len());
+        }
+        for e in &p.src_ports {
+            let _ = writeln!(
+                s,
+                "    {:<7} IPv{}  class {:<4} {:<30} -> rule {}",
+                dir_name(e.key.dir),
+                e.key.family,
+                e.key.class,
+                src_port_text(&e.key, e.prefix_len),
+                e.value.rule
+            );
+        }
     }
     let _ = writeln!(s, "\nCLASSES ({})", c.classes.len());
     for k in &c.classes {
@@ -422,7 +485,11 @@ pub fn render_table(c: &Compiled) -> String {
         (sg_common::MAP_ADDRS, c.stats.addrs),
         (sg_common::MAP_CLASSES, c.stats.classes),
         (sg_common::MAP_SERVICES, c.stats.services),
+        (sg_common::MAP_SRC_PORTS, c.stats.src_ports),
     ] {
+        if name == sg_common::MAP_SRC_PORTS && m.entries == 0 {
+            continue;
+        }
         let _ = writeln!(s, "  {name:<12} {:>8} entries {:>10} bytes", m.entries, m.bytes);
     }
     let _ = writeln!(

@@ -38,6 +38,7 @@ fn pkt(dir: Direction, remote: &str, proto: u8, port: u16) -> Packet {
         remote: remote.parse::<IpAddr>().unwrap(),
         proto,
         port,
+        sport: 40000,
     }
 }
 
@@ -492,4 +493,53 @@ fn keys_are_masked_and_stats_count_bytes() {
     );
     assert_eq!(c.stats.services.bytes, c.stats.services.entries * (4 + 16 + 4));
     assert_eq!(c.stats.ports.bytes, 28);
+}
+
+#[test]
+fn source_port_rules_go_to_their_own_map_and_answer_after_the_others() {
+    let m = model_of(json!({
+        "security_groups": {"sg": [
+            {"direction": "egress", "ethertype": "IPv4", "protocol": "tcp",
+             "source_port_range_min": 12345, "source_port_range_max": 12346},
+            {"direction": "egress", "ethertype": "IPv4", "protocol": "tcp", "port_range_min": 22,
+             "port_range_max": 22, "source_port_range_min": 42, "source_port_range_max": 42},
+            {"direction": "egress", "ethertype": "IPv4", "protocol": "tcp", "port_range_min": 80,
+             "port_range_max": 80},
+        ]},
+        "devices": {"tap1": {"device": "tap1", "mac_address": "fa:16:3e:00:00:01", "network_id": "n",
+                             "fixed_ips": ["10.0.0.5"], "security_groups": ["sg"]}},
+    }));
+    let c = compile(&m, HOST);
+    assert_ne!(c.ports[0].info.flags & PORT_F_SRC_PORTS, 0);
+    let pol = &c.policies[0];
+    // sport 12345-12346 is two exact ports (any destination); sport 42 to 22 is one pair.
+    assert_eq!(pol.src_ports.len(), 3, "{:?}", pol.src_ports);
+    assert!(
+        pol.src_ports
+            .iter()
+            .any(|e| e.prefix_len == SRC_PORT_KEY_FULL_BITS
+                && u16::from_be_bytes(e.key.sport_be) == 42
+                && u16::from_be_bytes(e.key.dport_be) == 22)
+    );
+    let rule_of = |sport: u16, port: u16| {
+        let mut p = pkt(Direction::Egress, "10.9.9.9", 6, port);
+        p.sport = sport;
+        compiled_rule(&m, &c, &p)
+    };
+    let first = m.security_groups[0].rules[0].id.clone();
+    let second = m.security_groups[0].rules[1].id.clone();
+    let third = m.security_groups[0].rules[2].id.clone();
+    assert_eq!(rule_of(12345, 9), Some(first.clone()));
+    assert_eq!(rule_of(12346, 65535), Some(first.clone()));
+    assert_eq!(rule_of(12347, 9), None);
+    assert_eq!(rule_of(12344, 9), None);
+    assert_eq!(rule_of(42, 22), Some(second));
+    assert_eq!(rule_of(42, 23), None);
+    assert_eq!(rule_of(43, 22), None);
+    // Both the first rule and the third admit it: the one without source ports is named.
+    assert_eq!(rule_of(12345, 80), Some(third));
+    // A port whose rules have no source ports does not look there.
+    let plain = compile(&example("web1.json"), HOST);
+    assert_eq!(plain.ports[0].info.flags & PORT_F_SRC_PORTS, 0);
+    assert!(plain.policies.iter().all(|p| p.src_ports.is_empty()));
 }

@@ -66,7 +66,7 @@ const fn lpm<T>() -> u32 {
 
 /// The expected shape of every pinned map; `max_entries` of the conntrack and fragment maps
 /// follows the options.
-pub fn map_specs(opts: &LoadOptions) -> [MapSpec; 11] {
+pub fn map_specs(opts: &LoadOptions) -> [MapSpec; 12] {
     [
         MapSpec {
             name: MAP_PORTS,
@@ -95,6 +95,13 @@ pub fn map_specs(opts: &LoadOptions) -> [MapSpec; 11] {
             key_size: lpm::<ServiceKey>(),
             value_size: size::<ServiceVal>(),
             max_entries: MAX_SERVICES,
+        },
+        MapSpec {
+            name: MAP_SRC_PORTS,
+            map_type: MapType::LpmTrie,
+            key_size: lpm::<SrcPortKey>(),
+            value_size: size::<ServiceVal>(),
+            max_entries: MAX_SRC_PORTS,
         },
         MapSpec {
             name: MAP_CONNTRACK,
@@ -420,6 +427,10 @@ impl Datapath {
 
     pub fn services(&mut self) -> Result<LpmTrie<&mut MapData, ServiceKey, ServiceVal>> {
         Ok(LpmTrie::try_from(self.map_mut(MAP_SERVICES)?)?)
+    }
+
+    pub fn src_ports(&mut self) -> Result<LpmTrie<&mut MapData, SrcPortKey, ServiceVal>> {
+        Ok(LpmTrie::try_from(self.map_mut(MAP_SRC_PORTS)?)?)
     }
 
     pub fn addrs(&mut self) -> Result<LpmTrie<&mut MapData, AddrKey, AddrVal>> {

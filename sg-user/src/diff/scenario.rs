@@ -838,6 +838,8 @@ impl Ctx<'_> {
                     remote,
                     proto: 6,
                     port,
+                    // The client's port towards the VM, the VM's service port from it.
+                    sport: if dir == Direction::Ingress { cport } else { dport },
                 },
             )
             .is_some()

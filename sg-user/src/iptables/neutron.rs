@@ -9,6 +9,10 @@
 //! - OVS hybrid: the agent's resource cache. Prefixes are `normalized_cidr`; members are
 //!   `(fixed IP, port MAC)` and `(pair IP, pair MAC)` of every member port.
 //!
+//! An input in the agent's RPC shape (`model::rpc`) already is this view: its rule dicts keep
+//! their prefix strings and source ports, and its member lists are used as given, every list
+//! the document holds (Neutron's driver creates a set for each list it is handed).
+//!
 //! Unlike Neutron's agent, which asks for 20 devices per RPC and merges the answers with
 //! `dict.update` (losing member lists, oracle finding 1, tests/DIFFERENCES.md D1), this builds
 //! one answer for all local devices: what the driver installs when it gets the complete lists.
@@ -107,9 +111,10 @@ pub(crate) fn server_view<'a>(model: &'a Model, opts: &RenderOptions) -> ServerV
     let mut devices = Vec::new();
     let mut trusted = Vec::new();
     for port in local {
-        let device = match opts.agent {
-            Agent::LinuxBridge => port.device.clone(),
-            Agent::OvsHybrid => port.id.clone(),
+        let device = match (&port.rpc_device, opts.agent) {
+            (Some(d), _) => d.clone(),
+            (None, Agent::LinuxBridge) => port.device.clone(),
+            (None, Agent::OvsHybrid) => port.id.clone(),
         };
         if port.is_trusted() {
             trusted.push(device);
@@ -140,6 +145,7 @@ pub(crate) fn server_view<'a>(model: &'a Model, opts: &RenderOptions) -> ServerV
             let mut rules: Vec<RuleDict> = Vec::new();
             for r in &sg.rules {
                 let prefix = match opts.agent {
+                    _ if r.rpc => r.remote_ip_prefix.clone(),
                     Agent::LinuxBridge => r.remote_ip_prefix.clone(),
                     Agent::OvsHybrid => r.normalized_cidr.clone().or(r.remote_ip_prefix.clone()),
                 };
@@ -153,15 +159,18 @@ pub(crate) fn server_view<'a>(model: &'a Model, opts: &RenderOptions) -> ServerV
                     protocol: r.protocol.clone(),
                     port_range_min: r.port_range_min,
                     port_range_max: r.port_range_max,
-                    source_port_range_min: None,
-                    source_port_range_max: None,
+                    source_port_range_min: r.source_port_range_min,
+                    source_port_range_max: r.source_port_range_max,
                     source_ip_prefix,
                     dest_ip_prefix,
                     remote_group_id: r.remote_group_id.clone(),
                     remote_address_group_id: r.remote_address_group_id.clone(),
-                    stateful: Some(sg.stateful),
+                    stateful: Some(if r.rpc { r.stateful } else { sg.stateful }),
                 };
-                if let Some(id) = dict.remote_id() {
+                // An agent rule's members are the lists the document gave (below).
+                if let Some(id) = dict.remote_id()
+                    && !r.rpc
+                {
                     wanted.insert((id.to_string(), r.ethertype));
                 }
                 if let Some(id) = &dict.remote_address_group_id {
@@ -177,6 +186,15 @@ pub(crate) fn server_view<'a>(model: &'a Model, opts: &RenderOptions) -> ServerV
     }
 
     let mut members: BTreeMap<String, BTreeMap<Ethertype, Vec<MemberIp>>> = BTreeMap::new();
+    for (id, lists) in model.rpc_member_lists() {
+        for (ethertype, list) in lists {
+            let list = list
+                .iter()
+                .map(|m| (m.ip.clone(), m.mac.map(|x| x.to_string())))
+                .collect();
+            members.entry(id.clone()).or_default().insert(*ethertype, list);
+        }
+    }
     for (id, ethertype) in wanted {
         // Remote group ids and address group ids share one namespace in the driver. Should
         // an id be both, the server's `sg_member_ips.update(address_group_info)` lets the

@@ -21,6 +21,8 @@ pub fn to_json(m: &Model) -> Value {
                 "protocol": r.protocol,
                 "port_range_min": r.port_range_min,
                 "port_range_max": r.port_range_max,
+                "source_port_range_min": r.source_port_range_min,
+                "source_port_range_max": r.source_port_range_max,
                 "remote_ip_prefix": r.remote_ip_prefix,
                 "normalized_cidr": r.normalized_cidr,
                 "remote_group_id": r.remote_group_id,

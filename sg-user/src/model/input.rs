@@ -12,6 +12,10 @@ pub(crate) enum Kind {
     SecurityGroup,
     AddressGroup,
     Port,
+    /// The member lists of one remote group (RPC shape: `sg_member_ips`).
+    Members,
+    /// A device of `process_trusted_ports` (RPC shape).
+    TrustedPort,
 }
 
 /// One resource object found in the input, with where it was found.
@@ -20,6 +24,9 @@ pub(crate) struct RawObject {
     /// `file.json security_groups[3]`: used in messages when the object has no usable id.
     pub origin: String,
     pub fields: Map<String, Value>,
+    /// Found in an agent RPC-shaped document ([`super::rpc`]): rules carry the agent's keys,
+    /// member lists are explicit, and a group may be named before (or without) its rules.
+    pub rpc: bool,
 }
 
 /// Reads a file, or every `*.json` file of a directory in name order.
@@ -79,6 +86,9 @@ pub(crate) fn objects(origin: &str, doc: Value, out: &mut Vec<RawObject>, errs: 
             for (i, item) in items.into_iter().enumerate() {
                 bare(&format!("{origin}[{i}]"), item, out, errs);
             }
+        }
+        Value::Object(map) if super::rpc::is_rpc_document(&map) => {
+            super::rpc::objects(origin, map, out, errs)
         }
         Value::Object(map) if is_wrapper(&map) => {
             let mut map = map;
@@ -149,7 +159,12 @@ fn bare(origin: &str, v: Value, out: &mut Vec<RawObject>, errs: &mut ValidationE
 
 fn push(kind: Kind, origin: String, v: Value, out: &mut Vec<RawObject>, errs: &mut ValidationErrors) {
     match v {
-        Value::Object(fields) => out.push(RawObject { kind, origin, fields }),
+        Value::Object(fields) => out.push(RawObject {
+            kind,
+            origin,
+            fields,
+            rpc: false,
+        }),
         other => errs.push(
             "document",
             &origin,

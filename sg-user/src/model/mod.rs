@@ -12,6 +12,7 @@ mod error;
 mod export;
 mod input;
 pub mod protocol;
+pub mod rpc;
 mod validate;
 
 use std::collections::{BTreeMap, HashMap};
@@ -29,6 +30,21 @@ pub use export::{shrink_candidates, to_json};
 pub fn load(path: impl AsRef<Path>) -> Result<Model, ValidationErrors> {
     let mut errs = ValidationErrors::default();
     let docs = input::read_path(path.as_ref(), &mut errs);
+    validate::build(docs, errs)
+}
+
+/// Like [`load`], with more documents after the file's (the agent's pushed state); without a
+/// path, only those.
+pub fn load_with(
+    path: Option<&Path>,
+    extra: Vec<(String, serde_json::Value)>,
+) -> Result<Model, ValidationErrors> {
+    let mut errs = ValidationErrors::default();
+    let mut docs = match path {
+        Some(p) => input::read_path(p, &mut errs),
+        None => Vec::new(),
+    };
+    docs.extend(extra);
     validate::build(docs, errs)
 }
 
@@ -140,6 +156,8 @@ pub struct SecurityGroup {
     pub id: String,
     pub name: String,
     pub stateful: bool,
+    /// From an agent RPC-shaped document ([`rpc`]).
+    pub rpc: bool,
     /// In the order given, which is the order of the port's iptables chain.
     pub rules: Vec<Rule>,
 }
@@ -172,6 +190,10 @@ pub struct Rule {
     /// None/None for "all ports" (the API stores 1-65535 that way). For ICMP: type, code.
     pub port_range_min: Option<u16>,
     pub port_range_max: Option<u16>,
+    /// Source ports (TCP, UDP, UDP-Lite, SCTP, DCCP). Only agent rule dicts carry them (the
+    /// REST API has no such field; Neutron's drivers honour it). None/None for any.
+    pub source_port_range_min: Option<u16>,
+    pub source_port_range_max: Option<u16>,
     /// `str(IPNetwork(input))`: host bits kept, `/32` or `/128` added to a bare address.
     pub remote_ip_prefix: Option<String>,
     /// `str(IPNetwork(remote_ip_prefix).cidr)`: the network form the OVO path sends.
@@ -181,6 +203,9 @@ pub struct Rule {
     pub remote: Remote,
     /// The `stateful` flag of the rule's security group.
     pub stateful: bool,
+    /// An agent rule dict ([`rpc`]): its id is its content, and the prefix string is rendered
+    /// as given.
+    pub rpc: bool,
 }
 
 impl Rule {
@@ -198,11 +223,12 @@ impl Rule {
                             s.push_str(&format!(" code {c}"));
                         }
                     }
-                } else if let (Some(lo), Some(hi)) = (self.port_range_min, self.port_range_max) {
-                    if lo == hi {
-                        s.push_str(&format!(" {lo}"));
-                    } else {
-                        s.push_str(&format!(" {lo}-{hi}"));
+                } else {
+                    if let (Some(lo), Some(hi)) = (self.source_port_range_min, self.source_port_range_max) {
+                        s.push_str(&format!(" sport {}", port_range_text(lo, hi)));
+                    }
+                    if let (Some(lo), Some(hi)) = (self.port_range_min, self.port_range_max) {
+                        s.push_str(&format!(" {}", port_range_text(lo, hi)));
                     }
                 }
             }
@@ -218,6 +244,14 @@ impl Rule {
             Remote::AddressGroup(g) => s.push_str(&format!("address-group {g}")),
         }
         s
+    }
+}
+
+fn port_range_text(lo: u16, hi: u16) -> String {
+    if lo == hi {
+        lo.to_string()
+    } else {
+        format!("{lo}-{hi}")
     }
 }
 
@@ -268,6 +302,10 @@ pub struct Port {
     pub binding_host_id: Option<String>,
     /// The tap: `device` if given, else `"tap" + id[:11]`.
     pub device: String,
+    /// From an agent RPC-shaped document ([`rpc`]): the device name Neutron's agent uses for
+    /// it (the tap, or the port id with hybrid plugging). A group such a port names without
+    /// rules has none.
+    pub rpc_device: Option<String>,
 }
 
 /// One entry of a port's IP/MAC pair list (spec §6), in order.
@@ -379,6 +417,8 @@ pub struct Model {
     ag_index: HashMap<String, usize>,
     port_index: HashMap<String, usize>,
     members: BTreeMap<(Remote, Ethertype), Vec<Member>>,
+    /// The member lists an RPC-shaped document gave (`sg_member_ips`), by remote id, as given.
+    rpc_members: BTreeMap<String, BTreeMap<Ethertype, Vec<Member>>>,
 }
 
 impl Model {
@@ -417,6 +457,19 @@ impl Model {
     /// the port's IP allocations.
     pub fn members(&self, remote: &Remote, ethertype: Ethertype) -> Option<&[Member]> {
         self.members.get(&(remote.clone(), ethertype)).map(Vec::as_slice)
+    }
+
+    /// The member list an RPC-shaped document gave for a remote group or address group id, as
+    /// given; None when it gave none.
+    pub fn rpc_members(&self, id: &str, ethertype: Ethertype) -> Option<&[Member]> {
+        self.rpc_members
+            .get(id)
+            .map(|m| m.get(&ethertype).map(Vec::as_slice).unwrap_or(&[]))
+    }
+
+    /// Every member list an RPC-shaped document gave, by remote id.
+    pub fn rpc_member_lists(&self) -> impl Iterator<Item = (&String, &BTreeMap<Ethertype, Vec<Member>>)> {
+        self.rpc_members.iter()
     }
 
     /// Every (remote, ethertype) member list, in a stable order.

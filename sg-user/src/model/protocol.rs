@@ -46,6 +46,26 @@ pub fn is_port_protocol(num: u8) -> bool {
     )
 }
 
+/// The minimal aligned blocks covering `lo..=hi`, as (first port, prefix length in bits): how
+/// a port range becomes LPM prefixes.
+pub fn port_blocks(lo: u16, hi: u16) -> Vec<(u16, u8)> {
+    let (mut lo, hi) = (u32::from(lo), u32::from(hi));
+    let mut out = Vec::new();
+    while lo <= hi {
+        let mut size = if lo == 0 {
+            1 << 16
+        } else {
+            1u32 << lo.trailing_zeros().min(16)
+        };
+        while lo + size - 1 > hi {
+            size >>= 1;
+        }
+        out.push((lo as u16, (16 - size.trailing_zeros()) as u8));
+        lo += size;
+    }
+    out
+}
+
 /// ICMP and ICMPv6: the port range is (type, code).
 pub fn is_icmp_protocol(num: u8) -> bool {
     matches!(num, PROTO_ICMP | PROTO_IPV6_ICMP)

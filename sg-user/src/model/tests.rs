@@ -980,3 +980,223 @@ fn err_bare_address_in_address_group() {
     // `::/0` stays valid in an address group (Neutron accepts it; the ipset gets two /1).
     assert!(load_doc(json!({"address_groups": [{"id": "ag", "addresses": ["::/0"]}]})).is_ok());
 }
+
+// ------------------------------------------------------------------------------------------
+// The agent's RPC shape (model::rpc)
+// ------------------------------------------------------------------------------------------
+
+/// The WEB1 story as Neutron's server hands it to the agent's firewall driver.
+fn rpc_web1() -> Value {
+    json!({
+        "devices": {"tapadcc4b66-c1": {
+            "device": "tapadcc4b66-c1", "id": "adcc4b66-c1e2-4b9a-9d3f-5a7c2e8b1f04",
+            "mac_address": "fa:16:3e:dc:d2:ab", "network_id": NET,
+            "fixed_ips": ["192.168.206.6"], "device_owner": "compute:nova",
+            "security_groups": ["default", "web"], "port_security_enabled": true,
+            "security_group_rules": [{"direction": "ingress", "ethertype": "IPv4", "protocol": "udp",
+                "port_range_min": 68, "port_range_max": 68, "source_port_range_min": 67,
+                "source_port_range_max": 67, "dest_ip_prefix": "192.168.206.6/32"}],
+        }},
+        "security_groups": {
+            "default": [
+                {"direction": "egress", "ethertype": "IPv4", "stateful": true},
+                {"direction": "ingress", "ethertype": "IPv4", "remote_group_id": "default", "stateful": true},
+            ],
+            "web": [
+                {"direction": "ingress", "ethertype": "IPv4", "protocol": "tcp", "port_range_min": 80,
+                 "port_range_max": 80, "source_ip_prefix": "0.0.0.0/0", "stateful": true},
+                {"direction": "ingress", "ethertype": "IPv4", "protocol": "tcp", "port_range_min": 80,
+                 "port_range_max": 80, "source_ip_prefix": "0.0.0.0/0", "stateful": true},
+            ],
+        },
+        "sg_member_ips": {"default": {"IPv4": [["192.168.206.6", null], ["192.168.206.9", "fa:16:3e:00:00:09"]]}},
+    })
+}
+
+#[test]
+fn rpc_document_becomes_the_same_model_objects() {
+    let m = load_doc(rpc_web1()).expect("valid");
+    let port = m
+        .port("adcc4b66-c1e2-4b9a-9d3f-5a7c2e8b1f04")
+        .expect("port by id");
+    assert_eq!(port.device, "tapadcc4b66-c1");
+    assert_eq!(port.fixed_ip_strings(), ["192.168.206.6"]);
+    assert_eq!(port.security_groups, ["default", "web"]);
+    let web = m.security_group("web").unwrap();
+    // Identical dicts are one rule; its id is its content.
+    assert_eq!(web.rules.len(), 1);
+    let r = &web.rules[0];
+    assert!(r.rpc && r.stateful);
+    assert_eq!(r.remote, Remote::Prefix("0.0.0.0/0".parse().unwrap()));
+    assert_eq!((r.port_range_min, r.port_range_max), (Some(80), Some(80)));
+    assert_eq!(
+        r.id,
+        r#"{"direction":"ingress","ethertype":"IPv4","port_range_max":80,"port_range_min":80,"protocol":"tcp","source_ip_prefix":"0.0.0.0/0","stateful":true}"#
+    );
+    // Members are the explicit list, MACs included.
+    let members = m
+        .members(&Remote::Group("default".into()), Ethertype::IPv4)
+        .unwrap();
+    let ips: Vec<(&str, Option<String>)> = members
+        .iter()
+        .map(|m| (m.ip.as_str(), m.mac.map(|x| x.to_string())))
+        .collect();
+    assert_eq!(
+        ips,
+        [
+            ("192.168.206.6", None),
+            ("192.168.206.9", Some("fa:16:3e:00:00:09".to_string()))
+        ]
+    );
+}
+
+#[test]
+fn rpc_groups_without_rules_or_members_are_empty_not_errors() {
+    // A port prepared before its group's rules arrive, and a remote group without a member
+    // list: Neutron's driver has no rules and an empty set; so does sg.
+    let m = load_doc(json!({
+        "devices": {"tap1": {"device": "tap1", "mac_address": "fa:16:3e:12:34:56", "network_id": NET,
+                             "fixed_ips": ["10.0.0.5"], "security_groups": ["later", "sg"]}},
+        "security_groups": {"sg": [{"direction": "ingress", "ethertype": "IPv4", "remote_group_id": "nobody"}]},
+    }))
+    .expect("valid");
+    assert_eq!(m.port("tap1").unwrap().device, "tap1");
+    assert!(m.security_group("later").is_none());
+    assert_eq!(
+        m.members(&Remote::Group("nobody".into()), Ethertype::IPv4),
+        Some(&[][..])
+    );
+}
+
+#[test]
+fn rpc_hybrid_plug_names_the_tap_after_the_port_id() {
+    let m = load_doc(json!({
+        "plug": "hybrid",
+        "devices": {"adcc4b66-c1e2-4b9a-9d3f-5a7c2e8b1f04": {
+            "device": "adcc4b66-c1e2-4b9a-9d3f-5a7c2e8b1f04", "mac_address": "fa:16:3e:dc:d2:ab",
+            "network_id": NET, "fixed_ips": ["192.168.206.6"], "security_groups": []}},
+        "trusted_ports": ["5f0c8a2e-9b7d-4c1e-a3f6-8d2b4e6a0c19"],
+    }))
+    .expect("valid");
+    assert_eq!(
+        m.port("adcc4b66-c1e2-4b9a-9d3f-5a7c2e8b1f04").unwrap().device,
+        "tapadcc4b66-c1"
+    );
+    let trusted = m.port("5f0c8a2e-9b7d-4c1e-a3f6-8d2b4e6a0c19").unwrap();
+    assert_eq!(trusted.device, "tap5f0c8a2e-9b");
+    assert!(trusted.is_trusted() && !trusted.is_filtered());
+}
+
+#[test]
+fn rpc_source_ports_and_direction_prefixes() {
+    let doc = |rule: Value| json!({"security_groups": {"sg": [rule]}});
+    let m = load_doc(doc(
+        json!({"direction": "egress", "ethertype": "IPv4", "protocol": "tcp",
+        "source_port_range_min": 12345, "source_port_range_max": 12346, "dest_ip_prefix": "10.1.0.0/16"}),
+    ))
+    .expect("valid");
+    let r = &m.security_groups[0].rules[0];
+    assert_eq!(
+        (r.source_port_range_min, r.source_port_range_max),
+        (Some(12345), Some(12346))
+    );
+    assert_eq!(r.remote_ip_prefix.as_deref(), Some("10.1.0.0/16"));
+    assert_eq!(r.describe(), "egress IPv4 tcp sport 12345-12346 to 10.1.0.0/16");
+
+    // The agent's IPv6 rules may say icmp; Neutron's driver means ICMPv6.
+    let m = load_doc(doc(
+        json!({"direction": "ingress", "ethertype": "IPv6", "protocol": "icmp",
+        "source_ip_prefix": "2001:db8::2"}),
+    ))
+    .expect("valid");
+    assert_eq!(m.security_groups[0].rules[0].proto_num, Some(58));
+}
+
+#[test]
+fn err_rpc_rules_name_the_agent_fields() {
+    let doc = |rule: Value| json!({"security_groups": {"sg": [rule]}});
+    let id_of = |rule: &Value| super::rpc::rule_id(rule.as_object().unwrap());
+
+    let r = json!({"direction": "ingress", "ethertype": "IPv4", "source_ip_prefix": "10.0.0.300/8"});
+    assert_err(
+        load_doc(doc(r.clone())),
+        &id_of(&r),
+        "source_ip_prefix",
+        "\"10.0.0.300/8\"",
+        "not a valid CIDR",
+    );
+
+    let r = json!({"direction": "ingress", "ethertype": "IPv4", "dest_ip_prefix": "10.0.0.5/32"});
+    assert_err(
+        load_doc(doc(r.clone())),
+        &id_of(&r),
+        "dest_ip_prefix",
+        "\"10.0.0.5/32\"",
+        "the VM's own address",
+    );
+
+    let r = json!({"direction": "egress", "ethertype": "IPv4", "remote_ip_prefix": "10.0.0.0/8"});
+    assert_err(
+        load_doc(doc(r.clone())),
+        &id_of(&r),
+        "remote_ip_prefix",
+        "\"10.0.0.0/8\"",
+        "dest_ip_prefix (egress)",
+    );
+
+    let r = json!({"direction": "egress", "ethertype": "IPv4", "protocol": "icmp", "source_port_range_min": 8,
+                   "source_port_range_max": 8});
+    assert_err(
+        load_doc(doc(r.clone())),
+        &id_of(&r),
+        "source_port_range_min",
+        "8",
+        "need protocol tcp",
+    );
+
+    let r = json!({"direction": "egress", "ethertype": "IPv4", "protocol": "tcp", "source_port_range_min": 9,
+                   "source_port_range_max": 8});
+    assert_err(
+        load_doc(doc(r.clone())),
+        &id_of(&r),
+        "source_port_range_max",
+        "8",
+        "must be <=",
+    );
+
+    let r = json!({"direction": "egress", "ethertype": "IPv4", "protocol": "tcp", "source_port_range_min": 1000,
+                   "source_port_range_max": 60000, "port_range_min": 80, "port_range_max": 81});
+    assert_err(
+        load_doc(doc(r.clone())),
+        &id_of(&r),
+        "source_port_range_max",
+        "60000",
+        "classifier entries",
+    );
+
+    let bad_member = json!({"sg_member_ips": {"g": {"IPv4": [["2001:db8::1", null]], "IPv5": []}}});
+    assert_err(
+        load_doc(bad_member.clone()),
+        "g",
+        "sg_member_ips.IPv4[0]",
+        "\"2001:db8::1\"",
+        "not an IPv4 address",
+    );
+    assert_err(
+        load_doc(bad_member),
+        "g",
+        "sg_member_ips.IPv5",
+        "[]",
+        "ethertype IPv4 or IPv6",
+    );
+
+    let bad_port = json!({"devices": {"tap1": {"device": "tap1", "mac_address": "fa:16:3e:12:34:56",
+                                                "network_id": NET, "fixed_ips": ["10.0.0.500"]}}});
+    assert_err(
+        load_doc(bad_port),
+        "tap1",
+        "fixed_ips[0]",
+        "\"10.0.0.500\"",
+        "not a valid IP address",
+    );
+}

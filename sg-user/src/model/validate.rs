@@ -115,6 +115,8 @@ struct Parsed {
     sgs: Vec<(String, SecurityGroup, Vec<bool>)>,
     ags: Vec<(String, AddressGroup)>,
     ports: Vec<(String, Port)>,
+    /// Explicit member lists of an RPC-shaped document, by remote id.
+    members: Vec<(String, String, BTreeMap<Ethertype, Vec<Member>>)>,
 }
 
 pub(crate) fn build(
@@ -129,6 +131,7 @@ pub(crate) fn build(
         sgs: Vec::new(),
         ags: Vec::new(),
         ports: Vec::new(),
+        members: Vec::new(),
     };
     for raw in &raws {
         match raw.kind {
@@ -143,6 +146,15 @@ pub(crate) fn build(
             }
             Kind::Port => {
                 parsed.ports.push((raw.origin.clone(), port(raw, &mut errs)));
+            }
+            Kind::TrustedPort => {
+                parsed
+                    .ports
+                    .push((raw.origin.clone(), trusted_port(raw, &mut errs)));
+            }
+            Kind::Members => {
+                let (id, lists) = member_lists(raw, &mut errs);
+                parsed.members.push((raw.origin.clone(), id, lists));
             }
         }
     }
@@ -176,7 +188,7 @@ fn security_group(raw: &RawObject, errs: &mut ValidationErrors) -> (SecurityGrou
             f.err(&format!("{key}[{i}]"), item, "expected an object");
             continue;
         };
-        let (rule, ok) = rule(map, &origin, &sg_id, stateful, f.errs);
+        let (rule, ok) = rule(map, &origin, &sg_id, stateful, raw.rpc, f.errs);
         rules.push(rule);
         oks.push(ok);
     }
@@ -185,6 +197,7 @@ fn security_group(raw: &RawObject, errs: &mut ValidationErrors) -> (SecurityGrou
             id: sg_id,
             name,
             stateful,
+            rpc: raw.rpc,
             rules,
         },
         oks,
@@ -196,6 +209,7 @@ fn rule(
     origin: &str,
     sg_id: &str,
     stateful: bool,
+    rpc: bool,
     errs: &mut ValidationErrors,
 ) -> (Rule, bool) {
     let mut f = Fields::new(map, "security_group_rule", origin, errs);
@@ -249,23 +263,58 @@ fn rule(
 
     let port_min = port_value(&mut f, "port_range_min");
     let port_max = port_value(&mut f, "port_range_max");
+    let sport_min = port_value(&mut f, "source_port_range_min");
+    let sport_max = port_value(&mut f, "source_port_range_max");
     // A refused value is reported once: the range checks below would see it as missing.
     let ports_parsed = port_min.is_ok() && port_max.is_ok();
+    let sports_parsed = sport_min.is_ok() && sport_max.is_ok();
     let (mut port_min, mut port_max) = (port_min.unwrap_or(None), port_max.unwrap_or(None));
+    let (mut sport_min, mut sport_max) = (sport_min.unwrap_or(None), sport_max.unwrap_or(None));
 
+    // Where the remote prefix is: the API's `remote_ip_prefix`, or the agent's
+    // `source_ip_prefix` (ingress) / `dest_ip_prefix` (egress).
+    let prefix_key = match (rpc, direction) {
+        (false, _) => "remote_ip_prefix",
+        (true, Some(Direction::Egress)) => "dest_ip_prefix",
+        (true, _) => "source_ip_prefix",
+    };
+    if rpc {
+        let local_key = match direction {
+            Some(Direction::Egress) => "source_ip_prefix",
+            _ => "dest_ip_prefix",
+        };
+        if let Some(v) = map.get(local_key).filter(|v| !v.is_null())
+            && !v.as_str().is_some_and(|s| s.is_empty() || s.ends_with("/0"))
+        {
+            f.err(
+                local_key,
+                v,
+                "a match on the VM's own address, which sg does not support (Neutron's server sends \
+                 the remote prefix as source_ip_prefix on ingress rules, dest_ip_prefix on egress rules)",
+            );
+        }
+        if let Some(v) = map.get("remote_ip_prefix").filter(|v| !v.is_null()) {
+            f.err(
+                "remote_ip_prefix",
+                v,
+                "an API field: agent rule dicts carry the remote prefix as source_ip_prefix \
+                 (ingress) or dest_ip_prefix (egress)",
+            );
+        }
+    }
     // An unparsable prefix is reported here and then treated as absent.
-    let remote_ip_prefix = match map.get("remote_ip_prefix") {
+    let remote_ip_prefix = match map.get(prefix_key) {
         None | Some(Value::Null) => None,
         Some(Value::String(s)) if s.is_empty() => None,
         Some(v @ Value::String(s)) => {
             let net = addr::parse_network(s);
             if net.is_none() {
-                f.err("remote_ip_prefix", v, format!("'{s}' is not a valid CIDR"));
+                f.err(prefix_key, v, format!("'{s}' is not a valid CIDR"));
             }
             net
         }
         Some(v) => {
-            f.err("remote_ip_prefix", v, "expected a CIDR string");
+            f.err(prefix_key, v, "expected a CIDR string");
             None
         }
     };
@@ -286,12 +335,23 @@ fn rule(
     {
         validate_port_range(&mut f, protocol.as_deref(), port_min, port_max);
     }
+    if sport_min == Some(1) && sport_max == Some(65535) {
+        (sport_min, sport_max) = (None, None);
+    }
+    if (sport_min.is_some() || sport_max.is_some()) && sports_parsed {
+        validate_source_ports(
+            &mut f,
+            protocol.as_ref().and_then(|p| p.as_deref()),
+            (sport_min, sport_max),
+            (port_min, port_max),
+        );
+    }
     if let (Some(net), Some(e)) = (&remote_ip_prefix, ethertype)
         && Ethertype::of_net(*net) != e
     {
-        let v = map["remote_ip_prefix"].clone();
+        let v = map[prefix_key].clone();
         f.err(
-            "remote_ip_prefix",
+            prefix_key,
             &v,
             format!("conflicting value ethertype {} for CIDR", e.as_str()),
         );
@@ -303,7 +363,7 @@ fn rule(
         f.err("protocol", &v, "invalid ethertype IPv4 for this protocol");
     }
     let set: Vec<&str> = [
-        ("remote_ip_prefix", remote_ip_prefix.is_some()),
+        (prefix_key, remote_ip_prefix.is_some()),
         ("remote_group_id", remote_group_id.is_some()),
         ("remote_address_group_id", remote_address_group_id.is_some()),
     ]
@@ -317,7 +377,7 @@ fn rule(
         f.err(
             key,
             &v,
-            format!("only one of remote_ip_prefix, remote_group_id or remote_address_group_id may be provided ({} is also set)", set[0]),
+            format!("only one of {prefix_key}, remote_group_id or remote_address_group_id may be provided ({} is also set)", set[0]),
         );
     }
 
@@ -343,12 +403,15 @@ fn rule(
         proto_num,
         port_range_min: port_min,
         port_range_max: port_max,
+        source_port_range_min: sport_min,
+        source_port_range_max: sport_max,
         remote_ip_prefix: net.map(addr::net_to_string),
         normalized_cidr: net.map(|n| addr::net_to_string(n.trunc())),
         remote_group_id,
         remote_address_group_id,
         remote,
         stateful,
+        rpc,
     };
     (rule, ok)
 }
@@ -449,6 +512,86 @@ fn validate_port_range(f: &mut Fields, protocol: Option<&str>, min: Option<u16>,
     }
 }
 
+/// Most LPM entries one rule's source and destination port ranges may take together (see
+/// `validate_source_ports`).
+pub(crate) const MAX_PORT_PAIR_ENTRIES: usize = 4096;
+
+/// Source ports: Neutron's drivers render them as `--sport`/`--sports` for the protocols with
+/// ports. sg classifies (source port, destination port) as one 32-bit prefix, so a source
+/// range that is not a single aligned block, combined with a destination range, takes one
+/// entry per source port: more than `MAX_PORT_PAIR_ENTRIES` is refused.
+fn validate_source_ports(
+    f: &mut Fields,
+    protocol: Option<&str>,
+    (min, max): (Option<u16>, Option<u16>),
+    (dmin, dmax): (Option<u16>, Option<u16>),
+) {
+    let first_key = if min.is_some() {
+        "source_port_range_min"
+    } else {
+        "source_port_range_max"
+    };
+    let first = Value::from(min.or(max).unwrap_or_default());
+    let Some(protocol) = protocol.filter(|p| protocol::is_port_protocol(protocol::stored_to_number(p)))
+    else {
+        f.err(
+            first_key,
+            &first,
+            "source ports need protocol tcp, udp, udplite, sctp or dccp",
+        );
+        return;
+    };
+    let (lo, hi) = match (min, max) {
+        (Some(lo), Some(hi)) if lo <= hi => (lo, hi),
+        (Some(lo), Some(hi)) => {
+            f.err(
+                "source_port_range_max",
+                &Value::from(hi),
+                format!(
+                    "source_port_range_min ({lo}) must be <= source_port_range_max for protocol {protocol}"
+                ),
+            );
+            return;
+        }
+        _ => {
+            f.err(
+                first_key,
+                &first,
+                "source_port_range_min and source_port_range_max go together",
+            );
+            return;
+        }
+    };
+    if lo == 0 {
+        f.err(
+            "source_port_range_min",
+            &Value::from(0),
+            format!("port 0 is not allowed for protocol {protocol}"),
+        );
+        return;
+    }
+    if let (Some(dlo), Some(dhi)) = (dmin, dmax)
+        && dlo <= dhi
+    {
+        let dblocks = protocol::port_blocks(dlo, dhi).len();
+        let entries: usize = protocol::port_blocks(lo, hi)
+            .iter()
+            .map(|&(_, len)| if len == 16 { dblocks } else { dblocks << (16 - len) })
+            .sum();
+        if entries > MAX_PORT_PAIR_ENTRIES {
+            f.err(
+                "source_port_range_max",
+                &Value::from(hi),
+                format!(
+                    "source ports {lo}-{hi} with destination ports {dlo}-{dhi} would take {entries} \
+                     classifier entries (sg's limit is {MAX_PORT_PAIR_ENTRIES}): give a single source \
+                     port, an aligned source block, or no destination range"
+                ),
+            );
+        }
+    }
+}
+
 // -------------------------------------------------------------------------------------------
 // Address groups
 // -------------------------------------------------------------------------------------------
@@ -528,13 +671,19 @@ fn port(raw: &RawObject, errs: &mut ValidationErrors) -> Port {
 
     let mut fixed_ips = Vec::new();
     for (i, item) in f.opt_list("fixed_ips").into_iter().enumerate() {
-        let key = format!("fixed_ips[{i}].ip_address");
-        let ip_v = item.get("ip_address").unwrap_or(&Value::Null);
+        // The server flattens fixed IPs to plain strings for its agents.
+        let (key, ip_v) = match item {
+            Value::String(_) => (format!("fixed_ips[{i}]"), item),
+            _ => (
+                format!("fixed_ips[{i}].ip_address"),
+                item.get("ip_address").unwrap_or(&Value::Null),
+            ),
+        };
         let Some(text) = ip_v.as_str() else {
             f.err(
                 &key,
                 ip_v,
-                "missing or not a string: expected {\"ip_address\": ..., \"subnet_id\": ...}",
+                "missing or not a string: expected {\"ip_address\": ..., \"subnet_id\": ...} or an address",
             );
             continue;
         };
@@ -642,7 +791,10 @@ fn port(raw: &RawObject, errs: &mut ValidationErrors) -> Port {
 
     // The API reads a missing or null port_security_enabled as true.
     let port_security_enabled = f.opt_bool("port_security_enabled", true);
-    if !port_security_enabled && !security_groups.is_empty() {
+    // The API refuses groups or pairs on a port without port security; an agent's driver
+    // may still be handed both (Neutron's functional suite does it), and then filters nothing.
+    let rpc = raw.rpc;
+    if !port_security_enabled && !security_groups.is_empty() && !rpc {
         let v = Value::from(security_groups.clone());
         f.err(
             sg_key,
@@ -650,7 +802,7 @@ fn port(raw: &RawObject, errs: &mut ValidationErrors) -> Port {
             "port security must be enabled in order to use security groups",
         );
     }
-    if !port_security_enabled && !pairs.is_empty() {
+    if !port_security_enabled && !pairs.is_empty() && !rpc {
         let v = Value::from(pairs.iter().map(|p| p.ip_address.clone()).collect::<Vec<_>>());
         f.err(
             "allowed_address_pairs",
@@ -671,13 +823,7 @@ fn port(raw: &RawObject, errs: &mut ValidationErrors) -> Port {
         Some(d) => d,
         None => format!("tap{}", f.id.chars().take(11).collect::<String>()),
     };
-    // Linux `dev_valid_name`.
-    if device.is_empty()
-        || device.len() > 15
-        || device == "."
-        || device == ".."
-        || device.chars().any(|c| c == '/' || c == ':' || c.is_whitespace())
-    {
+    if !valid_ifname(&device) {
         let v = Value::String(device.clone());
         f.err(
             "device",
@@ -699,7 +845,125 @@ fn port(raw: &RawObject, errs: &mut ValidationErrors) -> Port {
         device_owner,
         binding_host_id,
         device,
+        rpc_device: rpc_device(raw),
     }
+}
+
+fn rpc_device(raw: &RawObject) -> Option<String> {
+    raw.fields
+        .get(super::rpc::RPC_DEVICE)
+        .and_then(Value::as_str)
+        .map(str::to_string)
+}
+
+/// A device of `process_trusted_ports`: Neutron's driver accepts everything on its tap. As a
+/// port it is a `network:` port, which sg never filters.
+fn trusted_port(raw: &RawObject, errs: &mut ValidationErrors) -> Port {
+    let mut f = Fields::new(&raw.fields, "port", &raw.origin, errs);
+    let device = f.req_str("device").unwrap_or_default();
+    if !valid_ifname(&device) {
+        let v = Value::String(device.clone());
+        f.err(
+            "device",
+            &v,
+            "not a valid Linux interface name (1-15 bytes, no '/', ':' or whitespace)",
+        );
+    }
+    Port {
+        id: f.id,
+        name: String::new(),
+        mac_address: String::new(),
+        mac: MacAddr::default(),
+        fixed_ips: Vec::new(),
+        allowed_address_pairs: Vec::new(),
+        security_groups: Vec::new(),
+        port_security_enabled: false,
+        network_id: String::new(),
+        device_owner: TRUSTED_OWNER.to_string(),
+        binding_host_id: None,
+        device,
+        rpc_device: rpc_device(raw),
+    }
+}
+
+/// The `device_owner` sg gives a device of `process_trusted_ports`.
+pub(crate) const TRUSTED_OWNER: &str = "network:trusted";
+
+/// Linux `dev_valid_name`.
+fn valid_ifname(device: &str) -> bool {
+    !(device.is_empty()
+        || device.len() > 15
+        || device == "."
+        || device == ".."
+        || device.chars().any(|c| c == '/' || c == ':' || c.is_whitespace()))
+}
+
+/// One remote id's `sg_member_ips` entry: `{"IPv4": [[ip, mac], ...], "IPv6": [...]}`; a
+/// member may also be a bare address string or `[ip]`.
+fn member_lists(raw: &RawObject, errs: &mut ValidationErrors) -> (String, BTreeMap<Ethertype, Vec<Member>>) {
+    let mut f = Fields::new(&raw.fields, "security_group", &raw.origin, errs);
+    let mut lists: BTreeMap<Ethertype, Vec<Member>> = BTreeMap::new();
+    for (key, value) in raw.fields.iter().filter(|(k, _)| k.as_str() != "id") {
+        let field = format!("sg_member_ips.{key}");
+        let ethertype = match key.as_str() {
+            "IPv4" => Ethertype::IPv4,
+            "IPv6" => Ethertype::IPv6,
+            _ => {
+                f.err(&field, value, "expected the ethertype IPv4 or IPv6");
+                continue;
+            }
+        };
+        let items: &[Value] = match value {
+            Value::Array(items) => items,
+            Value::Null => &[],
+            other => {
+                f.err(&field, other, "expected a list of [ip, mac] pairs");
+                continue;
+            }
+        };
+        let list = lists.entry(ethertype).or_default();
+        for (i, item) in items.iter().enumerate() {
+            let field = format!("{field}[{i}]");
+            let (ip_v, mac_v) = match item {
+                Value::String(_) => (item, &Value::Null),
+                Value::Array(pair) if (1..=2).contains(&pair.len()) => {
+                    (&pair[0], pair.get(1).unwrap_or(&Value::Null))
+                }
+                other => {
+                    f.err(&field, other, "expected [ip, mac] or an address");
+                    continue;
+                }
+            };
+            let Some(text) = ip_v.as_str() else {
+                f.err(&field, ip_v, "expected an address or CIDR string");
+                continue;
+            };
+            let Some(net) = addr::parse_network(text) else {
+                f.err(&field, ip_v, "not a valid IP address or CIDR");
+                continue;
+            };
+            if Ethertype::of_net(net) != ethertype {
+                f.err(&field, ip_v, format!("not an {} address", ethertype.as_str()));
+                continue;
+            }
+            let mac = match mac_v {
+                Value::Null => None,
+                v => match v.as_str().and_then(MacAddr::parse) {
+                    Some(m) => Some(m),
+                    None => {
+                        f.err(&format!("{field}.mac"), v, "not a valid MAC address");
+                        continue;
+                    }
+                },
+            };
+            list.push(Member {
+                ip: text.to_string(),
+                net,
+                mac,
+            });
+        }
+    }
+    (f.id, lists)
 }
 
 /// The multicast range a pair address falls in or overlaps (224.0.0.0/4, ff00::/8), as
@@ -769,6 +1033,9 @@ fn rule_key(r: &Rule) -> String {
         r.ethertype.as_str().to_string(),
         opt(r.port_range_max.map(|v| v.to_string())),
         opt(r.port_range_min.map(|v| v.to_string())),
+        // Not in Neutron's key (its API has no source ports); sg's inputs may carry them.
+        opt(r.source_port_range_max.map(|v| v.to_string())),
+        opt(r.source_port_range_min.map(|v| v.to_string())),
         opt(proto),
         opt(r.remote_group_id.clone()),
         opt(r.remote_address_group_id.clone()),
@@ -816,6 +1083,13 @@ fn cross_check(p: &Parsed, errs: &mut ValidationErrors) {
         "port id",
         errs,
     );
+    duplicates(
+        "security_group",
+        "sg_member_ips",
+        p.members.iter().map(|(o, id, _)| (id.as_str(), o.as_str())),
+        "member list",
+        errs,
+    );
 
     let mut taps: HashMap<&str, &str> = HashMap::new();
     for (_, port) in &p.ports {
@@ -840,7 +1114,10 @@ fn cross_check(p: &Parsed, errs: &mut ValidationErrors) {
     for (_, sg, oks) in &p.sgs {
         let mut keys: HashMap<String, &str> = HashMap::new();
         for (rule, ok) in sg.rules.iter().zip(oks) {
+            // An agent rule names remote groups whose members come with sg_member_ips (none
+            // without): nothing to define.
             if let Some(g) = &rule.remote_group_id
+                && !rule.rpc
                 && !sgs.contains_key(g.as_str())
             {
                 errs.push(
@@ -852,6 +1129,7 @@ fn cross_check(p: &Parsed, errs: &mut ValidationErrors) {
                 );
             }
             if let Some(a) = &rule.remote_address_group_id
+                && !rule.rpc
                 && !ags.contains(a.as_str())
             {
                 errs.push(
@@ -862,7 +1140,9 @@ fn cross_check(p: &Parsed, errs: &mut ValidationErrors) {
                     "address group not defined in the input",
                 );
             }
-            if !ok {
+            // Agent rule dicts are what the server made of stored rules: identical ones are
+            // already one, and equivalent ones are rendered by Neutron's driver one by one.
+            if !ok || rule.rpc {
                 continue;
             }
             let key = rule_key(rule);
@@ -883,6 +1163,12 @@ fn cross_check(p: &Parsed, errs: &mut ValidationErrors) {
     for (_, port) in &p.ports {
         let mut stateful = Vec::new();
         let mut stateless = Vec::new();
+        // The agent may name a port's groups before their rules arrive, and the API already
+        // refused mixed statefulness; Neutron's driver decides by the first rule (as
+        // `Model::port_stateful` does).
+        if port.rpc_device.is_some() {
+            continue;
+        }
         for id in &port.security_groups {
             match sgs.get(id.as_str()) {
                 None => errs.push(
@@ -917,6 +1203,8 @@ fn cross_check(p: &Parsed, errs: &mut ValidationErrors) {
 // -------------------------------------------------------------------------------------------
 
 fn assemble(p: Parsed) -> Model {
+    let rpc_members: BTreeMap<String, BTreeMap<Ethertype, Vec<Member>>> =
+        p.members.into_iter().map(|(_, id, lists)| (id, lists)).collect();
     let security_groups: Vec<SecurityGroup> = p.sgs.into_iter().map(|(_, s, _)| s).collect();
     let address_groups: Vec<AddressGroup> = p.ags.into_iter().map(|(_, a)| a).collect();
     let ports: Vec<Port> = p.ports.into_iter().map(|(_, x)| x).collect();
@@ -948,13 +1236,27 @@ fn assemble(p: Parsed) -> Model {
         if members.contains_key(&key) {
             continue;
         }
+        let explicit = match &rule.remote {
+            Remote::Group(id) | Remote::AddressGroup(id) => rpc_members.get(id),
+            Remote::Any | Remote::Prefix(_) => None,
+        };
         let list = match &rule.remote {
+            // The lists the agent was given; an agent rule whose group has none matches
+            // nothing, as an empty set in Neutron's driver.
+            Remote::Group(_) | Remote::AddressGroup(_) if explicit.is_some() || rule.rpc => explicit
+                .and_then(|m| m.get(&rule.ethertype))
+                .cloned()
+                .unwrap_or_default(),
             Remote::Group(g) => group_members(
                 by_group.get(g.as_str()).map(Vec::as_slice).unwrap_or(&[]),
                 rule.ethertype,
             ),
             Remote::AddressGroup(a) => {
-                let ag = &address_groups[ag_index[a]];
+                let Some(&i) = ag_index.get(a) else {
+                    members.insert(key, Vec::new());
+                    continue;
+                };
+                let ag = &address_groups[i];
                 ag.addresses
                     .iter()
                     .zip(&ag.nets)
@@ -979,6 +1281,7 @@ fn assemble(p: Parsed) -> Model {
         ag_index,
         port_index,
         members,
+        rpc_members,
     }
 }
 

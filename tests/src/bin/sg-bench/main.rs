@@ -8,12 +8,15 @@
 //! 3. Control plane: sg's compiler and applier against sg's iptables back end, and agent
 //!    restarts (`control.rs`).
 //! 4. Memory: map sizes from the definitions and the kernel's accounting (`memory.rs`).
+//! 5. The Neutron driver: a one-rule update through `sg_hybrid` and through Neutron's
+//!    `iptables_hybrid`, from the driver call to the rule enforced (`driver.rs`).
 //!
 //! Output: `<out>/results.md`, `<out>/*.svg`, and the raw samples in `<out>/raw/results.json`
 //! (from which `--from-raw` redraws the report without measuring again).
 
 mod classifier;
 mod control;
+mod driver;
 mod env;
 mod flood;
 mod forward;
@@ -42,7 +45,7 @@ struct Args {
     /// The `sg` binary (release) for the agent restarts.
     #[arg(long, default_value = "target/release/sg")]
     sg: PathBuf,
-    /// Only these sections: classifier, forwarding, control, memory (repeatable).
+    /// Only these sections: classifier, forwarding, control, memory, driver (repeatable).
     #[arg(long)]
     only: Vec<String>,
     /// Redraw results.md and the plots from a raw results file, measuring nothing.
@@ -54,7 +57,7 @@ struct Args {
     dump_inputs: Option<PathBuf>,
 }
 
-const SECTIONS: [&str; 4] = ["classifier", "forwarding", "control", "memory"];
+const SECTIONS: [&str; 5] = ["classifier", "forwarding", "control", "memory", "driver"];
 
 fn main() -> Result<()> {
     let args = Args::parse();
@@ -156,6 +159,12 @@ fn measure(args: &Args) -> Result<All> {
     if want("memory") {
         section("memory", &mut all, &mut |a| {
             a.memory = Some(memory::run_all()?);
+            Ok(())
+        })?;
+    }
+    if want("driver") {
+        section("driver", &mut all, &mut |a| {
+            a.driver = Some(driver::run_all(&args.sg, if q { 60 } else { 300 })?);
             Ok(())
         })?;
     }
