@@ -185,10 +185,26 @@ fn check_values(arg: &Arg, words: &[OsString]) -> Result<()> {
     if words.is_empty() || !arg.get_action().takes_values() {
         return Ok(());
     }
+    // The flag alone: its action and value parser, none of its relations to other flags
+    // (`required_unless_present = ...` naming a flag the probe does not have is a clap error).
+    // clap takes flag names as &'static str; a probe runs once per key and command line.
+    let long: &'static str = Box::leak(
+        arg.get_long()
+            .expect("found by its long name")
+            .to_owned()
+            .into_boxed_str(),
+    );
+    let mut alone = Arg::new(arg.get_id().clone())
+        .long(long)
+        .action(arg.get_action().clone())
+        .value_parser(arg.get_value_parser().clone());
+    if let Some(n) = arg.get_num_args() {
+        alone = alone.num_args(n);
+    }
     let probe = Command::new("sg")
         .no_binary_name(true)
         .disable_help_flag(true)
-        .arg(arg.clone().required(false).global(false));
+        .arg(alone);
     match probe.try_get_matches_from(words) {
         Ok(_) => Ok(()),
         Err(e) => {
@@ -271,7 +287,12 @@ mod tests {
             .arg(Arg::new("config").long("config").global(true))
             .subcommand(
                 Command::new("agent")
-                    .arg(Arg::new("state").long("state").required(true))
+                    .arg(
+                        Arg::new("state")
+                            .long("state")
+                            .required_unless_present("api-socket"),
+                    )
+                    .arg(Arg::new("api-socket").long("api-socket"))
                     .arg(
                         Arg::new("ct-entries")
                             .long("ct-entries")
@@ -368,7 +389,10 @@ mod tests {
             .to_string();
         assert!(e.contains(p.to_str().unwrap()), "{e}");
         assert!(e.contains("unknown key `stat`"), "{e}");
-        assert!(e.contains("ct-entries, no-ipset, peer, pin-root, state"), "{e}");
+        assert!(
+            e.contains("api-socket, ct-entries, no-ipset, peer, pin-root, state"),
+            "{e}"
+        );
 
         let e = expanded("ct-entries = \"lots\"\n", &["agent"])
             .unwrap_err()
