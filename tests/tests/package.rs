@@ -141,10 +141,15 @@ fn dpkg(args: &[&str]) -> String {
 const OWNER: &str = "/run/sg-package-test.pid";
 
 /// Removes the package and everything it made, its pins included (its prerm detaches what the
-/// installed config names).
+/// installed config names). If that fails (an sg that cannot run), the package goes with
+/// keep-enforcement, and the test's PinRoot detaches the pins.
 fn purge() {
     let _ = std::fs::remove_file("/etc/sg/keep-enforcement");
     let _ = Command::new("dpkg").args(["--purge", "sg"]).output();
+    if installed().is_some_and(|(s, _)| !s.starts_with("un")) {
+        let _ = std::fs::write("/etc/sg/keep-enforcement", "");
+        let _ = Command::new("dpkg").args(["--purge", "sg"]).output();
+    }
 }
 
 /// Stops the agent a killed package test (pid `owner`) left running on its own pin root
@@ -202,7 +207,9 @@ impl Drop for Node {
         if installed().is_some() {
             purge();
         }
-        let _ = std::fs::remove_file(OWNER);
+        if installed().is_none_or(|(s, _)| s.starts_with("un")) {
+            let _ = std::fs::remove_file(OWNER);
+        }
         // PinRoot's own drop detaches whatever is left under the pin root.
         let _ = std::fs::remove_dir_all(&self.dir);
     }
