@@ -156,6 +156,25 @@ impl Client {
     }
 }
 
+/// Copies a Python project, without what an earlier build left in it.
+fn copy_sources(from: &Path, to: &Path) -> Result<()> {
+    std::fs::create_dir_all(to)?;
+    for e in std::fs::read_dir(from)? {
+        let e = e?;
+        let name = e.file_name();
+        let n = name.to_string_lossy();
+        if n == "build" || n == "__pycache__" || n.ends_with(".egg-info") {
+            continue;
+        }
+        if e.file_type()?.is_dir() {
+            copy_sources(&e.path(), &to.join(&name))?;
+        } else {
+            std::fs::copy(e.path(), to.join(&name))?;
+        }
+    }
+    Ok(())
+}
+
 /// Neutron's agent side: tests/neutron/agent_rpc.py in the Neutron virtualenv, with the work
 /// tree's sg_neutron installed into a directory of its own (so the entry points resolve).
 struct NeutronAgent {
@@ -173,6 +192,11 @@ impl NeutronAgent {
         assert!(venv.status.success(), "tests/neutron/setup_venv.sh failed");
         let python = String::from_utf8(venv.stdout)?.trim().to_string();
         let dir = std::env::temp_dir().join(unique("sg-neutron-site-"));
+        // setuptools builds in the source tree (build/, *.egg-info): two tests installing from
+        // sg-user/neutron at once would remove and rewrite each other's build. Each installs
+        // from a copy of its own.
+        let src = dir.with_extension("src");
+        copy_sources(&workspace_root().join("sg-user/neutron"), &src)?;
         let st = Command::new(&python)
             .args([
                 "-m",
@@ -185,10 +209,10 @@ impl NeutronAgent {
                 "--target",
             ])
             .arg(&dir)
-            .arg(workspace_root().join("sg-user/neutron"))
+            .arg(&src)
             .status()?;
+        let _ = std::fs::remove_dir_all(&src);
         assert!(st.success(), "installing sg_neutron");
-        let _ = std::fs::remove_dir_all(workspace_root().join("sg-user/neutron/build"));
         let mut child = Command::new(&python)
             .args(["-W", "ignore"])
             .arg(workspace_root().join("tests/neutron/agent_rpc.py"))

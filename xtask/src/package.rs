@@ -447,11 +447,16 @@ fn copy_dir(from: &Path, to: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Copies a Python project, without what an earlier in-tree build left in it.
 fn copy_tree(from: &Path, to: &Path) -> Result<()> {
     std::fs::create_dir_all(to)?;
     for e in std::fs::read_dir(from)? {
         let e = e?;
         let p = e.path();
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name == "build" || name == "__pycache__" || name.ends_with(".egg-info") {
+            continue;
+        }
         if e.file_type()?.is_dir() {
             copy_tree(&p, &to.join(e.file_name()))?;
         } else {
