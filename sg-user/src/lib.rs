@@ -6,11 +6,14 @@ pub mod iptables;
 
 pub mod compile;
 
+pub mod config;
+
 pub mod agent;
 pub mod datapath;
 pub mod diff;
 pub mod generator;
 pub mod inspect;
+pub mod journal;
 pub mod netns;
 pub mod observe;
 pub mod packet;

@@ -2,9 +2,9 @@
 use std::path::PathBuf;
 
 use anyhow::{Context as _, Result};
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory as _, Parser, Subcommand};
 use sg_user::{
-    agent, compile,
+    agent, compile, config,
     datapath::{self, Datapath, Iface, LoadOptions, allowlist::Allow},
     diff, inspect, iptables, model,
     observe::control,
@@ -15,9 +15,16 @@ use sg_user::{
 #[command(
     name = "sg",
     version,
-    about = "Neutron security groups enforced by eBPF at tcx on VM taps"
+    about = "Neutron security groups enforced by eBPF at tcx on VM taps",
+    // A flag given twice takes its last value: the command line's, after the config file's.
+    args_override_self = true
 )]
 struct Cli {
+    /// TOML file of agent flags (`/etc/sg/sg.toml` in the package): each key is a long flag of
+    /// `sg agent` without the dashes (`ct-entries = 524288`, `no-ipset = true`). Flags on the
+    /// command line override the file. Other subcommands read only its `pin-root` and `run-dir`.
+    #[arg(long, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
     /// bpffs directory holding sg's pinned maps and links.
     #[arg(long, global = true, default_value = datapath::DEFAULT_PIN_ROOT)]
     pin_root: PathBuf,
@@ -66,6 +73,7 @@ enum Cmd {
     ///
     /// The input is a file (`--state`), what Neutron's agent pushes through the sg_neutron
     /// firewall driver (`--api-socket`), or both.
+    #[command(after_long_help = AGENT_NOTES)]
     Agent {
         /// Neutron input (file or directory); watched for changes.
         #[arg(long, required_unless_present = "api_socket")]
@@ -239,7 +247,8 @@ enum Cmd {
         #[arg(long)]
         no_shrink: bool,
     },
-    /// Remove sg's links and pins. Refused while an agent runs on the pin root.
+    /// Remove sg's links and pins, and the agent's run state. Refused while an agent runs on the
+    /// pin root.
     Detach {
         /// Everything sg pinned under --pin-root.
         #[arg(long)]
@@ -249,7 +258,24 @@ enum Cmd {
         #[arg(long)]
         force: bool,
     },
+    /// Write the man pages and the bash and zsh completions into DIR/man and DIR/completions
+    /// (the package build runs it).
+    #[command(hide = true)]
+    GenerateDocs { dir: PathBuf },
 }
+
+const AGENT_NOTES: &str = "\
+Installed from the Debian package, the agent runs as sg-agent.service: \
+`sg --config /etc/sg/sg.toml agent`. Every flag above can be set in that file, as a key \
+without the dashes (`ct-entries = 524288`, `no-ipset = true`); flags on the command line \
+override it.
+
+Stopping the agent (SIGTERM, SIGINT, or a crash) leaves its programs attached and its maps \
+pinned: the taps stay filtered, and the next agent adopts them.
+
+Exit status 78: the configuration file is wrong, or the pinned maps have a layout this \
+version cannot use (the message names the change and the ways out); the unit does not \
+restart on it.";
 
 /// Options shared by `sg iptables render` and `apply`.
 #[derive(clap::Args)]
@@ -381,14 +407,29 @@ fn print_out<T: serde::Serialize>(json: bool, value: &T, table: impl FnOnce(&T) 
 /// `RUST_BACKTRACE` says (anyhow would print the one it captured). A bug panics instead, and
 /// panics keep their backtraces.
 fn main() -> std::process::ExitCode {
-    match run(Cli::parse()) {
+    let args = match config::expand(&Cli::command(), std::env::args_os().collect()) {
+        Ok(args) => args,
+        Err(e) => {
+            eprint!("{}", error_report(&e));
+            return std::process::ExitCode::from(EX_CONFIG);
+        }
+    };
+    match run(Cli::parse_from(args)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprint!("{}", error_report(&e));
-            std::process::ExitCode::FAILURE
+            if e.chain().any(|c| c.is::<datapath::LayoutMismatch>()) {
+                std::process::ExitCode::from(EX_CONFIG)
+            } else {
+                std::process::ExitCode::FAILURE
+            }
         }
     }
 }
+
+/// sysexits' EX_CONFIG: the configuration file or the pinned layout needs the operator; the
+/// unit does not restart on it (RestartPreventExitStatus).
+const EX_CONFIG: u8 = 78;
 
 /// `Error: <message>` and, if there are any, its causes in anyhow's numbered layout.
 fn error_report(e: &anyhow::Error) -> String {
@@ -475,12 +516,20 @@ fn run(cli: Cli) -> Result<()> {
             log_rate_limit,
             log_burst_limit,
         } => {
+            // stderr, as every diagnostic: under systemd it is the journal (with each line's
+            // priority), by hand the terminal.
+            let journal = sg_user::journal::stderr_is_journal();
             tracing_subscriber::fmt()
+                .with_writer(std::io::stderr)
+                .with_ansi(!journal && std::io::IsTerminal::is_terminal(&std::io::stderr()))
                 .with_env_filter(
                     tracing_subscriber::EnvFilter::try_from_default_env()
                         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
                 )
-                .with_target(false)
+                .event_format(sg_user::journal::Prefixed::new(
+                    tracing_subscriber::fmt::format().with_target(false),
+                    journal,
+                ))
                 .init();
             let opts = agent::AgentOptions {
                 state,
@@ -704,7 +753,8 @@ TOTAL {summary} in {:.1?}",
         }
         Cmd::Detach { all, force } => {
             anyhow::ensure!(all, "only `sg detach --all` is supported");
-            if let Some(pid) = agent::lock::holder(&cli.pin_root)? {
+            let running = agent::lock::holder(&cli.pin_root)?;
+            if let Some(pid) = running {
                 anyhow::ensure!(
                     force,
                     "an sg agent (pid {pid}) holds {}: detaching would leave its taps unfiltered \
@@ -721,6 +771,19 @@ TOTAL {summary} in {:.1?}",
             let n = datapath::detach_all(&cli.pin_root)
                 .with_context(|| format!("removing pins under {}", cli.pin_root.display()))?;
             println!("removed {n} pins under {}", cli.pin_root.display());
+            // The run state describes those pins: without them it would mislead the next agent
+            // and `sg status`. A running agent (--force) keeps and rewrites its own.
+            if running.is_none()
+                && agent::remove_run_state(&cli.run_dir)
+                    .with_context(|| format!("removing the run state in {}", cli.run_dir.display()))?
+            {
+                println!("removed the run state in {}", cli.run_dir.display());
+            }
+        }
+        Cmd::GenerateDocs { dir } => {
+            for f in config::generate_docs(Cli::command(), &dir)? {
+                println!("{}", f.display());
+            }
         }
     }
     Ok(())

@@ -430,3 +430,56 @@ fn detach_all_removes_every_link_and_pin() {
         "nothing filters the tap any more"
     );
 }
+
+#[test]
+fn pins_of_another_layout_version_are_refused() {
+    // The default pin root is versioned (/sys/fs/bpf/sg/v2); a build with another pinned layout
+    // pins under another version. Pins left by one would keep filtering the taps beside a new
+    // agent with maps nobody updates, so the new agent refuses to start and says what to do.
+    let pins = sg_tests::PinRoot::new().unwrap();
+    std::fs::create_dir_all(pins.path.join("v0/maps")).unwrap();
+    let old = pins.path.join("v0/maps/SG_PORTS");
+    sg_tests::run(
+        "bpftool",
+        &[
+            "map",
+            "create",
+            old.to_str().unwrap(),
+            "type",
+            "hash",
+            "key",
+            "4",
+            "value",
+            "8",
+            "entries",
+            "16",
+            "name",
+            "SG_PORTS",
+        ],
+    )
+    .unwrap();
+    let err = match sg_user::datapath::Datapath::load(&sg_user::datapath::LoadOptions {
+        pin_root: Some(pins.path.join("v1")),
+        ..Default::default()
+    }) {
+        Ok(_) => panic!("an agent started beside pins of another layout version"),
+        Err(e) => e,
+    };
+    assert!(
+        err.chain().any(|c| c.is::<sg_user::datapath::LayoutMismatch>()),
+        "{err:#}"
+    );
+    let err = format!("{err:#}");
+    assert!(
+        err.contains("pinned layout v0") && err.contains("layout v1"),
+        "{err}"
+    );
+    assert!(
+        err.contains(&format!(
+            "sg --pin-root {} detach --all",
+            pins.path.join("v0").display()
+        )),
+        "{err}"
+    );
+    assert!(!pins.path.join("v1").exists(), "nothing was created: {err}");
+}

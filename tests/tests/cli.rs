@@ -98,3 +98,51 @@ fn user_errors_print_no_backtrace() {
     assert_no_backtrace("usage", &err);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `sg --config FILE` with the real command line: every key is a flag of `sg agent`, checked
+/// by that flag's own parser, a bad one is the file's error (exit 78, no backtrace), and the
+/// global keys reach the other subcommands.
+#[test]
+fn config_file_keys_are_the_agent_flags() {
+    let dir = std::env::temp_dir().join(unique("sg-cli-"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("sg.toml");
+    let file_s = file.to_str().unwrap();
+    let check = |text: &str, args: &[&str]| {
+        std::fs::write(&file, text).unwrap();
+        let mut a = vec!["--config", file_s];
+        a.extend_from_slice(args);
+        sg(&a)
+    };
+
+    let (code, _, err) = check("dataplane = \"xdp\"\n", &["agent"]);
+    assert_eq!(code, 78, "{err}");
+    assert!(
+        err.contains(file_s) && err.contains("key `dataplane`") && err.contains("'xdp'"),
+        "{err}"
+    );
+    assert_no_backtrace("bad value", &err);
+
+    let (code, _, err) = check("no-such-flag = 1\n", &["agent"]);
+    assert_eq!(code, 78, "{err}");
+    assert!(
+        err.contains("unknown key `no-such-flag`") && err.contains("api-socket"),
+        "{err}"
+    );
+    assert_no_backtrace("unknown key", &err);
+
+    // Relations between flags still hold (api-group needs api-socket), as on the command line.
+    let (code, _, err) = check("api-group = \"neutron\"\nstate = \"/x.json\"\n", &["agent"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--api-socket"), "{err}");
+
+    // The global keys reach `sg status`: it looks where the file says.
+    let run = dir.join("no-run-state-here");
+    let (code, _, err) = check(
+        &format!("run-dir = {:?}\nct-entries = 1024\n", run.to_str().unwrap()),
+        &["status"],
+    );
+    assert_ne!(code, 0);
+    assert!(err.contains(run.to_str().unwrap()), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -5,6 +5,7 @@
 
 mod demo;
 mod neutron;
+mod package;
 mod setup;
 
 use std::process::Command;
@@ -28,8 +29,19 @@ enum Cmd {
         #[arg(long)]
         release: bool,
     },
-    /// Setup, builds, both clippy runs, rustfmt check, and every test (needs root).
+    /// Setup, builds, both clippy runs, rustfmt check, the packages for the package test, and
+    /// every test (needs root).
     Test,
+    /// The Debian package (cargo-deb): target/debian/sg_<version>_<arch>.deb, release build.
+    Package {
+        /// Instead: this tree's package from the debug build and the parent commit's package,
+        /// in target/sg-package/, for the package test (`cargo xtask test` does this).
+        #[arg(long)]
+        for_tests: bool,
+        /// With --for-tests: the commit whose package the upgrade test starts from.
+        #[arg(long, default_value = "HEAD^", requires = "for_tests")]
+        previous: String,
+    },
     /// The demo compute node in network namespaces (needs root).
     Demo {
         /// Neutron drives the story: its SecurityGroupAgentRpc loads the sg driver by alias
@@ -94,6 +106,17 @@ fn run(cli: Cli) -> Result<()> {
             neutron::run(driver)
         }
         Cmd::Bench { quick, only, out } => bench(quick, &only, &out),
+        Cmd::Package { for_tests, previous } => {
+            setup::run()?;
+            if for_tests {
+                build(false)?;
+                package::for_tests(&previous)
+            } else {
+                let deb = package::release()?;
+                println!("{}", deb.display());
+                Ok(())
+            }
+        }
     }
 }
 
@@ -178,6 +201,8 @@ fn test() -> Result<()> {
              (tests that need root are real tests and are never skipped)"
         );
     }
+    // The package test installs these: this tree's package and its parent commit's.
+    package::for_tests("HEAD^")?;
     step(
         "tests (unit, BPF_PROG_TEST_RUN, network namespaces)",
         cargo().args([

@@ -27,6 +27,9 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "ncat",
     "iputils-ping",
     "iputils-arping",
+    // systemd-analyze, for the package test's `systemd-analyze verify` of sg-agent.service
+    // (systemd need not run: the test machines have none as PID 1).
+    "systemd",
 ];
 
 pub fn run() -> Result<()> {

@@ -122,6 +122,36 @@ pub enum DataplaneOptions {
     },
 }
 
+/// The files an agent keeps in its run directory: the run state, the agent's record, what
+/// Neutron's driver pushed, and their temporary files. `sg detach --all` (and so `dpkg -r`)
+/// deletes them with the pins they describe.
+pub fn run_files(run_dir: &Path) -> Vec<PathBuf> {
+    vec![
+        run_dir.join(RunState::FILE),
+        run_dir.join(format!("{}.tmp", RunState::FILE)),
+        run_dir.join(lock::AgentRecord::FILE),
+        run_dir.join(format!("{}.tmp", lock::AgentRecord::FILE)),
+        pushed::Pushed::path(run_dir),
+        pushed::Pushed::tmp_path(run_dir),
+    ]
+}
+
+/// Deletes `run_files`, and `run_dir` if nothing else is left in it. Returns whether there was
+/// any.
+pub fn remove_run_state(run_dir: &Path) -> Result<bool> {
+    let mut found = false;
+    for path in run_files(run_dir) {
+        match std::fs::remove_file(&path) {
+            Ok(()) => found = true,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("removing {}", path.display())),
+        }
+    }
+    // Not empty (files that are not sg's) or gone already: both are fine.
+    let _ = std::fs::remove_dir(run_dir);
+    Ok(found)
+}
+
 /// Loads, validates and compiles the input. Errors carry every validation problem.
 pub fn load_and_compile(path: &Path, host: &str) -> Result<(model::Model, compile::Compiled)> {
     let model = load(path)?;
@@ -725,6 +755,11 @@ async fn run_inner(opts: &AgentOptions, record: &mut Option<AgentRecord>) -> Res
         o.stop();
     }
     info!("{}", agent.dp.describe_exit());
+    // The socket is ours; a stale one would only be replaced by the next agent, and would be
+    // left in the run directory when the package is removed.
+    if let Some(a) = &opts.api {
+        let _ = std::fs::remove_file(&a.socket);
+    }
     Ok(exit)
 }
 

@@ -272,6 +272,11 @@ impl Pushed {
         run_dir.join("neutron-state.json")
     }
 
+    /// The temporary file `save` writes first.
+    pub fn tmp_path(run_dir: &Path) -> PathBuf {
+        run_dir.join(".neutron-state.json.tmp")
+    }
+
     pub fn load(run_dir: &Path) -> Result<Option<Pushed>> {
         let path = Self::path(run_dir);
         match std::fs::read(&path) {
@@ -292,7 +297,7 @@ impl Pushed {
     pub fn save(&self, run_dir: &Path) -> Result<()> {
         std::fs::create_dir_all(run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
         let path = Self::path(run_dir);
-        let tmp = run_dir.join(".neutron-state.json.tmp");
+        let tmp = Self::tmp_path(run_dir);
         let mut f = std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
         f.write_all(&serde_json::to_vec_pretty(&self.to_document())?)?;
         f.sync_all()

@@ -716,8 +716,8 @@ impl Taps {
             let (progs, ids) = self.programs_of(&device);
             for (i, (name, prog, attach_type)) in progs.iter_mut().enumerate() {
                 let hook = hook_at(*attach_type, hybrid);
-                let attached = SchedClassifier::query_tcx(at.name.as_str(), hook)
-                    .map(|(_, progs)| progs.iter().any(|p| p.id() == ids[i]))
+                let attached = datapath::tcx_prog_ids(at.ifindex, hook)
+                    .map(|got| got.contains(&ids[i]))
                     .unwrap_or(false);
                 let pin = pin_root
                     .as_ref()

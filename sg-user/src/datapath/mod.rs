@@ -39,6 +39,9 @@ pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DI
 /// attaches it.
 pub static PASSTHRU_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sg-passthru"));
 
+/// Name prefix of the pins `Datapath::tap_handles` makes for a moment under the pin root.
+const HANDLE_PIN_PREFIX: &str = "handle_";
+
 /// Default pin root. The version component changes whenever a pinned layout changes.
 pub const DEFAULT_PIN_ROOT: &str = "/sys/fs/bpf/sg/v2";
 
@@ -303,6 +306,9 @@ impl Datapath {
             .map_max_entries(MAP_CT_ASSURED, opts.ct_assured_entries)
             .map_max_entries(MAP_FRAGS, opts.frag_entries)
             .override_global(aya_log::LEVEL, &log_level, false);
+        if let Some(root) = &opts.pin_root {
+            check_layout_version(root)?;
+        }
         let map_dir = opts.pin_root.as_ref().map(|r| r.join("maps"));
         if let Some(dir) = &map_dir {
             fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -379,11 +385,29 @@ impl Datapath {
     pub fn tap_handles(&mut self) -> Result<TapHandles> {
         let mut progs = Vec::new();
         for (name, attach_type) in PROGRAMS.into_iter().rev() {
-            let info = self.program(name)?.info()?;
+            let handle = match self.pin_root.clone() {
+                // Through a pin of our own, removed at once: opening a pin (BPF_OBJ_GET) needs
+                // only the file, where opening the program by id (bpf_prog_get_fd_by_id, what
+                // `from_program_info` does) needs CAP_SYS_ADMIN, which the unit does not grant.
+                Some(root) => {
+                    let path = root.join(format!("{HANDLE_PIN_PREFIX}{name}"));
+                    let _ = fs::remove_file(&path);
+                    let prog = self.program(name)?;
+                    prog.pin(&path)
+                        .with_context(|| format!("pinning {name} at {}", path.display()))?;
+                    let handle = SchedClassifier::from_pin(&path);
+                    prog.unpin()
+                        .with_context(|| format!("removing {}", path.display()))?;
+                    handle
+                }
+                None => {
+                    let info = self.program(name)?.info()?;
+                    SchedClassifier::from_program_info(info, name.into())
+                }
+            };
             progs.push((
                 name,
-                SchedClassifier::from_program_info(info, name.into())
-                    .with_context(|| format!("a second handle on {name}"))?,
+                handle.with_context(|| format!("a second handle on {name}"))?,
                 attach_type,
             ));
         }
@@ -600,6 +624,60 @@ impl Datapath {
     }
 }
 
+/// The ids of the programs attached at tcx `hook` of interface `ifindex` (in this thread's
+/// network namespace). A BPF_PROG_QUERY of the ids alone, which CAP_NET_ADMIN allows; aya's
+/// `query_tcx` also opens each program by id (bpf_prog_get_fd_by_id), which needs
+/// CAP_SYS_ADMIN, which the unit does not grant.
+pub fn tcx_prog_ids(ifindex: u32, hook: TcAttachType) -> io::Result<Vec<u32>> {
+    /// `union bpf_attr`'s BPF_PROG_QUERY member.
+    #[repr(C)]
+    #[derive(Default)]
+    struct ProgQuery {
+        target_ifindex: u32,
+        attach_type: u32,
+        query_flags: u32,
+        attach_flags: u32,
+        prog_ids: u64,
+        prog_cnt: u32,
+        _pad: u32,
+        prog_attach_flags: u64,
+        link_ids: u64,
+        link_attach_flags: u64,
+        revision: u64,
+    }
+    const BPF_PROG_QUERY: libc::c_long = 16;
+    const BPF_TCX_INGRESS: u32 = 46;
+    const BPF_TCX_EGRESS: u32 = 47;
+    let attach_type = match hook {
+        TcAttachType::Ingress => BPF_TCX_INGRESS,
+        TcAttachType::Egress => BPF_TCX_EGRESS,
+        TcAttachType::Custom(_) => return Err(io::Error::from(io::ErrorKind::InvalidInput)),
+    };
+    let mut ids = vec![0u32; 64];
+    let mut q = ProgQuery {
+        target_ifindex: ifindex,
+        attach_type,
+        prog_ids: ids.as_mut_ptr() as u64,
+        prog_cnt: ids.len() as u32,
+        ..Default::default()
+    };
+    // SAFETY: `q` is a valid BPF_PROG_QUERY attribute of the size passed; the kernel writes at
+    // most `prog_cnt` ids into `ids`, which outlives the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_PROG_QUERY,
+            &mut q as *mut ProgQuery,
+            std::mem::size_of::<ProgQuery>() as u32,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    ids.truncate(q.prog_cnt as usize);
+    Ok(ids)
+}
+
 fn is_enolink(e: &aya::programs::ProgramError) -> bool {
     let mut src: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(err) = src {
@@ -771,11 +849,14 @@ fn check_pinned_map(path: &Path, spec: &MapSpec) -> Result<()> {
         max_entries: info.max_entries(),
     };
     if found != *spec {
-        bail!(
+        let capacity_only = MapSpec {
+            max_entries: spec.max_entries,
+            ..found
+        } == *spec;
+        return Err(LayoutMismatch(format!(
             "pinned map {} does not match this sg build: found {:?} key {} value {} entries {}, \
-             expected {:?} key {} value {} entries {}. Refusing to reuse it. Remove it with \
-             `sg detach --all` (drops enforcement and conntrack state) or start the agent with \
-             the capacity it was created with",
+             expected {:?} key {} value {} entries {}. Refusing to reuse it: {}. The taps stay \
+             filtered by the programs already attached, with the policy they had. Ways out: {}",
             path.display(),
             found.map_type,
             found.key_size,
@@ -784,8 +865,75 @@ fn check_pinned_map(path: &Path, spec: &MapSpec) -> Result<()> {
             spec.map_type,
             spec.key_size,
             spec.value_size,
-            spec.max_entries
-        );
+            spec.max_entries,
+            if capacity_only {
+                "only its capacity differs"
+            } else {
+                "its layout changed between the sg that pinned it and this one"
+            },
+            if capacity_only {
+                "start the agent with the capacity it was created with, or `sg detach --all` \
+                 first (drops enforcement and conntrack state until the agent has applied its \
+                 input)"
+            } else {
+                "run the sg version that pinned it, or `sg detach --all` and start this agent \
+                 (the taps are unfiltered and their connections forgotten until it has applied \
+                 its input)"
+            }
+        ))
+        .into());
+    }
+    Ok(())
+}
+
+/// A pinned layout this build cannot use. The agent refuses to start (exit status 78, which the
+/// unit does not restart) rather than read maps of another layout or drop the enforcement in
+/// place; the message names the change and the ways out.
+#[derive(Debug)]
+pub struct LayoutMismatch(pub String);
+
+impl std::fmt::Display for LayoutMismatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for LayoutMismatch {}
+
+/// With a versioned pin root (`.../sg/v2`, DEFAULT_PIN_ROOT), pins under a sibling version are
+/// another layout's: their programs would keep filtering the taps beside ours with maps this
+/// agent never updates. Refuses to start while there are any.
+fn check_layout_version(root: &Path) -> Result<()> {
+    let is_version = |name: &str| {
+        name.strip_prefix('v')
+            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+    };
+    let (Some(ours), Some(parent)) = (root.file_name().and_then(|n| n.to_str()), root.parent()) else {
+        return Ok(());
+    };
+    if !is_version(ours) {
+        return Ok(());
+    }
+    let Ok(entries) = fs::read_dir(parent) else {
+        return Ok(());
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let path = e.path();
+        let has_pins = fs::read_dir(&path).is_ok_and(|mut d| d.next().is_some());
+        if name != ours && is_version(&name) && has_pins {
+            return Err(LayoutMismatch(format!(
+                "{} holds pins of pinned layout {name}; this sg uses layout {ours} at {}. The \
+                 programs attached with them still filter the taps, with maps this agent would \
+                 never update, so it refuses to start. Ways out: run the sg version that pinned \
+                 them, or `sg --pin-root {} detach --all` and start this agent (the taps are \
+                 unfiltered and their connections forgotten until it has applied its input)",
+                path.display(),
+                root.display(),
+                path.display()
+            ))
+            .into());
+        }
     }
     Ok(())
 }
@@ -884,6 +1032,17 @@ pub fn detach_all(root: &Path) -> Result<usize> {
         remove_dir(&maps)?;
     }
     if root.exists() {
+        // A program pin of tap_handles that an agent killed at that moment left behind.
+        for e in fs::read_dir(root)? {
+            let path = e?.path();
+            if path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with(HANDLE_PIN_PREFIX))
+            {
+                fs::remove_file(&path)?;
+            }
+        }
         remove_dir(root)?;
     }
     Ok(removed)
