@@ -24,6 +24,7 @@ import contextlib
 import ctypes
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -104,7 +105,7 @@ class Deployment:
 
     # -- processes ---------------------------------------------------------------------
 
-    def start(self, name, cmd, ns=None, env=None, cwd=None):
+    def start(self, name, cmd, ns=None, env=None, cwd=None, pipes=False):
         path = os.path.join(self.logs, f"{name}.log")
         out = open(path, "ab")
         full = [str(c) for c in cmd]
@@ -114,8 +115,10 @@ class Deployment:
         e.update(env or {})
         p = subprocess.Popen(
             full,
-            stdout=out,
-            stderr=subprocess.STDOUT,
+            stdin=subprocess.PIPE if pipes else subprocess.DEVNULL,
+            stdout=subprocess.PIPE if pipes else out,
+            stderr=out if pipes else subprocess.STDOUT,
+            text=pipes,
             env=e,
             cwd=cwd,
             start_new_session=True,
@@ -531,6 +534,20 @@ class Vm:
         ns_run(self.ns, "ip", "addr", "add", f"{self.ip}/24", "dev", "eth0")
         ns_run(self.ns, "ip", "link", "set", "eth0", "up")
 
+    def probe(self, other, port, timeout_ms):
+        """`allowed` or `blocked`: one new TCP connection to OTHER:PORT (tests/cloud/probe.py)."""
+        name = f"{self.name}-probe"
+        if name not in self.d.procs:
+            self.d.start(name, [sys.executable, os.path.join(HERE, "probe.py")], ns=self.ns,
+                         pipes=True)
+        p = self.d.procs[name][0]
+        p.stdin.write(f"{other.ip} {port} {timeout_ms}\n")
+        p.stdin.flush()
+        answer = p.stdout.readline().strip()
+        if not answer:
+            self.d.check_alive(name)
+        return answer
+
     def serve(self, port, echo=False):
         """A TCP server on PORT: it answers the VM's name, or echoes what it gets."""
         cmd = ["ncat", "-lk", "-p", str(port)]
@@ -607,6 +624,217 @@ class Cloud:
         return vm
 
 
+
+class Scenario:
+    """The operator's story, through Neutron's REST API only; every verdict is a packet."""
+
+    def __init__(self, d, nodes):
+        self.d = d
+        self.nodes = nodes
+        self.c = Cloud(d)
+        self.steps = []
+
+    def step(self, what, seconds=None):
+        extra = f" ({seconds:.2f}s from the REST call's return to the verdict)" if seconds else ""
+        log(f"STEP ok: {what}{extra}")
+        self.steps.append(what)
+
+    def check(self, src, dst, port, want):
+        """One probe, long enough that a dropped SYN is not mistaken for a slow one."""
+        got = src.probe(dst, port, 1000)
+        if got != want:
+            raise Failure(f"{src.name} -> {dst.name}:{port}: expected {want}, got {got}")
+
+    def converge(self, src, dst, port, want, since, timeout=30):
+        """Probes until SRC -> DST:PORT is WANT; returns the time since SINCE."""
+        deadline = time.monotonic() + timeout
+        while True:
+            got = src.probe(dst, port, 100 if want == "allowed" else 300)
+            if got == want:
+                return time.monotonic() - since
+            if got not in ("allowed", "blocked"):
+                raise Failure(f"{src.name} -> {dst.name}:{port}: probe error {got}")
+            if time.monotonic() > deadline:
+                raise Failure(
+                    f"{src.name} -> {dst.name}:{port} still {got} {timeout}s after the change "
+                    f"(expected {want}); logs in {self.d.logs}")
+
+    def matrix(self):
+        """The verdicts that must not depend on the firewall driver."""
+        return {
+            (src.name, dst.name, port): src.probe(dst, port, 1000)
+            for src, dst, port in [
+                (self.client1, self.web1, 80), (self.client2, self.web1, 80),
+                (self.client1, self.web1, 22), (self.client2, self.web1, 22),
+                (self.client1, self.web1, 8080), (self.web1, self.client1, 80),
+                (self.client2, self.client1, 22), (self.web1, self.client2, 80),
+            ]
+        }
+
+    def run(self):
+        c, (n1, n2) = self.c, self.nodes
+        c.create_network()
+        # Neutron gives every new group its two egress rules (IPv4, IPv6 to anywhere).
+        self.base = c.create_group("base")
+        self.web_servers = c.create_group("web_servers", [
+            {"protocol": "tcp", "port_range_min": 80, "port_range_max": 80,
+             "remote_ip_prefix": "0.0.0.0/0"}])
+        self.admins = c.create_group("admins")
+        self.web1 = web1 = c.boot("web1", n1, [self.base])
+        self.client1 = client1 = c.boot("client1", n1, [self.base])
+        self.client2 = client2 = c.boot("client2", n2, [self.base])
+        web1.serve(80, echo=True)
+
+        # 1. WEB1 is closed on port 80 until WEB_SERVERS is attached.
+        self.check(client1, web1, 80, "blocked")
+        self.check(client2, web1, 80, "blocked")
+        self.step("web1:80 blocked from client1 (node1) and client2 (node2) with group base only")
+        c.update_port(web1.id, security_groups=[self.base["id"], self.web_servers["id"]])
+        t = time.monotonic()
+        a = self.converge(client1, web1, 80, "allowed", t)
+        b = self.converge(client2, web1, 80, "allowed", t)
+        self.step("WEB_SERVERS attached to web1: web1:80 allowed from client1", a)
+        self.step("... and from client2 on node2", b)
+        self.check(client1, web1, 8080, "blocked")
+
+        # 2. A rule added, then removed.
+        rule = c.add_rule(self.web_servers, protocol="tcp", port_range_min=8080,
+                          port_range_max=8080)
+        self.step("rule tcp/8080 added to WEB_SERVERS: web1:8080 allowed",
+                  self.converge(client1, web1, 8080, "allowed", time.monotonic()))
+        c.delete_rule(rule)
+        self.step("rule tcp/8080 deleted: web1:8080 blocked again",
+                  self.converge(client1, web1, 8080, "blocked", time.monotonic()))
+
+        # 3. Remote group: a port on node 2 joins ADMINS, which a rule on web1 (node 1) names.
+        c.add_rule(self.web_servers, protocol="tcp", port_range_min=22, port_range_max=22,
+                   remote_group_id=self.admins["id"])
+        time.sleep(0.5)  # the rule reaches node 1 with no member: nothing may change
+        self.check(client2, web1, 22, "blocked")
+        self.step("rule tcp/22 from remote group ADMINS on WEB_SERVERS; ADMINS empty: blocked")
+        c.update_port(client2.id, security_groups=[self.base["id"], self.admins["id"]])
+        self.step("client2 (node2) joins ADMINS: allowed in on web1:22 (node1)",
+                  self.converge(client2, web1, 22, "allowed", time.monotonic()))
+        self.check(client1, web1, 22, "blocked")
+        self.step("client1, not in ADMINS, still blocked on web1:22")
+
+        # 4. Port security disabled, then enabled.
+        c.update_port(web1.id, port_security_enabled=False, security_groups=[])
+        self.step("port security disabled on web1: web1:9999 allowed",
+                  self.converge(client1, web1, 9999, "allowed", time.monotonic()))
+        c.update_port(web1.id, port_security_enabled=True,
+                      security_groups=[self.base["id"], self.web_servers["id"]])
+        self.step("port security enabled again with its groups: web1:9999 blocked",
+                  self.converge(client1, web1, 9999, "blocked", time.monotonic()))
+        self.check(client1, web1, 80, "allowed")
+
+        # 5. The sg agent on node 1 restarted during traffic.
+        self.restart_sg_agent(n1)
+
+        # 6. firewall_driver switched to iptables_hybrid and back, with the same verdicts.
+        before = self.matrix()
+        self.switch_driver(n1, "iptables_hybrid")
+        with_iptables = self.matrix()
+        self.switch_driver(n1, "sg_hybrid")
+        back = self.matrix()
+        if not before == with_iptables == back:
+            raise Failure(f"verdicts differ: sg {before}, iptables_hybrid {with_iptables}, "
+                          f"sg again {back}")
+        table = ", ".join(f"{s}->{d}:{p} {v}" for (s, d, p), v in before.items())
+        self.step(f"sg_hybrid, iptables_hybrid and sg_hybrid again give the same {len(before)} "
+                  f"verdicts: {table}")
+
+    def restart_sg_agent(self, node):
+        d = self.d
+        conn = d.start("client1-conn", [sys.executable, os.path.join(HERE, "conn.py"),
+                                        self.web1.ip, "80"], ns=self.client1.ns, pipes=True)
+
+        def say(what):
+            conn.stdin.write(f"{what}\n")
+            conn.stdin.flush()
+            got = conn.stdout.readline().strip()
+            if got != "ok":
+                raise Failure(f"established connection client1 -> web1:80, {what}: {got or 'no answer'}")
+
+        if conn.stdout.readline().strip() != "connected":
+            d.check_alive("client1-conn")
+            raise Failure("client1 could not connect to web1:80")
+        say("before the restart")
+        d.stop(node.name("sg-agent"))
+        say("while the sg agent is down")
+        self.check(self.client1, self.web1, 8080, "blocked")
+        node.start_sg_agent()
+        say("after the restart")
+        self.check(self.client1, self.web1, 80, "allowed")
+        self.check(self.client1, self.web1, 8080, "blocked")
+        # The restarted agent must also still take changes from Neutron.
+        rule = self.c.add_rule(self.web_servers, protocol="tcp", port_range_min=8080,
+                               port_range_max=8080)
+        self.converge(self.client1, self.web1, 8080, "allowed", time.monotonic())
+        self.c.delete_rule(rule)
+        self.converge(self.client1, self.web1, 8080, "blocked", time.monotonic())
+        say("after a rule change through the restarted agent")
+        d.stop("client1-conn")
+        self.step("sg agent on node1 stopped and restarted: the established connection "
+                  "client1 -> web1:80 carried data before, during and after; new verdicts "
+                  "unchanged; a rule added and removed through the restarted agent took effect")
+
+    def switch_driver(self, node, driver):
+        """The README's switch-over and roll-back, on NODE."""
+        d = self.d
+        agent = node.name("neutron-openvswitch-agent")
+        if driver == "iptables_hybrid":
+            d.stop(agent)
+            node.firewall_driver = driver
+            node.start_ovs_agent()
+            self.wait_resynced(node)
+            self.wait_chains(node, present=True)
+            # Then sg goes: stop its agent, detach everything it pinned.
+            d.stop(node.name("sg-agent"))
+            run(d.sg_bin, "--pin-root", node.pin_root, "--run-dir", node.sg_run, "detach",
+                "--all")
+        else:
+            node.start_sg_agent()
+            d.stop(agent)
+            node.firewall_driver = driver
+            node.start_ovs_agent()
+            self.wait_resynced(node)
+            with open(os.path.join(node.dir, "none.json"), "w") as f:
+                f.write('{"ports": []}')
+            ns_run(node.ns, d.sg_bin, "iptables", "apply", os.path.join(node.dir, "none.json"),
+                   "--agent", "ovs-hybrid")
+            self.wait_chains(node, present=False)
+        log(f"{node.host}: firewall_driver = {driver}")
+
+    def wait_resynced(self, node):
+        """Until the restarted OVS agent has processed both ports of node 1 (web1, client1)."""
+        d = self.d
+        log_path = d.procs[node.name("neutron-openvswitch-agent")][1]
+        mark = os.path.getsize(log_path)
+        node.wait_agent_alive()
+
+        def synced():
+            with open(log_path, errors="replace") as f:
+                f.seek(mark)
+                added = [int(n) for n in re.findall(
+                    r"rpc_loop - iteration:\d+ completed\. Processed ports statistics: "
+                    r"\{'regular': \{'added': (\d+)", f.read())]
+                return sum(added) >= 2 and all(
+                    "ACTIVE" == d.api("GET", f"/v2.0/ports/{vm.id}")["port"]["status"]
+                    for vm in (self.web1, self.client1))
+
+        d.wait_for(f"{node.host}'s OVS agent resync", synced, 120,
+                   node.name("neutron-openvswitch-agent"), interval=0.5)
+
+    def wait_chains(self, node, present):
+        def chains():
+            out = ns_run(node.ns, "iptables-save")
+            return ("neutron-openvswi-" in out) == present
+
+        self.d.wait_for(f"{node.host}: neutron-openvswi-* chains {'present' if present else 'gone'}",
+                        chains, 60, node.name("neutron-openvswitch-agent"), interval=0.5)
+
+
 def main():
     run_dir, sg_bin, site = sys.argv[1:4]
     if os.path.exists(run_dir):
@@ -636,17 +864,10 @@ def main():
             agent = n.wait_agent_alive()
             log(f"{n.host}: Open vSwitch agent alive: {agent[0]['configurations'].get('bridge_mappings')}")
         log(f"deployment up in {time.monotonic() - started:.0f}s")
-        c = Cloud(d)
-        c.create_network()
-        base = c.create_group("base")
-        web1 = c.boot("web1", nodes[0], [base])
-        client1 = c.boot("client1", nodes[0], [base])
-        client2 = c.boot("client2", nodes[1], [base])
-        web1.serve(80)
-        time.sleep(1)
-        log(f"client1 -> web1:80 {client1.connects(web1, 80)}")
-        log(f"client2 -> web1:80 {client2.connects(web1, 80)}")
-        log(f"ping {ns_run(client2.ns, 'ping', '-c1', '-W1', web1.ip, check=False)}")
+        t = time.monotonic()
+        sc = Scenario(d, nodes)
+        sc.run()
+        log(f"scenario: {len(sc.steps)} steps passed in {time.monotonic() - t:.0f}s")
         ok = True
     except Failure as e:
         log(f"FAILED: {e}")

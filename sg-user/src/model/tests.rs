@@ -1069,6 +1069,26 @@ fn rpc_groups_without_rules_or_members_are_empty_not_errors() {
 }
 
 #[test]
+fn rpc_groups_may_hold_the_same_rule() {
+    // Neutron gives every new group the same two egress rules; a port in two such groups is
+    // the first thing `cargo xtask cloud` does. The RPC shape names a rule by its content, so
+    // the same content in two groups is two rules, one per group (API-shape ids stay global).
+    let egress = json!([{"direction": "egress", "ethertype": "IPv4", "stateful": true},
+                        {"direction": "egress", "ethertype": "IPv6", "stateful": true}]);
+    let m = load_doc(json!({
+        "devices": {"tap1": {"device": "tap1", "mac_address": "fa:16:3e:12:34:56", "network_id": NET,
+                             "fixed_ips": ["10.0.0.5"], "security_groups": ["base", "web"]}},
+        "security_groups": {"base": egress, "web": egress},
+    }))
+    .expect("valid");
+    for g in ["base", "web"] {
+        let sg = m.security_group(g).unwrap();
+        assert_eq!(sg.rules.len(), 2, "{g}");
+        assert!(sg.rules.iter().all(|r| r.security_group_id == g));
+    }
+}
+
+#[test]
 fn rpc_hybrid_plug_names_the_tap_after_the_port_id() {
     let m = load_doc(json!({
         "plug": "hybrid",

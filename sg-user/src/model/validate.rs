@@ -113,6 +113,9 @@ impl<'a> Fields<'a> {
 struct Parsed {
     /// With whether each rule parsed cleanly (in rule order).
     sgs: Vec<(String, SecurityGroup, Vec<bool>)>,
+    /// Groups that came in an RPC-shaped document: their rule ids are the rules' contents
+    /// (model::rpc::rule_id), unique within the group only.
+    rpc_sgs: HashSet<String>,
     ags: Vec<(String, AddressGroup)>,
     ports: Vec<(String, Port)>,
     /// With whether it came in an RPC-shaped document (pushed by the Neutron driver).
@@ -131,6 +134,7 @@ pub(crate) fn build(
     }
     let mut parsed = Parsed {
         sgs: Vec::new(),
+        rpc_sgs: HashSet::new(),
         ags: Vec::new(),
         ports: Vec::new(),
         logs: Vec::new(),
@@ -140,6 +144,9 @@ pub(crate) fn build(
         match raw.kind {
             Kind::SecurityGroup => {
                 let (sg, oks) = security_group(raw, &mut errs);
+                if raw.rpc {
+                    parsed.rpc_sgs.insert(sg.id.clone());
+                }
                 parsed.sgs.push((raw.origin.clone(), sg, oks));
             }
             Kind::AddressGroup => {
@@ -1186,9 +1193,13 @@ fn cross_check(p: &Parsed, errs: &mut ValidationErrors) {
         "security group id",
         errs,
     );
+    // Rule ids are global in Neutron's API. The agent's RPC shape has none: there a rule is its
+    // content, and two groups may hold the same one (every new group gets the same two egress
+    // rules), which the compiler keeps apart by (group, rule).
     let rule_origins: Vec<(&str, String)> = p
         .sgs
         .iter()
+        .filter(|(_, s, _)| !p.rpc_sgs.contains(&s.id))
         .flat_map(|(_, s, _)| {
             s.rules
                 .iter()
