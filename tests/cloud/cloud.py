@@ -102,6 +102,10 @@ class Deployment:
         self.procs = {}  # component name -> (Popen, log path)
         self.pin_roots = []
         os.makedirs(self.logs, exist_ok=True)
+        # For `cargo xtask cloud`, which removes whatever this process could not (it was
+        # killed): every namespace and pin root of the run starts with this prefix.
+        with open(os.path.join(self.run_dir, "prefix"), "w") as f:
+            f.write(self.prefix)
 
     # -- processes ---------------------------------------------------------------------
 
@@ -182,6 +186,9 @@ class Deployment:
 
     def teardown(self):
         log("teardown")
+        # A second signal (timeout(1) forwards one, Ctrl-C twice) must not cut the teardown.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         # All at once: SIGTERM to every component, a shared grace period, then SIGKILL.
         for name, (p, _) in self.procs.items():
             if p.poll() is None:
@@ -531,6 +538,11 @@ class Vm:
                "netns", self.ns)
         ns_run(n.ns, "ip", "link", "set", self.tap, "master", self.qbr, "up")
         ns_run(self.ns, "ip", "link", "set", "eth0", "address", self.mac)
+        # A veth hands its peer TCP/UDP segments with the checksum still to fill in
+        # (CHECKSUM_PARTIAL); the userspace datapath reads them from qvo by AF_PACKET and sends
+        # them on unchanged, so the receiver would drop every segment as corrupt. A VM's virtio
+        # NIC has the host complete it; here the VM's kernel does it itself.
+        ns_run(self.ns, "ethtool", "-K", "eth0", "tx", "off")
         ns_run(self.ns, "ip", "addr", "add", f"{self.ip}/24", "dev", "eth0")
         ns_run(self.ns, "ip", "link", "set", "eth0", "up")
 
@@ -871,6 +883,12 @@ def main():
         ok = True
     except Failure as e:
         log(f"FAILED: {e}")
+        # For a person debugging: the deployment stays up this long (namespaces prefixed
+        # {d.prefix}, the logs in place) before the teardown.
+        pause = float(os.environ.get("SG_CLOUD_PAUSE_ON_FAILURE", "0"))
+        if pause:
+            log(f"pausing {pause:.0f}s before the teardown (SG_CLOUD_PAUSE_ON_FAILURE)")
+            time.sleep(pause)
     except KeyboardInterrupt:
         log("interrupted")
     finally:
