@@ -17,6 +17,11 @@ class AgentUnreachable(Exception):
     """
 
 
+class ConnectionLost(AgentUnreachable):
+    """The connection closed under a request: the agent exited (or restarted) since it was
+    opened."""
+
+
 class AgentError(Exception):
     """The sg agent answered with an error: ``kind`` is ``invalid`` (the call's content broke
     a Neutron rule; nothing changed), ``apply``, ``persist``, ``not_enforced``, ``protocol``,
@@ -94,13 +99,27 @@ class AgentClient:
         ``reconnect``, a closed connection raises instead of being re-opened (a deferred
         batch lives on its connection)."""
         with self._lock:
+            opened_before = self._sock is not None
             if self._sock is None:
                 if not reconnect:
                     raise AgentUnreachable(
                         'the connection to the sg agent at %s broke during a '
                         'batch of calls: the batch was not applied' % self.path)
                 self._connect()
-            return self._call_locked(op, wait_s, args)
+            try:
+                return self._call_locked(op, wait_s, args)
+            except ConnectionLost:
+                # A connection opened by an earlier call outlived its agent (restarted by
+                # the operator or systemd). Raising would lose the call: Neutron's agent
+                # resyncs after a failed port call, but not after one made from its
+                # security-group callbacks (security_group_updated for a rule change),
+                # which it only logs. Every request sets state (the agent resumes from its
+                # saved copy), so sending it once more to the new agent is safe. A call
+                # inside a batch is not retried: the batch died with its connection.
+                if not (opened_before and reconnect):
+                    raise
+                self._connect()
+                return self._call_locked(op, wait_s, args)
 
     def _call_locked(self, op, wait_s, args):
         req = {'v': PROTOCOL_VERSION, 'id': next(self._ids), 'op': op}
@@ -113,6 +132,10 @@ class AgentClient:
         try:
             self._sock.sendall(line.encode() + b'\n')
             answer = self._rfile.readline()
+        except (BrokenPipeError, ConnectionResetError) as e:
+            self.close()
+            raise ConnectionLost('sg agent at %s: %s failed: %s'
+                                 % (self.path, op, e))
         except OSError as e:
             self.close()
             raise AgentUnreachable('sg agent at %s: %s failed: %s'
@@ -122,7 +145,7 @@ class AgentClient:
                 self._sock.settimeout(self.timeout)
         if not answer:
             self.close()
-            raise AgentUnreachable('sg agent at %s closed the connection '
+            raise ConnectionLost('sg agent at %s closed the connection '
                                    'during %s' % (self.path, op))
         try:
             resp = json.loads(answer)
