@@ -3,6 +3,7 @@
 //! xtask itself must build on a fresh machine before anything is installed, so it depends on
 //! nothing that needs bpf-linker (only anyhow and clap).
 
+mod cloud;
 mod demo;
 mod neutron;
 mod package;
@@ -55,6 +56,11 @@ enum Cmd {
         #[arg(long, value_enum, default_value = "sg")]
         driver: neutron::Driver,
     },
+    /// A real Neutron control plane on one machine (MariaDB, RabbitMQ, Neutron 29's API and
+    /// RPC server, two compute nodes with OVS and `firewall_driver = sg_hybrid`) and the
+    /// operator's scenario through the REST API (needs root; about 3 minutes). Not part of
+    /// `test`.
+    Cloud,
     /// The benchmarks: writes bench/results.md and bench/*.svg (needs root; --quick: < 5 min).
     Bench {
         /// Fewer repeats and shorter runs.
@@ -104,6 +110,14 @@ fn run(cli: Cli) -> Result<()> {
                 build(false)?;
             }
             neutron::run(driver)
+        }
+        Cmd::Cloud => {
+            setup::run()?;
+            if !is_root() {
+                bail!("the cloud run creates namespaces, bridges and BPF pins: run it as root");
+            }
+            step("build sg", cargo().args(["build", "-p", "sg-user", "--bins"]))?;
+            cloud::run()
         }
         Cmd::Bench { quick, only, out } => bench(quick, &only, &out),
         Cmd::Package { for_tests, previous } => {

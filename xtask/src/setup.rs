@@ -38,13 +38,13 @@ pub fn run() -> Result<()> {
     step("nightly toolchain", nightly)?;
     step("nightly rust-src", rust_src)?;
     step("bpf-linker", bpf_linker)?;
-    step("Debian packages", debian_packages)?;
+    step("Debian packages", || debian_packages(DEBIAN_PACKAGES))?;
     step("bpffs", bpffs)?;
     eprintln!("    setup done in {:.1?}", started.elapsed());
     Ok(())
 }
 
-fn step(name: &str, f: fn() -> Result<String>) -> Result<()> {
+pub fn step(name: &str, f: impl FnOnce() -> Result<String>) -> Result<()> {
     match f() {
         Ok(msg) => {
             eprintln!("    {name:<18} {msg}");
@@ -192,8 +192,9 @@ fn bpf_linker() -> Result<String> {
     Ok(format!("installed {}", bin.display()))
 }
 
-fn debian_packages() -> Result<String> {
-    let missing: Vec<&str> = DEBIAN_PACKAGES
+/// Installs what `packages` lacks (as root), or says what to install.
+pub fn debian_packages(packages: &[&str]) -> Result<String> {
+    let missing: Vec<&str> = packages
         .iter()
         .copied()
         .filter(|p| {
@@ -203,7 +204,7 @@ fn debian_packages() -> Result<String> {
         })
         .collect();
     if missing.is_empty() {
-        return Ok(format!("present ({})", DEBIAN_PACKAGES.join(", ")));
+        return Ok(format!("present ({})", packages.join(", ")));
     }
     if !crate::is_root() {
         bail!(
