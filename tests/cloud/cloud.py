@@ -17,7 +17,8 @@ namespace. Each component logs to LOGDIR/<component>.log; a failure names the co
 prints the tail of its log. Everything is stopped and every namespace, pin root and file under
 the run directory is removed on the way out, whatever happened.
 
-Usage: python cloud.py RUN_DIR SG_BIN SITE_DIR [--keep-going]
+Usage: python cloud.py RUN_DIR SG_BIN SITE_DIR [--timings ROUNDS OUT_DIR]
+(without --timings: the scenario; with it: the change-to-wire timings, into OUT_DIR/cloud.md)
 """
 
 import contextlib
@@ -661,9 +662,12 @@ class Scenario:
         """Probes until SRC -> DST:PORT is WANT; returns the time since SINCE."""
         deadline = time.monotonic() + timeout
         while True:
+            # The verdict was in place when the deciding probe's SYN left: at its start (the
+            # probes never retransmit). Resolution: one probe, 100 ms or 300 ms.
+            sent = time.monotonic()
             got = src.probe(dst, port, 100 if want == "allowed" else 300)
             if got == want:
-                return time.monotonic() - since
+                return sent - since
             if got not in ("allowed", "blocked"):
                 raise Failure(f"{src.name} -> {dst.name}:{port}: probe error {got}")
             if time.monotonic() > deadline:
@@ -683,7 +687,7 @@ class Scenario:
             ]
         }
 
-    def run(self):
+    def setup(self):
         c, (n1, n2) = self.c, self.nodes
         c.create_network()
         # Neutron gives every new group its two egress rules (IPv4, IPv6 to anywhere).
@@ -694,8 +698,12 @@ class Scenario:
         self.admins = c.create_group("admins")
         self.web1 = web1 = c.boot("web1", n1, [self.base])
         self.client1 = client1 = c.boot("client1", n1, [self.base])
-        self.client2 = client2 = c.boot("client2", n2, [self.base])
+        self.client2 = c.boot("client2", n2, [self.base])
         web1.serve(80, echo=True)
+
+    def run(self):
+        c, (n1, n2) = self.c, self.nodes
+        web1, client1, client2 = self.web1, self.client1, self.client2
 
         # 1. WEB1 is closed on port 80 until WEB_SERVERS is attached.
         self.check(client1, web1, 80, "blocked")
@@ -847,8 +855,79 @@ class Scenario:
                         chains, 60, node.name("neutron-openvswitch-agent"), interval=0.5)
 
 
+
+def percentile(xs, q):
+    """The nearest-rank percentile."""
+    xs = sorted(xs)
+    return xs[max(0, min(len(xs) - 1, int(round(q / 100 * len(xs) + 0.5)) - 1))]
+
+
+def timings(sc, rounds, out_dir):
+    """From each REST call's return to the new verdict on the wire, `rounds` times per kind of
+    change and per firewall driver of node 1 (where every verdict is taken)."""
+    c, d, (n1, _) = sc.c, sc.d, sc.nodes
+    web1, client1, client2 = sc.web1, sc.client1, sc.client2
+    c.update_port(web1.id, security_groups=[sc.base["id"], sc.web_servers["id"]])
+    c.add_rule(sc.web_servers, protocol="tcp", port_range_min=22, port_range_max=22,
+               remote_group_id=sc.admins["id"])
+    sc.converge(client1, web1, 80, "allowed", time.monotonic())
+    results = {}
+    for driver in ("sg_hybrid", "iptables_hybrid"):
+        if n1.firewall_driver != driver:
+            sc.switch_driver(n1, driver)
+        add, delete, member = [], [], []
+        for i in range(rounds):
+            rule = c.add_rule(sc.web_servers, protocol="tcp", port_range_min=8080,
+                              port_range_max=8080)
+            add.append(sc.converge(client1, web1, 8080, "allowed", time.monotonic()))
+            c.delete_rule(rule)
+            delete.append(sc.converge(client1, web1, 8080, "blocked", time.monotonic()))
+            c.update_port(client2.id, security_groups=[sc.base["id"], sc.admins["id"]])
+            member.append(sc.converge(client2, web1, 22, "allowed", time.monotonic()))
+            c.update_port(client2.id, security_groups=[sc.base["id"]])
+            sc.converge(client2, web1, 22, "blocked", time.monotonic())
+            if (i + 1) % 10 == 0:
+                log(f"{driver}: {i + 1}/{rounds} rounds")
+        results[driver] = {"rule add": add, "rule delete": delete,
+                           "remote-group member add (node 2)": member}
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "cloud.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    lines = [
+        "# Neutron to the wire: `cargo xtask cloud --timings`",
+        "",
+        f"From the REST call's return to the first probe that sees the new verdict, {rounds} "
+        "changes of each kind per driver, in one deployment (tests/cloud/cloud.py: Neutron 29 "
+        "API, RPC server and RabbitMQ, OVS agent with the driver below on node 1, where the "
+        "verdicts are taken; node 2's agent keeps sg_hybrid). Probes are new TCP connections "
+        "without retransmission (100 ms to see an allow, 300 ms to see a drop), so each figure "
+        "is the start of the deciding probe: resolution one probe.",
+        "",
+        "| change | driver | p50 | p99 | min | max | ratio p50 sg/iptables |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for kind in results["sg_hybrid"]:
+        base = percentile(results["iptables_hybrid"][kind], 50)
+        for driver in ("sg_hybrid", "iptables_hybrid"):
+            xs = results[driver][kind]
+            ratio = f"{percentile(xs, 50) / base:.2f}" if driver == "sg_hybrid" and base else ""
+            lines.append(
+                f"| {kind} | {driver} | {percentile(xs, 50) * 1000:.0f} ms | "
+                f"{percentile(xs, 99) * 1000:.0f} ms | {min(xs) * 1000:.0f} ms | "
+                f"{max(xs) * 1000:.0f} ms | {ratio} |")
+    text = "\n".join(lines) + "\n"
+    with open(os.path.join(out_dir, "cloud.md"), "w") as f:
+        f.write(text)
+    print(text, flush=True)
+
+
 def main():
     run_dir, sg_bin, site = sys.argv[1:4]
+    rounds, out_dir = None, None
+    if len(sys.argv) > 4:
+        if sys.argv[4] != "--timings" or len(sys.argv) != 7:
+            sys.exit(__doc__)
+        rounds, out_dir = int(sys.argv[5]), os.path.abspath(sys.argv[6])
     if os.path.exists(run_dir):
         shutil.rmtree(run_dir)
     d = Deployment(run_dir, sg_bin, site)
@@ -878,8 +957,13 @@ def main():
         log(f"deployment up in {time.monotonic() - started:.0f}s")
         t = time.monotonic()
         sc = Scenario(d, nodes)
-        sc.run()
-        log(f"scenario: {len(sc.steps)} steps passed in {time.monotonic() - t:.0f}s")
+        sc.setup()
+        if rounds:
+            timings(sc, rounds, out_dir)
+            log(f"timings: {rounds} rounds per driver in {time.monotonic() - t:.0f}s")
+        else:
+            sc.run()
+            log(f"scenario: {len(sc.steps)} steps passed in {time.monotonic() - t:.0f}s")
         ok = True
     except Failure as e:
         log(f"FAILED: {e}")

@@ -29,7 +29,8 @@ const PACKAGES: &[&str] = &[
 
 const PYMYSQL: &str = "/usr/lib/python3/dist-packages/pymysql";
 
-pub fn run() -> Result<()> {
+/// The scenario, or with `timings` (rounds, output directory) the change-to-wire timings.
+pub fn run(timings: Option<(u32, &Path)>) -> Result<()> {
     let root = workspace_root();
     // The Debian packages' services must not start on their own when installed (Docker's
     // policy-rc.d does this; elsewhere they would be stopped by hand): the run starts its own.
@@ -49,13 +50,15 @@ pub fn run() -> Result<()> {
         state.join("logs").display()
     );
     let started = Instant::now();
-    let status = Command::new(&python)
-        .arg(root.join("tests/cloud/cloud.py"))
+    let mut cmd = Command::new(&python);
+    cmd.arg(root.join("tests/cloud/cloud.py"))
         .arg(&state)
         .arg(root.join("target/debug/sg"))
-        .arg(&site)
-        .status()
-        .context("running tests/cloud/cloud.py")?;
+        .arg(&site);
+    if let Some((rounds, out)) = timings {
+        cmd.arg("--timings").arg(rounds.to_string()).arg(root.join(out));
+    }
+    let status = cmd.status().context("running tests/cloud/cloud.py")?;
     // The script removes everything it made; if it was killed, what it left is named by the
     // prefix it wrote.
     leftovers(&state)?;

@@ -60,13 +60,19 @@ enum Cmd {
     /// RPC server, two compute nodes with OVS and `firewall_driver = sg_hybrid`) and the
     /// operator's scenario through the REST API (needs root; about 3 minutes). Not part of
     /// `test`.
-    Cloud,
+    Cloud {
+        /// Instead of the scenario: this many rounds of each timed change per firewall
+        /// driver, into bench/cloud.md (what `bench --only cloud` runs).
+        #[arg(long, value_name = "ROUNDS")]
+        timings: Option<u32>,
+    },
     /// The benchmarks: writes bench/results.md and bench/*.svg (needs root; --quick: < 5 min).
     Bench {
         /// Fewer repeats and shorter runs.
         #[arg(long)]
         quick: bool,
-        /// Only these sections: classifier, forwarding, control, memory, driver (repeatable).
+        /// Only these sections: classifier, forwarding, control, memory, driver, and cloud
+        /// (the Neutron deployment's change-to-wire timings, only when named) (repeatable).
         #[arg(long)]
         only: Vec<String>,
         /// Where results.md and the plots go (a part run belongs beside the full one, e.g.
@@ -111,14 +117,7 @@ fn run(cli: Cli) -> Result<()> {
             }
             neutron::run(driver)
         }
-        Cmd::Cloud => {
-            setup::run()?;
-            if !is_root() {
-                bail!("the cloud run creates namespaces, bridges and BPF pins: run it as root");
-            }
-            step("build sg", cargo().args(["build", "-p", "sg-user", "--bins"]))?;
-            cloud::run()
-        }
+        Cmd::Cloud { timings } => cloud(timings.map(|r| (r, std::path::Path::new("bench")))),
         Cmd::Bench { quick, only, out } => bench(quick, &only, &out),
         Cmd::Package { for_tests, previous } => {
             setup::run()?;
@@ -238,7 +237,26 @@ fn test() -> Result<()> {
 }
 
 /// Builds `sg` and `sg-bench` in release and runs the benchmarks into `bench/`.
+fn cloud(timings: Option<(u32, &std::path::Path)>) -> Result<()> {
+    setup::run()?;
+    if !is_root() {
+        bail!("the cloud run creates namespaces, bridges and BPF pins: run it as root");
+    }
+    step("build sg", cargo().args(["build", "-p", "sg-user", "--bins"]))?;
+    cloud::run(timings)
+}
+
 fn bench(quick: bool, only: &[String], out: &str) -> Result<()> {
+    // The Neutron deployment's timings (`--only cloud`, about 15 minutes) are not part of a
+    // full run: it needs the cloud packages and the Neutron virtualenv.
+    if only.iter().any(|o| o == "cloud") {
+        cloud(Some((if quick { 10 } else { 50 }, std::path::Path::new(out))))?;
+        let rest: Vec<String> = only.iter().filter(|o| *o != "cloud").cloned().collect();
+        if rest.is_empty() {
+            return Ok(());
+        }
+        return bench(quick, &rest, out);
+    }
     setup::run()?;
     if !is_root() {
         bail!("the benchmarks load eBPF programs and create network namespaces: run them as root");
