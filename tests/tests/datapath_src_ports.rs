@@ -67,8 +67,10 @@ fn install(dp: &mut Datapath, c: &Compiled, policy: u32, switch: bool) {
             .unwrap();
     }
     if switch {
+        // A new content gets a new revision from the applier (what makes flows be re-checked).
         let info = PortInfo {
             policy,
+            rev: policy,
             addr_id: PORT,
             port_idx: PORT,
             ..port.info

@@ -123,7 +123,8 @@ pub enum DataplaneOptions {
 }
 
 /// The files an agent keeps in its run directory: the run state, the agent's record, what
-/// Neutron's driver pushed, and their temporary files. `sg detach --all` (and so `dpkg -r`)
+/// Neutron's driver pushed, their temporary files, and the control socket a killed agent
+/// left. `sg detach --all` (and so `dpkg -r`)
 /// deletes them with the pins they describe.
 pub fn run_files(run_dir: &Path) -> Vec<PathBuf> {
     vec![
@@ -133,6 +134,7 @@ pub fn run_files(run_dir: &Path) -> Vec<PathBuf> {
         run_dir.join(format!("{}.tmp", lock::AgentRecord::FILE)),
         pushed::Pushed::path(run_dir),
         pushed::Pushed::tmp_path(run_dir),
+        run_dir.join(crate::observe::control::SOCKET),
     ]
 }
 
@@ -760,6 +762,7 @@ async fn run_inner(opts: &AgentOptions, record: &mut Option<AgentRecord>) -> Res
     if let Some(a) = &opts.api {
         let _ = std::fs::remove_file(&a.socket);
     }
+    let _ = std::fs::remove_file(opts.run_dir.join(crate::observe::control::SOCKET));
     Ok(exit)
 }
 
