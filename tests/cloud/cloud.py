@@ -716,7 +716,17 @@ class Scenario:
         # 3. Remote group: a port on node 2 joins ADMINS, which a rule on web1 (node 1) names.
         c.add_rule(self.web_servers, protocol="tcp", port_range_min=22, port_range_max=22,
                    remote_group_id=self.admins["id"])
-        time.sleep(0.5)  # the rule reaches node 1 with no member: nothing may change
+        # Once node 1's sg agent holds the rule (its saved copy of what the driver pushed),
+        # with ADMINS still empty, nothing may be let in.
+        state = os.path.join(n1.sg_run, "neutron-state.json")
+
+        def rule_on_node1():
+            with open(state) as f:
+                rules = json.load(f)["security_groups"].get(self.web_servers["id"], [])
+            return any(r.get("remote_group_id") == self.admins["id"] for r in rules)
+
+        self.d.wait_for("the remote-group rule in node 1's sg agent", rule_on_node1, 30,
+                        n1.name("neutron-openvswitch-agent"))
         self.check(client2, web1, 22, "blocked")
         self.step("rule tcp/22 from remote group ADMINS on WEB_SERVERS; ADMINS empty: blocked")
         c.update_port(client2.id, security_groups=[self.base["id"], self.admins["id"]])
