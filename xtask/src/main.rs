@@ -58,7 +58,7 @@ enum Cmd {
     },
     /// A real Neutron control plane on one machine (MariaDB, RabbitMQ, Neutron 29's API and
     /// RPC server, two compute nodes with OVS and `firewall_driver = sg_hybrid`) and the
-    /// operator's scenario through the REST API (needs root; about 3 minutes). Not part of
+    /// operator's scenario through the REST API (needs root; about 2 minutes). Not part of
     /// `test`.
     Cloud {
         /// Instead of the scenario: this many rounds of each timed change per firewall
