@@ -232,6 +232,13 @@ fn test() -> Result<()> {
     let t = std::time::Instant::now();
     neutron::run(neutron::Driver::Sg)?;
     eprintln!("    Neutron's functional suite with sg took {:.0?}", t.elapsed());
+    // The whole control plane: Neutron's API, RPC and OVS agents driving sg on two nodes.
+    let t = std::time::Instant::now();
+    cloud::run(None)?;
+    eprintln!(
+        "    the Neutron deployment (cargo xtask cloud) took {:.0?}",
+        t.elapsed()
+    );
     eprintln!("\nall checks passed in {:.0?}", started.elapsed());
     Ok(())
 }
