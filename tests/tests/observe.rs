@@ -373,6 +373,16 @@ fn lost_events_are_counted() {
     let pid = agent.child.as_ref().unwrap().id() as i32;
     // SAFETY: signals to our own child.
     unsafe { libc::kill(pid, libc::SIGSTOP) };
+    // kill() only queues the stop: until every thread has stopped, the reader can still take
+    // events (the buffer then holds more than its capacity in total). waitpid(WUNTRACED)
+    // returns once the whole agent is stopped.
+    let mut status = 0;
+    // SAFETY: our own child; status is a valid out pointer.
+    let r = unsafe { libc::waitpid(pid, &mut status, libc::WUNTRACED) };
+    assert!(
+        r == pid && libc::WIFSTOPPED(status),
+        "agent not stopped: {r} {status:#x}"
+    );
     // The buffer holds EVENTS_BYTES / (event + 8-byte header) events.
     let capacity = EVENTS_BYTES as usize / (size_of::<Event>() + 8);
     let mut sent = 0;
