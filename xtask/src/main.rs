@@ -58,8 +58,8 @@ enum Cmd {
     },
     /// A real Neutron control plane on one machine (MariaDB, RabbitMQ, Neutron 29's API and
     /// RPC server, two compute nodes with OVS and `firewall_driver = sg_hybrid`) and the
-    /// operator's scenario through the REST API (needs root; about 2 minutes). Not part of
-    /// `test`.
+    /// operator's scenario through the REST API (needs root; about 2 minutes). The last step
+    /// of `test`.
     Cloud {
         /// Instead of the scenario: this many rounds of each timed change per firewall
         /// driver, into bench/cloud.md (what `bench --only cloud` runs).
@@ -243,7 +243,8 @@ fn test() -> Result<()> {
     Ok(())
 }
 
-/// Builds `sg` and `sg-bench` in release and runs the benchmarks into `bench/`.
+/// Builds `sg` and runs the Neutron deployment: its scenario, or with `timings` its timed
+/// changes into that directory's cloud.md.
 fn cloud(timings: Option<(u32, &std::path::Path)>) -> Result<()> {
     setup::run()?;
     if !is_root() {
@@ -253,6 +254,7 @@ fn cloud(timings: Option<(u32, &std::path::Path)>) -> Result<()> {
     cloud::run(timings)
 }
 
+/// Builds `sg` and `sg-bench` in release and runs the benchmarks into `bench/`.
 fn bench(quick: bool, only: &[String], out: &str) -> Result<()> {
     // The Neutron deployment's timings (`--only cloud`, about 15 minutes) are not part of a
     // full run: it needs the cloud packages and the Neutron virtualenv.
