@@ -29,6 +29,8 @@ const WEB_SG: &str = "7a9e3b2c-4d5f-4e6a-8b1c-9d0e2f3a4b5c";
 const UDP_ALLOWED: u16 = 7000;
 /// Allowed by nothing.
 const UDP_DENIED: u16 = 9999;
+/// The flood's last datagram (the others carry one byte).
+const END_MARK: &[u8] = b"end";
 const T: Duration = Duration::from_millis(500);
 
 fn vm_ip() -> IpAddr {
@@ -132,22 +134,30 @@ struct Flood {
 impl Flood {
     fn start(vm_ns: &str, peer_ns: &str) -> Self {
         let (denied, allowed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let ended = Arc::new(AtomicBool::new(false));
         for (port, count) in [(UDP_DENIED, denied.clone()), (UDP_ALLOWED, allowed.clone())] {
+            let ended = ended.clone();
             let (tx, rx) = std::sync::mpsc::channel();
             // Bound to any address: the socket outlives the VM's eth0, which goes with the tap.
             spawn_in(vm_ns, move || {
                 let s = UdpSocket::bind(("0.0.0.0", port)).unwrap();
                 tx.send(()).unwrap();
                 let mut buf = [0u8; 64];
-                while s.recv(&mut buf).is_ok() {
-                    count.fetch_add(1, Ordering::Relaxed);
+                while let Ok(n) = s.recv(&mut buf) {
+                    if &buf[..n] == END_MARK {
+                        ended.store(true, Ordering::Relaxed);
+                    } else {
+                        count.fetch_add(1, Ordering::Relaxed);
+                    }
                 }
             });
             rx.recv_timeout(Duration::from_secs(5)).unwrap();
         }
         let (stop, sent) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicU64::new(0)));
-        let (s2, n2) = (stop.clone(), sent.clone());
+        let (s2, n2, e2) = (stop.clone(), sent.clone(), ended.clone());
         let sender = spawn_in(peer_ns, move || {
+            // One CPU: a veth delivers through that CPU's backlog, in the order sent.
+            sg_user::diff::wire::pin_to_cpu(0).unwrap();
             let s = UdpSocket::bind(("0.0.0.0", 0)).unwrap();
             while !s2.load(Ordering::Relaxed) {
                 for port in [UDP_DENIED, UDP_ALLOWED] {
@@ -156,6 +166,14 @@ impl Flood {
                     }
                 }
                 std::thread::sleep(Duration::from_micros(200));
+            }
+            // Marks follow every flood datagram on the same socket, path and CPU: once one has
+            // arrived, nothing the flood sent is in flight. Repeated, as any datagram may be lost.
+            let deadline = Instant::now() + sg_tests::MUST_HAPPEN;
+            while !e2.load(Ordering::Relaxed) {
+                assert!(Instant::now() < deadline, "no end mark reached the VM");
+                let _ = s.send_to(END_MARK, (vm_ip(), UDP_ALLOWED));
+                std::thread::sleep(Duration::from_millis(5));
             }
         });
         Self {
@@ -188,11 +206,10 @@ impl Flood {
         }
     }
 
+    /// Stops the flood and counts once everything it sent has landed or been dropped.
     fn finish(mut self) -> (u64, u64, u64) {
         self.stop.store(true, Ordering::Relaxed);
         self.sender.take().unwrap().join().unwrap().unwrap();
-        // What was in flight lands within a moment; nothing arrives after the sender stopped.
-        std::thread::sleep(Duration::from_millis(50));
         (self.denied(), self.allowed(), self.sent.load(Ordering::Relaxed))
     }
 }
