@@ -144,7 +144,9 @@ impl Flood {
                 tx.send(()).unwrap();
                 let mut buf = [0u8; 64];
                 while let Ok(n) = s.recv(&mut buf) {
-                    if &buf[..n] == END_MARK {
+                    // Only the allowed port's mark ends the flood: whatever reaches the denied
+                    // port counts, mark or not.
+                    if port == UDP_ALLOWED && &buf[..n] == END_MARK {
                         ended.store(true, Ordering::Relaxed);
                     } else {
                         count.fetch_add(1, Ordering::Relaxed);
